@@ -1,0 +1,115 @@
+"""The one place that chooses which implementation runs an op.
+
+Backends, fastest first: ``cuda`` (our compiled kernels from ``csrc/``),
+``triton`` (reserved for Triton kernels), ``torch`` (pure PyTorch, runs on any
+device). The choice is made per call from the tensor's device and what is
+installed, and can be forced:
+
+* environment: ``MAMBA_SSM_BACKEND=torch`` (or ``cuda``, ``triton``, ``auto``);
+* code: ``mamba_ssm.backend.set_backend("torch")`` or ``with use_backend("torch"):``.
+
+A forced backend that cannot run the call is an error. In ``auto`` mode a CUDA
+tensor that has to fall back to PyTorch triggers one warning per op.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+BACKENDS = ("cuda", "triton", "torch")
+_VALID = BACKENDS + ("auto",)
+ENV_VAR = "MAMBA_SSM_BACKEND"
+
+# op name -> module that provides the compiled implementation and an `is_available()`.
+_CUDA_PROVIDERS = {
+    "selective_scan": "mamba_ssm.ops.selective_scan_cuda",
+}
+_TRITON_PROVIDERS: dict[str, str] = {}
+
+_state = threading.local()
+_warned: set[str] = set()
+
+
+def _check_name(name: str) -> str:
+    name = name.lower().strip()
+    if name not in _VALID:
+        raise ValueError(f"backend must be one of {_VALID}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for: set_backend/use_backend first, then the environment, else 'auto'."""
+    forced = getattr(_state, "forced", None)
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for this thread (None returns to the environment / auto)."""
+    _state.forced = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    previous = getattr(_state, "forced", None)
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.forced = previous
+
+
+def _provider_available(providers: dict, op: str) -> bool:
+    module_name = providers.get(op)
+    if module_name is None:
+        return False
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    return bool(module.is_available())
+
+
+def available_backends(op: str) -> list[str]:
+    found = []
+    if _provider_available(_CUDA_PROVIDERS, op):
+        found.append("cuda")
+    if _provider_available(_TRITON_PROVIDERS, op):
+        found.append("triton")
+    found.append("torch")
+    return found
+
+
+def choose_backend(op: str, on_cuda: bool) -> str:
+    """Name the backend that runs `op` for inputs on a CUDA device (`on_cuda`) or not."""
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested in ("cuda", "triton"):
+        if not on_cuda:
+            raise RuntimeError(f"{ENV_VAR}/set_backend forces '{requested}' for {op}, but the inputs are not on a CUDA device")
+        if requested not in available_backends(op):
+            raise RuntimeError(
+                f"{ENV_VAR}/set_backend forces '{requested}' for {op}, but it is not available "
+                f"(available: {available_backends(op)}); build the extension with `pip install -e .` "
+                "on a machine with nvcc and a CUDA build of torch"
+            )
+        return requested
+    if not on_cuda:
+        return "torch"
+    for name in available_backends(op):
+        if name != "torch":
+            return name
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(
+            f"mamba_ssm: no compiled kernel for {op} is available, falling back to the PyTorch "
+            "implementation on CUDA (correct but slower); build the CUDA extension to speed it up",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "torch"

@@ -1,0 +1,38 @@
+"""Depthwise causal 1-D convolution, as in the `causal_conv1d` package, in PyTorch.
+
+x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,) or None.
+out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x = 0 before t = 0)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None):
+    """x: (batch, dim, seqlen) -> (batch, dim, seqlen); activation None, "silu" or "swish"."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d_fn: activation must be None, 'silu' or 'swish', got {activation!r}")
+    if weight.dim() == 3:
+        weight = weight.squeeze(1)
+    dim, width = weight.shape
+    if x.dim() != 3 or x.shape[1] != dim:
+        raise ValueError(f"causal_conv1d_fn: x must be (batch, {dim}, seqlen), got {tuple(x.shape)}")
+    seqlen = x.shape[-1]
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :seqlen]
+    return F.silu(out) if activation is not None else out
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step. x: (batch, dim); conv_state: (batch, dim, width), updated in place.
+
+    Returns (batch, dim).
+    """
+    if weight.dim() == 3:
+        weight = weight.squeeze(1)
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = torch.sum(conv_state * weight, dim=-1)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out) if activation in ("silu", "swish") else out
