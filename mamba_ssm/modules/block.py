@@ -1,0 +1,42 @@
+"""Block: pre-norm residual wrapper around a mixer (and an optional MLP).
+
+Unlike a textbook pre-norm block (x + mixer(norm(x))), it passes the residual stream along
+separately, so the add and the norm can be fused: returns (hidden_states, residual).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn
+
+
+class Block(nn.Module):
+    def __init__(self, dim, mixer_cls, mlp_cls, norm_cls=nn.LayerNorm, fused_add_norm=False, residual_in_fp32=False):
+        super().__init__()
+        self.residual_in_fp32 = residual_in_fp32
+        self.fused_add_norm = fused_add_norm
+        self.norm = norm_cls(dim)
+        self.mixer = mixer_cls(dim)
+        if mlp_cls is not nn.Identity:
+            self.norm2 = norm_cls(dim)
+            self.mlp = mlp_cls(dim)
+        else:
+            self.mlp = None
+
+    def _add_norm(self, norm, hidden_states, residual):
+        return layer_norm_fn(hidden_states, norm.weight, norm.bias, residual=residual, prenorm=True,
+                             residual_in_fp32=self.residual_in_fp32, eps=norm.eps,
+                             is_rms_norm=isinstance(norm, RMSNorm))
+
+    def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
+        """hidden_states: (batch, seqlen, dim); residual: None for the first block."""
+        hidden_states, residual = self._add_norm(self.norm, hidden_states, residual)
+        hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
+        if self.mlp is not None:
+            hidden_states, residual = self._add_norm(self.norm2, hidden_states, residual)
+            hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
