@@ -1,0 +1,163 @@
+"""The Mamba mixer, the LM, generation with the cache, and their errors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mamba_ssm
+from mamba_ssm.models.config_mamba import MambaConfig
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.utils.generation import InferenceParams
+
+
+def tiny_model(seed=0, vocab=101, d_model=32, n_layer=2, d_state=8, **cfg):
+    torch.manual_seed(seed)
+    config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={"d_state": d_state}, **cfg)
+    return MambaLMHeadModel(config).eval()
+
+
+def test_public_imports():
+    from mamba_ssm import Mamba, MambaLMHeadModel, mamba_inner_fn, selective_scan_fn  # noqa: F401
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_ref, selective_scan_ref  # noqa: F401
+    from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn, rms_norm_fn  # noqa: F401
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update  # noqa: F401
+    from mamba_ssm.modules.mamba_simple import Block  # noqa: F401
+    from mamba_ssm.models.mixer_seq_simple import MixerModel  # noqa: F401
+    from mamba_ssm.utils.generation import GenerationMixin, decode  # noqa: F401
+    from mamba_ssm.utils.hf import load_config_hf, load_state_dict_hf  # noqa: F401
+    assert isinstance(mamba_ssm.__version__, str)
+
+
+def test_mamba_initialisation_follows_the_paper():
+    torch.manual_seed(0)
+    m = Mamba(d_model=64, d_state=16, dt_min=0.001, dt_max=0.1)
+    assert m.d_inner == 128 and m.dt_rank == math.ceil(64 / 16)
+    assert m.A_log.dtype == torch.float32
+    torch.testing.assert_close(torch.exp(m.A_log), torch.arange(1, 17, dtype=torch.float32).repeat(128, 1))
+    torch.testing.assert_close(m.D, torch.ones(128))
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+    lm = tiny_model()
+    assert lm.lm_head.weight is lm.backbone.embedding.weight
+    assert lm.lm_head.weight.shape[0] == 104  # 101 padded to a multiple of 8
+
+
+def test_fused_path_equals_module_path_outputs_and_grads():
+    torch.manual_seed(1)
+    m = Mamba(d_model=32, d_state=8, layer_idx=0)
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    outs, grads = [], []
+    for fast in (True, False):
+        m.use_fast_path = fast
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
+    model = tiny_model()
+    ids = torch.randint(0, 101, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits
+    expected = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    assert out["loss"] is out.loss and out[0] is out.logits
+    assert model(ids).logits.shape == (2, 10, 104)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_cached_decoding_with_teacher_forcing_equals_full_forward(prompt_len):
+    model = tiny_model(seed=3)
+    seq = torch.randint(0, 101, (3, 12))
+    out = model.generate(seq[:, :prompt_len], max_length=12, teacher_outputs=seq, output_scores=True,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, seq)
+    full = model(seq).logits
+    cached = torch.stack(out.scores, dim=1)
+    torch.testing.assert_close(cached, full[:, prompt_len - 1:-1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_len,batch", [(1, 1), (1, 3), (6, 2)])
+def test_greedy_generate_equals_argmax_of_full_forward(prompt_len, batch):
+    model = tiny_model(seed=4)
+    prompt = torch.randint(0, 101, (batch, prompt_len))
+    seq = model.generate(prompt, max_length=prompt_len + 8)
+    assert seq.shape == (batch, prompt_len + 8)
+    assert torch.equal(seq[:, :prompt_len], prompt)
+    logits = model(seq).logits
+    assert torch.equal(logits[:, prompt_len - 1:-1].argmax(-1), seq[:, prompt_len:])
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    model = tiny_model(seed=5)
+    prompt = torch.randint(0, 101, (2, 3))
+    free = model.generate(prompt, max_length=10)
+    eos = int(free[0, 4])  # a token row 0 emits: declare it the end
+    seq = model.generate(prompt, max_length=10, eos_token_id=eos)
+    row0 = seq[0, 3:]
+    first = int((row0 == eos).nonzero()[0])
+    assert (row0[first:] == eos).all()
+
+
+def test_sampling_options_run_and_respect_top_k():
+    model = tiny_model(seed=6)
+    prompt = torch.randint(0, 101, (2, 4))
+    torch.manual_seed(0)
+    out = model.generate(prompt, max_length=12, top_k=3, top_p=0.9, min_p=0.05, temperature=0.8,
+                         repetition_penalty=1.3, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, 12)
+    for step, scores in enumerate(out.scores):
+        allowed = scores.topk(3, dim=-1).indices
+        token = out.sequences[:, 4 + step]
+        # repetition penalty may reorder the top-3 of the raw scores, so check membership in the top 6
+        assert all(t in scores[i].topk(6).indices for i, t in enumerate(token)), (allowed, token)
+
+
+def test_step_equals_forward_for_the_mixer():
+    torch.manual_seed(7)
+    m = Mamba(d_model=16, d_state=4, layer_idx=0).eval()
+    x = torch.randn(2, 9, 16)
+    full = m(x)
+    params = InferenceParams(max_seqlen=9, max_batch_size=2)
+    outs = [m(x[:, :1], inference_params=params)]
+    params.seqlen_offset = 1
+    for t in range(1, 9):
+        outs.append(m(x[:, t:t + 1], inference_params=params))
+        params.seqlen_offset += 1
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_model_runs_in_bfloat16():
+    model = tiny_model(seed=8).to(torch.bfloat16)
+    ids = torch.randint(0, 101, (1, 7))
+    logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    seq = model.generate(ids, max_length=10)
+    assert seq.shape == (1, 10)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        model(torch.zeros(2, 5, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden_states"):
+        Mamba(d_model=16)(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(torch.zeros(1, 5, dtype=torch.long), max_length=5)
+    with pytest.raises(ValueError, match="dt_init"):
+        Mamba(d_model=16, dt_init="bogus")
+    with pytest.raises(NotImplementedError, match="Mamba2"):
+        MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=10, ssm_cfg={"layer": "Mamba2"}))
