@@ -1,0 +1,154 @@
+"""CPU benchmark of the whole model against transformers' MambaForCausalLM (its PyTorch path),
+same weights, in one run. Writes JSON to benchmarks/results/.
+
+  (b) forward and forward+backward tokens/s, batch 1, fp32;
+  (c) our forward against the time of its matrix products alone (the CPU floor);
+  (d) greedy decoding tokens/s, ours against transformers' generate.
+
+transformers' forward+backward is very slow at long sequences (the shared CPU anchor records
+that it did not finish at 1024 tokens in 800 s), so it is measured at --hf-bwd-seqlen and ours
+at both lengths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
+
+SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+
+
+def timed(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_time(model, ids, repeats):
+    with torch.no_grad():
+        return timed(lambda: model(ids), repeats)
+
+
+def fwd_bwd_time(model, ids, repeats):
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids)
+        out.logits.float().logsumexp(-1).mean().backward()
+    return timed(run, repeats)
+
+
+def matmul_floor(d_model, n_layer, vocab, seqlen, d_state=16, expand=2, repeats=3):
+    """Time of the forward's matrix products alone: in_proj, x_proj, dt_proj, out_proj per layer, and lm_head."""
+    d_inner = expand * d_model
+    dt_rank = -(-d_model // 16)
+    shapes = [(d_model, 2 * d_inner), (d_inner, dt_rank + 2 * d_state), (dt_rank, d_inner), (d_inner, d_model)]
+    xs = {k: torch.randn(seqlen, k) for k, _ in shapes}
+    ws = [torch.randn(k, n) for k, n in shapes]
+    head_x, head_w = torch.randn(seqlen, d_model), torch.randn(d_model, vocab)
+
+    def run():
+        for _ in range(n_layer):
+            for (k, _), w in zip(shapes, ws):
+                torch.mm(xs[k], w)
+        torch.mm(head_x, head_w)
+    return timed(run, repeats)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="130m", choices=sorted(SHAPES))
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--hf-bwd-seqlen", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true", help="measure ours only")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    d_model, n_layer = SHAPES[args.size]
+    vocab = 50280
+    model = MambaLMHeadModel(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).float()
+    ids = torch.randint(0, vocab, (1, args.seqlen))
+    short = ids[:, : args.hf_bwd_seqlen]
+    res = {"figures": {}}
+    fig = res["figures"]
+
+    fig["ours_fwd_s"] = forward_time(model, ids, args.repeats)
+    fig["ours_fwd_tok_per_s"] = args.seqlen / fig["ours_fwd_s"]
+    fig["ours_fwdbwd_s"] = fwd_bwd_time(model, ids, args.repeats)
+    fig["ours_fwdbwd_tok_per_s"] = args.seqlen / fig["ours_fwdbwd_s"]
+    fig[f"ours_fwdbwd_s[L={args.hf_bwd_seqlen}]"] = fwd_bwd_time(model, short, args.repeats)
+    fig["matmul_floor_fwd_s"] = matmul_floor(d_model, n_layer, vocab, args.seqlen, repeats=args.repeats)
+    fig["fwd_over_floor"] = fig["ours_fwd_s"] / fig["matmul_floor_fwd_s"]
+    prompt = ids[:, : args.prompt_len]
+    max_length = args.prompt_len + args.gen_len
+    fig["ours_greedy_s"] = timed(lambda: model.generate(prompt, max_length=max_length), args.repeats)
+    fig["ours_greedy_tok_per_s"] = args.gen_len / fig["ours_greedy_s"]
+
+    if not args.skip_hf:
+        from transformers import MambaForCausalLM
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp, layout="transformers")
+            hf = MambaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).float()
+        with torch.no_grad():  # same weights: the logits must agree before timing means anything
+            diff = (hf(short).logits[..., :vocab] - model(short).logits[..., :vocab]).abs().max().item()
+        fig["max_abs_logit_diff_vs_hf"] = diff
+        fig["hf_fwd_s"] = forward_time(hf, ids, max(1, args.repeats - 1))
+        fig["hf_fwd_tok_per_s"] = args.seqlen / fig["hf_fwd_s"]
+        fig[f"hf_fwdbwd_s[L={args.hf_bwd_seqlen}]"] = fwd_bwd_time(hf, short, 1)
+        fig["fwd_speedup_vs_hf"] = fig["hf_fwd_s"] / fig["ours_fwd_s"]
+        fig[f"fwdbwd_speedup_vs_hf[L={args.hf_bwd_seqlen}]"] = (
+            fig[f"hf_fwdbwd_s[L={args.hf_bwd_seqlen}]"] / fig[f"ours_fwdbwd_s[L={args.hf_bwd_seqlen}]"])
+        hf.generation_config.pad_token_id = 0
+
+        def hf_generate():
+            with torch.no_grad():
+                hf.generate(prompt, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len, do_sample=False)
+        fig["hf_greedy_s"] = timed(hf_generate, args.repeats)
+        fig["hf_greedy_tok_per_s"] = args.gen_len / fig["hf_greedy_s"]
+        fig["greedy_speedup_vs_hf"] = fig["hf_greedy_s"] / fig["ours_greedy_s"]
+
+    import transformers
+
+    res.update({
+        "benchmark": "cpu_model",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
+        "inputs": {"size": args.size, "d_model": d_model, "n_layer": n_layer, "vocab": vocab, "batch": 1,
+                   "seqlen": args.seqlen, "hf_bwd_seqlen": args.hf_bwd_seqlen, "dtype": "float32",
+                   "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats,
+                   "timing": "median of repeats after one warm-up"},
+    })
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"cpu_model_{args.size}_{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["figures"], indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
