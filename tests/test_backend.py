@@ -1,0 +1,53 @@
+"""The one backend switch: forcing, environment variable, warn-once fallback."""
+import warnings
+
+import pytest
+import torch
+
+from mamba_ssm import backend
+from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+
+def test_cpu_tensors_use_torch_in_auto_mode(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    assert backend.choose_backend("selective_scan", on_cuda=False) == "torch"
+
+
+def test_environment_variable_and_set_backend(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    assert backend.requested_backend() == "torch"
+    with backend.use_backend("auto"):
+        assert backend.requested_backend() == "auto"
+    assert backend.requested_backend() == "torch"
+    monkeypatch.setenv(backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.requested_backend()
+
+
+def test_forcing_an_unavailable_backend_is_an_error(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    with backend.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="not on a CUDA device"):
+            backend.choose_backend("selective_scan", on_cuda=False)
+    monkeypatch.setattr(backend, "available_backends", lambda op: ["torch"])
+    with backend.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="not available"):
+            backend.choose_backend("selective_scan", on_cuda=True)
+
+
+def test_cuda_fallback_warns_once(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "available_backends", lambda op: ["torch"])
+    monkeypatch.setattr(backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backend.choose_backend("some_op", on_cuda=True) == "torch"
+        assert backend.choose_backend("some_op", on_cuda=True) == "torch"
+    assert len([w for w in caught if "falling back" in str(w.message)]) == 1
+
+
+def test_forced_torch_backend_runs_the_scan(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    u = torch.randn(1, 4, 5)
+    out = selective_scan_fn(u, torch.rand(1, 4, 5), -torch.rand(4, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    assert out.shape == (1, 4, 5)
