@@ -1,0 +1,144 @@
+"""GSM8K-style answers: extraction, normalisation, exact match, and batched greedy evaluation.
+
+The final answer of a text is the number after its last ``####``; without one, the last number
+in the text. Thousands separators are removed ("1,080" -> "1080"), a leading "$" or trailing "%"
+ignored, and numbers compared by value ("3.0" == "3", "0.50" == ".5").
+
+Evaluation generates greedily with the model's recurrent cache (``model.generate``). Mamba reads
+left to right with no attention mask, so left padding would run the pad tokens through the state
+and change the answer: prompts are grouped by token length and each group is run in batches.
+"""
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_number(text: str | None) -> str | None:
+    """'1,080' -> '1080', '3.0' -> '3', '-0.50' -> '-0.5'; None when `text` is not a number."""
+    if text is None:
+        return None
+    s = str(text).strip().replace(",", "").replace("$", "").rstrip("%").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The normalised final answer of a solution or a generation, or None when it holds no number."""
+    if text is None:
+        return None
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        m = _NUMBER.search(tail)
+        if m:
+            return normalize_number(m.group(0))
+    nums = _NUMBER.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def answers_match(prediction: str | None, reference: str | None) -> bool:
+    """Exact match of two extracted answers by numeric value."""
+    a, b = normalize_number(prediction), normalize_number(reference)
+    return a is not None and a == b
+
+
+def exact_match_accuracy(generations: list[str], references: list[str]) -> float:
+    """Share of generations whose extracted answer equals the reference solution's."""
+    if len(generations) != len(references):
+        raise ValueError(f"exact_match_accuracy: {len(generations)} generations for {len(references)} references")
+    if not references:
+        return 0.0
+    hits = sum(answers_match(extract_answer(g), extract_answer(r)) for g, r in zip(generations, references))
+    return hits / len(references)
+
+
+def _stop(text: str, stop_strings) -> str:
+    for s in stop_strings:
+        i = text.find(s)
+        if i >= 0:
+            text = text[:i]
+    return text
+
+
+def _inner_model(model):
+    """The module with `.generate`: a PeftModel's base model (adapters still active), else `model`."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
+                    stop_strings=("\nQuestion:",), progress: bool = False) -> list[str]:
+    """Greedy continuations of `prompts` (texts, EOS and anything after a stop string cut off).
+
+    Prompts are grouped by token length (no padding reaches the recurrent state) and run
+    ``batch_size`` at a time; the results come back in the order of `prompts`.
+    """
+    import torch
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    gen_model = _inner_model(model)
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i]!r}")
+        groups.setdefault(len(x), []).append(i)
+    device = next(gen_model.parameters()).device
+    out: list[str | None] = [None] * len(prompts)
+    chunks = [(n, idx[j:j + batch_size]) for n, idx in sorted(groups.items()) for j in range(0, len(idx), batch_size)]
+    it = chunks
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(chunks, desc="generate", leave=False)
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        with torch.no_grad():
+            for n, idx in it:
+                batch = torch.tensor([ids[i] for i in idx], dtype=torch.long, device=device)
+                res = gen_model.generate(batch, max_length=n + max_new_tokens, top_k=1, eos_token_id=eos)
+                seqs = res.sequences if hasattr(res, "sequences") else res
+                for row, i in zip(seqs.tolist(), idx):
+                    new = row[n:]
+                    if eos is not None and eos in new:
+                        new = new[:new.index(eos)]
+                    out[i] = _stop(tokenizer.decode(new, skip_special_tokens=True), stop_strings)
+    finally:
+        gen_model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def evaluate_exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 256, batch_size: int = 16,
+                         n_samples: int = 5, progress: bool = False) -> dict:
+    """Exact-match accuracy of greedy generations on examples with ``prompt`` and ``response``.
+
+    Returns {"accuracy", "correct", "n", "samples": [first n_samples {question, prediction, reference, ...}]}.
+    """
+    if not examples:
+        return {"accuracy": None, "correct": 0, "n": 0, "samples": []}
+    gens = generate_greedy(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=progress)
+    correct = 0
+    samples = []
+    for e, g in zip(examples, gens):
+        pred, ref = extract_answer(g), extract_answer(e["response"])
+        ok = answers_match(pred, ref)
+        correct += ok
+        if len(samples) < n_samples:
+            samples.append({"prompt": e["prompt"], "generation": g, "predicted": pred, "reference": ref, "correct": ok})
+    return {"accuracy": correct / len(examples), "correct": correct, "n": len(examples), "samples": samples}
