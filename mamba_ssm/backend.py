@@ -27,7 +27,9 @@ ENV_VAR = "MAMBA_SSM_BACKEND"
 _CUDA_PROVIDERS = {
     "selective_scan": "mamba_ssm.ops.selective_scan_cuda",
 }
-_TRITON_PROVIDERS: dict[str, str] = {}
+_TRITON_PROVIDERS = {
+    "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
+}
 
 _state = threading.local()
 _warned: set[str] = set()
