@@ -201,6 +201,8 @@ def test_transformers_layout_rejects_what_it_cannot_hold(tmp_path):
 def test_own_layout_round_trip_bit_exact(tmp_path, safe, tie):
     model = ours(seed=4, tie_embeddings=tie)
     model.save_pretrained(str(tmp_path / "ck"), safe_serialization=safe)
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "ck").stat().st_mode == (tmp_path / "plain").stat().st_mode   # usual permissions
     names = sorted(os.listdir(tmp_path / "ck"))
     assert names == sorted(["config.json", "model.safetensors" if safe else "pytorch_model.bin"])
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
@@ -576,3 +578,32 @@ def test_load_hf_helpers_on_transformers_layout(tmp_path):
     state = load_state_dict_hf(str(tmp_path / "hf"))
     assert state["lm_head.weight"] is state["backbone.embedding.weight"]
     assert "backbone.embeddings.weight" not in state
+
+
+def test_hub_id_online_path_with_a_stub_hub(tmp_path, monkeypatch):
+    """The hub route (online): files fetched one by one, absent ones skipped, shards followed, options passed."""
+    import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub.errors import EntryNotFoundError
+
+    ref = hf_model(seed=18, **HF_SHAPES["untied-v64-d48-n16-bias"])
+    repo = tmp_path / "repo"
+    ref.save_pretrained(repo, max_shard_size="40KB")
+    fetched = []
+
+    def fake_download(repo_id, filename, **options):
+        assert repo_id == "someone/sharded" and options.get("revision") == "v1"
+        fetched.append(filename)
+        if not (repo / filename).exists():
+            raise EntryNotFoundError(f"404: {filename}")
+        return str(repo / filename)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = MambaLMHeadModel.from_pretrained("someone/sharded", revision="v1")
+    assert fetched[:3] == ["config.json", "model.safetensors", "model.safetensors.index.json"]
+    assert all(f.startswith("model-") for f in fetched[3:]) and len(fetched) > 4
+    ids = torch.randint(0, 64, (1, 6))
+    assert rel_err(hf_logits(ref, ids), logits(model, ids)) < 1e-4
+    with pytest.raises(TypeError, match="unexpected argument"):
+        load_config_hf("someone/sharded", revison="v1")

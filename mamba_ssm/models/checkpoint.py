@@ -25,7 +25,7 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
+import uuid
 import warnings
 from typing import Callable
 
@@ -104,6 +104,11 @@ def _require(config_dict, fields, source):
             raise CheckpointError(f"{source}: field {f!r} must be a positive integer, got {v!r}")
 
 
+# Bookkeeping fields that some tools add to any config.json; ignored without a warning.
+_GENERIC_CONFIG_FIELDS = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype",
+                          "_name_or_path"}
+
+
 def _mamba_config_fields():
     return {f.name for f in dataclasses.fields(MambaConfig)}
 
@@ -112,7 +117,7 @@ def config_from_mamba_ssm_dict(config_dict: dict, source: str = "config.json") -
     """Upstream's config.json -> MambaConfig (fields absent from older upstream configs take the defaults)."""
     _require(config_dict, ("d_model", "n_layer", "vocab_size"), source)
     known = _mamba_config_fields()
-    unknown = sorted(k for k in config_dict if k not in known)
+    unknown = sorted(k for k in config_dict if k not in known and k not in _GENERIC_CONFIG_FIELDS)
     if unknown:
         warnings.warn(f"{source}: ignoring field(s) MambaConfig does not have: {', '.join(unknown)}", stacklevel=3)
     kwargs = {k: v for k, v in config_dict.items() if k in known}
@@ -721,7 +726,14 @@ def _atomic_write_dir(directory, writers: dict):
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    # Not tempfile.mkdtemp: its 0o700 mode would stick to the renamed checkpoint directory.
+    while True:
+        tmp = os.path.join(parent, f".{os.path.basename(directory)}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:                                            # pragma: no cover
+            continue
     try:
         for name, write in writers.items():
             path = os.path.join(tmp, name)
