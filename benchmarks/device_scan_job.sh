@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call for issue 3: build ours and upstream (in parallel), GPU tests, compute-sanitizer
+# (inside the tests), benchmark. Logs and the JSON go to $OUT.
+#   run: bash benchmarks/device_scan_job.sh      (carry .upstream)
+set -u
+OUT=${OUT:-/tmp/scan_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -1; } > "$OUT/env.txt" 2>&1
+stamp "start"
+
+UP_SDIST=.upstream/mamba_ssm-2.3.2.post1.tar.gz
+if [ -f "$UP_SDIST" ] && [ "${SKIP_UPSTREAM:-0}" != 1 ]; then
+  ( MAX_JOBS=10 bash benchmarks/build_upstream.sh "$UP_SDIST" /tmp/upstream_build > "$OUT/upstream_build.log" 2>&1; echo $? > /tmp/upstream_rc ) &
+  UP_PID=$!
+fi
+
+export TORCH_CUDA_ARCH_LIST=9.0
+MAX_JOBS=6 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+stamp "our build rc=$? ($(ls mamba_ssm/_selective_scan_cuda*.so 2>/dev/null))"
+
+timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m cuda tests/test_selective_scan_cuda.py -q -rf -p no:cacheprovider --durations=8 \
+  > "$OUT/tests.log" 2>&1
+stamp "tests rc=$?: $(tail -1 "$OUT/tests.log")"
+
+if [ -n "${UP_PID:-}" ]; then wait $UP_PID; stamp "upstream build rc=$(cat /tmp/upstream_rc)"; fi
+UP_ARG=""
+[ -f /tmp/upstream_rc ] && [ "$(cat /tmp/upstream_rc)" = 0 ] && UP_ARG="--upstream-path /tmp/upstream_build/mamba_ssm-2.3.2.post1"
+timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/benchmark_selective_scan.py $UP_ARG --out-dir "$OUT" ${BENCH_ARGS:-} \
+  > "$OUT/bench.log" 2>&1
+stamp "bench rc=$?"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-400 | head -40
+tail -25 "$OUT/bench.log"
+stamp "end"

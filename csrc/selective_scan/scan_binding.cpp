@@ -1,0 +1,230 @@
+// Torch binding of the selective scan kernels: module mamba_ssm._selective_scan_cuda.
+//
+//   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt) -> [out, last_state, ckpt]
+//   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?)
+//       -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
+//
+// u, delta, z, dout share one dtype (fp32/fp16/bf16); B and C are that dtype or fp32 (if
+// either is fp32 both are read as fp32); A, D, delta_bias fp32. Any strides are accepted:
+// tensors whose last stride is not 1 are copied. With MAMBA_SSM_POISON=1 in the
+// environment every output is filled with NaN before the launch (tests use it to prove
+// that the kernels write every element).
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdlib>
+#include <optional>
+#include <vector>
+
+#include "scan_params.h"
+
+namespace {
+
+using at::Tensor;
+
+bool poison_enabled() {
+  const char* v = std::getenv("MAMBA_SSM_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
+  Tensor t = at::empty(shape, opt);
+  if (poison) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+Tensor last_contig(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+ssm::DType dtype_code(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return ssm::DType::kF32;
+    case at::kHalf: return ssm::DType::kF16;
+    case at::kBFloat16: return ssm::DType::kBF16;
+    default: TORCH_CHECK(false, "selective_scan_cuda: u must be float32, float16 or bfloat16, got ", st);
+  }
+  return ssm::DType::kF32;
+}
+
+bool aligned16(const Tensor& t, int64_t elem_bytes, int64_t s0, int64_t s1, int64_t s2) {
+  auto ok = [&](int64_t s) { return (s * elem_bytes) % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ok(s0) && ok(s1) && ok(s2);
+}
+
+int pick_cpb(int dpg, int cpb_max) {
+  int c = 1;
+  while (c * 2 <= cpb_max && dpg % (c * 2) == 0) c *= 2;
+  return c;
+}
+
+struct Prepared {
+  Tensor u, delta, z, B, C, A, D, bias;
+  bool w_f32 = false;
+  bool grouped_B = false, grouped_C = false;
+  ssm::ScanParams p;
+};
+
+Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in, const Tensor& B_in,
+                 const Tensor& C_in, const std::optional<Tensor>& D_in, const std::optional<Tensor>& z_in,
+                 const std::optional<Tensor>& bias_in, bool softplus, int64_t R) {
+  TORCH_CHECK(u_in.is_cuda(), "selective_scan_cuda: inputs must be CUDA tensors");
+  TORCH_CHECK(u_in.dim() == 3, "selective_scan_cuda: u must be (batch, dim, seqlen)");
+  Prepared q;
+  const auto st = u_in.scalar_type();
+  dtype_code(st);
+  q.u = last_contig(u_in);
+  q.delta = last_contig(delta_in.scalar_type() == st ? delta_in : delta_in.to(st));
+  const int64_t batch = u_in.size(0), dim = u_in.size(1), L = u_in.size(2);
+  TORCH_CHECK(A_in.dim() == 2 && A_in.size(0) == dim, "selective_scan_cuda: A must be (dim, dstate)");
+  const int64_t N = A_in.size(1);
+  TORCH_CHECK(N >= 1 && N <= 256, "selective_scan_cuda: dstate must be in [1, 256], got ", N);
+  TORCH_CHECK(!A_in.is_complex() && !B_in.is_complex() && !C_in.is_complex(),
+              "selective_scan_cuda: complex inputs are not supported");
+  q.A = A_in.to(at::kFloat).contiguous();
+  q.w_f32 = B_in.scalar_type() == at::kFloat || C_in.scalar_type() == at::kFloat || st == at::kFloat;
+  const auto wt = q.w_f32 ? at::kFloat : st;
+  q.B = last_contig(B_in.scalar_type() == wt ? B_in : B_in.to(wt));
+  q.C = last_contig(C_in.scalar_type() == wt ? C_in : C_in.to(wt));
+  q.grouped_B = q.B.dim() == 4;
+  q.grouped_C = q.C.dim() == 4;
+  const int64_t G = q.grouped_B ? q.B.size(1) : (q.grouped_C ? q.C.size(1) : 1);
+  if (q.grouped_B && q.grouped_C)
+    TORCH_CHECK(q.B.size(1) == q.C.size(1), "selective_scan_cuda: B and C must have the same number of groups");
+  // A 3-dim B/C next to a grouped one behaves as one group repeated: stride 0 over groups.
+  TORCH_CHECK(dim % G == 0, "selective_scan_cuda: groups must divide dim");
+  if (D_in.has_value()) q.D = D_in->to(at::kFloat).contiguous();
+  if (bias_in.has_value()) q.bias = bias_in->to(at::kFloat).contiguous();
+  if (z_in.has_value()) q.z = last_contig(z_in->scalar_type() == st ? *z_in : z_in->to(st));
+
+  auto& p = q.p;
+  p.batch = (int)batch; p.dim = (int)dim; p.seqlen = (int)L; p.dstate = (int)N; p.groups = (int)G;
+  p.spl = (int)((N + 15) / 16);
+  TORCH_CHECK(R >= 1 && R <= 64, "selective_scan_cuda: R must be in [1, 64]");
+  p.R = (int)R;
+  const int nchunks = (int)((L + 15) / 16);
+  p.nseg = (nchunks + p.R - 1) / p.R;
+  p.softplus = softplus;
+  p.u = q.u.data_ptr(); p.u_b = q.u.stride(0); p.u_d = q.u.stride(1);
+  p.delta = q.delta.data_ptr(); p.dl_b = q.delta.stride(0); p.dl_d = q.delta.stride(1);
+  if (q.z.defined()) { p.z = q.z.data_ptr(); p.z_b = q.z.stride(0); p.z_d = q.z.stride(1); }
+  const int64_t we = q.w_f32 ? 4 : 2;
+  if (q.grouped_B) { p.B_b = q.B.stride(0); p.B_g = q.B.stride(1); p.B_s = q.B.stride(2); }
+  else { p.B_b = q.B.stride(0); p.B_g = 0; p.B_s = q.B.stride(1); }
+  if (q.grouped_C) { p.C_b = q.C.stride(0); p.C_g = q.C.stride(1); p.C_s = q.C.stride(2); }
+  else { p.C_b = q.C.stride(0); p.C_g = 0; p.C_s = q.C.stride(1); }
+  p.B = q.B.data_ptr(); p.C = q.C.data_ptr();
+  p.vec_B = aligned16(q.B, we, p.B_b, p.B_g, p.B_s);
+  p.vec_C = aligned16(q.C, we, p.C_b, p.C_g, p.C_s);
+  p.A = q.A.data_ptr<float>();
+  p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
+  p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
+  return q;
+}
+
+void launch_fwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t s) {
+  switch (dtype_code(st)) {
+    case ssm::DType::kF32: ssm::scan_fwd_f32(p, w_f32, s); break;
+    case ssm::DType::kF16: ssm::scan_fwd_f16(p, w_f32, s); break;
+    case ssm::DType::kBF16: ssm::scan_fwd_bf16(p, w_f32, s); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_bwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t s) {
+  switch (dtype_code(st)) {
+    case ssm::DType::kF32: ssm::scan_bwd_f32(p, w_f32, s); break;
+    case ssm::DType::kF16: ssm::scan_bwd_f16(p, w_f32, s); break;
+    case ssm::DType::kBF16: ssm::scan_bwd_bf16(p, w_f32, s); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                        const std::optional<Tensor>& D, const std::optional<Tensor>& z,
+                        const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  auto& p = q.p;
+  p.cpb = pick_cpb(p.dim / p.groups, 8);
+  const bool poison = poison_enabled();
+  const auto f32 = u.options().dtype(at::kFloat);
+  Tensor out = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
+  Tensor ckpt;
+  if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
+  p.out = out.data_ptr();
+  p.last = last.data_ptr<float>();
+  p.ckpt = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
+  if (p.batch > 0 && p.dim > 0 && p.seqlen > 0)
+    launch_fwd(p, u.scalar_type(), q.w_f32, c10::cuda::getCurrentCUDAStream().stream());
+  else
+    last.zero_();
+  return {out, last, ckpt};
+}
+
+std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                                       const Tensor& C, const std::optional<Tensor>& D,
+                                       const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
+                                       bool softplus, int64_t R, const Tensor& ckpt, const Tensor& dout_in,
+                                       const std::optional<Tensor>& dlast_in) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  auto& p = q.p;
+  const int dpg = p.dim / p.groups;
+  p.cpb = pick_cpb(dpg, p.dstate <= 16 ? 16 : (p.dstate <= 64 ? 8 : 4));
+  const int P = dpg / p.cpb;
+  const bool poison = poison_enabled();
+  const auto st = u.scalar_type();
+  const auto f32 = u.options().dtype(at::kFloat);
+  Tensor dout = last_contig(dout_in.scalar_type() == st ? dout_in : dout_in.to(st));
+  Tensor dlast;
+  if (dlast_in.has_value()) dlast = dlast_in->to(at::kFloat).contiguous();
+  TORCH_CHECK(ckpt.is_contiguous() && ckpt.size(2) == p.nseg, "selective_scan_cuda: bad checkpoint tensor");
+
+  Tensor du = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  Tensor ddelta = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  Tensor dz;
+  if (q.z.defined()) dz = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  Tensor dBpart = new_out({P, p.batch, p.groups, p.dstate, p.seqlen}, f32, poison);
+  Tensor dCpart = new_out({P, p.batch, p.groups, p.dstate, p.seqlen}, f32, poison);
+  Tensor dApart = new_out({p.batch, p.dim, p.dstate}, f32, poison);
+  Tensor dDpart = new_out({p.batch, p.dim}, f32, poison);
+  Tensor dbpart = new_out({p.batch, p.dim}, f32, poison);
+
+  p.dout = dout.data_ptr(); p.do_b = dout.stride(0); p.do_d = dout.stride(1);
+  p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
+  p.ckpt_in = ckpt.data_ptr<float>();
+  p.du = du.data_ptr(); p.ddelta = ddelta.data_ptr();
+  p.dz = dz.defined() ? dz.data_ptr() : nullptr;
+  p.dBpart = dBpart.data_ptr<float>(); p.dCpart = dCpart.data_ptr<float>();
+  p.dApart = dApart.data_ptr<float>(); p.dDpart = dDpart.data_ptr<float>(); p.dbiaspart = dbpart.data_ptr<float>();
+  if (p.batch > 0 && p.dim > 0 && p.seqlen > 0) {
+    launch_bwd(p, st, q.w_f32, c10::cuda::getCurrentCUDAStream().stream());
+  } else {
+    dBpart.zero_(); dCpart.zero_(); dApart.zero_(); dDpart.zero_(); dbpart.zero_();
+  }
+
+  // Fixed-order reductions of the partials (deterministic).
+  Tensor dB = dBpart.sum(0);   // (batch, groups, N, L)
+  Tensor dC = dCpart.sum(0);
+  if (!q.grouped_B) dB = p.groups == 1 ? dB.squeeze(1) : dB.sum(1);
+  if (!q.grouped_C) dC = p.groups == 1 ? dC.squeeze(1) : dC.sum(1);
+  dB = dB.to(B.scalar_type());
+  dC = dC.to(C.scalar_type());
+  Tensor dA = dApart.sum(0).to(A.scalar_type());
+  std::optional<Tensor> dD, dbias, dz_out;
+  if (D.has_value()) dD = dDpart.sum(0).to(D->scalar_type());
+  if (delta_bias.has_value()) dbias = dbpart.sum(0).to(delta_bias->scalar_type());
+  if (dz.defined()) dz_out = z->scalar_type() == st ? dz : dz.to(z->scalar_type());
+  Tensor ddelta_out = delta.scalar_type() == st ? ddelta : ddelta.to(delta.scalar_type());
+  return {du, ddelta_out, dA, dB, dC, dD, dz_out, dbias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mamba_ssm selective scan CUDA kernels (forward, backward)";
+  m.def("fwd", &fwd, "selective scan forward");
+  m.def("bwd", &bwd, "selective scan backward");
+}

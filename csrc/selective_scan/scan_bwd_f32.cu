@@ -1,0 +1,11 @@
+// Instantiations of the selective scan bwd kernel for u/delta/z of type float.
+#include "scan_bwd.cuh"
+
+namespace ssm {
+
+void scan_bwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream) {
+  if (w_f32) launch_scan_bwd<float, float>(p, stream);
+  else launch_scan_bwd<float, float>(p, stream);
+}
+
+}  // namespace ssm

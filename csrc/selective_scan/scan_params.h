@@ -1,0 +1,71 @@
+// Plain-C++ description of one selective-scan launch, shared by the torch binding and the
+// CUDA translation units (which do not include torch headers, to keep builds short).
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace ssm {
+
+enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct ScanParams {
+  int batch = 0, dim = 0, seqlen = 0, dstate = 0, groups = 1;
+  int cpb = 1;    // channels per block (divides dim / groups)
+  int spl = 1;    // state slots per lane = ceil(dstate / 16)
+  int R = 4;      // sub-chunks of 16 steps per checkpoint segment
+  int nseg = 0;   // ceil(ceil(seqlen / 16) / R)
+  bool softplus = false;
+  bool vec_B = false, vec_C = false;  // B / C rows 16-byte aligned
+
+  // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
+  const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
+  const void* delta = nullptr;  int64_t dl_b = 0, dl_d = 0;
+  const void* z = nullptr;      int64_t z_b = 0, z_d = 0;
+  // B, C: (batch, groups, dstate, seqlen) strides (groups stride 0 when not grouped).
+  const void* B = nullptr;      int64_t B_b = 0, B_g = 0, B_s = 0;
+  const void* C = nullptr;      int64_t C_b = 0, C_g = 0, C_s = 0;
+  const float* A = nullptr;     // (dim, dstate) contiguous
+  const float* D = nullptr;     // (dim,) or null
+  const float* bias = nullptr;  // (dim,) or null
+
+  // Forward outputs.
+  void* out = nullptr;          // (batch, dim, seqlen) contiguous, u's dtype
+  float* last = nullptr;        // (batch, dim, dstate)
+  float* ckpt = nullptr;        // (batch, dim, nseg, dstate) state at each segment start, or null
+
+  // Backward.
+  const void* dout = nullptr;   int64_t do_b = 0, do_d = 0;
+  const float* dlast = nullptr; // (batch, dim, dstate) contiguous or null
+  const float* ckpt_in = nullptr;
+  void* du = nullptr;           // (batch, dim, seqlen) contiguous
+  void* ddelta = nullptr;
+  void* dz = nullptr;
+  float* dBpart = nullptr;      // (P, batch, groups, dstate, seqlen), P = dim / groups / cpb
+  float* dCpart = nullptr;
+  float* dApart = nullptr;      // (batch, dim, dstate)
+  float* dDpart = nullptr;      // (batch, dim)
+  float* dbiaspart = nullptr;   // (batch, dim)
+};
+
+// Implemented in scan_fwd_*.cu / scan_bwd_*.cu. w_f32: B and C are fp32 (else u's dtype).
+void scan_fwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream);
+void scan_fwd_f16(ScanParams& p, bool w_f32, cudaStream_t stream);
+void scan_fwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream);
+void scan_bwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream);
+void scan_bwd_f16(ScanParams& p, bool w_f32, cudaStream_t stream);
+void scan_bwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream);
+
+// Dynamic shared memory (bytes) each kernel needs for a launch described by p.
+inline int scan_threads(const ScanParams& p) { return p.cpb * 16; }
+inline int scan_fwd_smem_floats(const ScanParams& p) {
+  return p.cpb * 32 + p.spl * scan_threads(p);
+}
+constexpr int kBwdRedRow = 20;  // 16 steps + 4 floats of padding (bank spread)
+inline int scan_bwd_smem_floats(const ScanParams& p) {
+  const int nthr = scan_threads(p);
+  const int nwarps = (nthr + 31) / 32;
+  return p.cpb * 64 + (p.R + 2) * p.spl * nthr + nwarps * 2 * (p.spl * 16) * kBwdRedRow;
+}
+
+}  // namespace ssm

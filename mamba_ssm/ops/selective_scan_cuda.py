@@ -1,0 +1,69 @@
+"""CUDA backend of the selective scan: our kernels from ``csrc/selective_scan``.
+
+The compiled module is ``mamba_ssm._selective_scan_cuda`` (named so that it cannot collide
+with upstream's top-level ``selective_scan_cuda``). ``is_available()`` is False, and never
+raises, when the extension was not built or no CUDA device is present.
+
+Memory saved for the backward: the inputs plus the state at the start of every segment of
+``16 * R`` time steps, (batch, dim, ceil(seqlen / (16 R)), dstate) fp32. R defaults to 4 and
+can be set with the environment variable ``MAMBA_SSM_SCAN_SEGMENT`` (steps per saved state,
+rounded to a multiple of 16, at most 1024); a longer segment saves memory and costs one more
+recomputation of the states in the backward.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # the compiled extension is optional
+    from mamba_ssm import _selective_scan_cuda as _ext
+except Exception:  # ImportError, or a broken/mismatched build
+    _ext = None
+
+
+def is_available() -> bool:
+    try:
+        return _ext is not None and torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _segment_subchunks() -> int:
+    try:
+        steps = int(os.environ.get("MAMBA_SSM_SCAN_SEGMENT", "64"))
+    except ValueError:
+        steps = 64
+    return max(1, min(64, (steps + 15) // 16))
+
+
+class SelectiveScanCudaFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        R = _segment_subchunks()
+        save = any(ctx.needs_input_grad)
+        out, last_state, ckpt = _ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), R, save)
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+            ctx.delta_softplus = bool(delta_softplus)
+            ctx.R = R
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _ext.bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.R, ckpt, dout, dlast
+        )
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False):
+    """Selective scan on our CUDA kernels; same contract as ``selective_scan_ref``."""
+    if _ext is None:
+        raise RuntimeError("mamba_ssm._selective_scan_cuda is not built; use the torch backend")
+    out, last_state = SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last_state) if return_last_state else out

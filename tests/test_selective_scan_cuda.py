@@ -1,0 +1,331 @@
+"""GPU tests of our CUDA selective scan (mamba_ssm._selective_scan_cuda), forward and backward.
+
+Every result is compared with a float64 scan (written here: selective_scan_ref computes in
+float32) run on the same low-precision input values. The tolerance of each tensor is judged
+against the package's reference run in the test's dtype: our error must be within a small
+multiple of the reference's own error, or under a per-dtype floor (fp32 6e-4, fp16 1e-2,
+bf16 3e-2, relative). Outputs are poisoned with NaN before each launch (MAMBA_SSM_POISON=1),
+so an element the kernels fail to write shows up as NaN.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_ssm.ops import selective_scan_cuda as ssc
+from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not ssc.is_available(), reason="mamba_ssm._selective_scan_cuda is not built"),
+]
+
+FLOOR = {torch.float32: 6e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+MULT = 4.0  # ours may be this many times the low-precision reference's error
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("MAMBA_SSM_POISON", "1")
+
+
+def scan64(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """Float64 selective scan, differentiable; returns (out, last_state)."""
+    batch, dim, L = u.shape
+    delta = delta + delta_bias[:, None] if delta_bias is not None else delta
+    if softplus:
+        delta = F.softplus(delta)
+
+    def expand(X):
+        if X.dim() == 4:
+            return X.repeat_interleave(dim // X.shape[1], dim=1)  # (b, dim, n, L)
+        return X[:, None].expand(batch, dim, X.shape[1], L)
+
+    Bx, Cx = expand(B), expand(C)
+    dA = torch.exp(delta[..., None] * A[None, :, None, :])      # (b, d, L, n)
+    dBu = (delta * u)[..., None] * Bx.permute(0, 1, 3, 2)        # (b, d, L, n)
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(L):
+        h = dA[:, :, t] * h + dBu[:, :, t]
+        ys.append((h * Cx[:, :, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype=None, device="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wdtype = wdtype or dtype
+
+    def rn(*shape, dt=dtype, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dt)
+
+    u = rn(batch, dim, L)
+    if softplus:
+        delta = rn(batch, dim, L, scale=1.0, shift=-1.0)
+    else:
+        delta = (torch.rand(batch, dim, L, generator=g) * 0.5 + 0.01).to(device=device, dtype=dtype)
+    A = (-(0.2 + torch.rand(dim, N, generator=g) * 1.5)).to(device)
+    if groups is None:
+        B = rn(batch, N, L, dt=wdtype)
+        C = rn(batch, N, L, dt=wdtype)
+    else:
+        B = rn(batch, groups, N, L, dt=wdtype)
+        C = rn(batch, groups, N, L, dt=wdtype)
+    D = rn(dim, dt=torch.float32) if has_D else None
+    z = rn(batch, dim, L) if has_z else None
+    bias = (torch.rand(dim, generator=g) * 0.5).to(device) if has_bias else None
+    return u, delta, A, B, C, D, z, bias
+
+
+def rel_err(x, ref):
+    x = x.double()
+    ref = ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def run_all(fn, inputs, softplus, grads_wrt, gout, glast):
+    """out, last and the gradients of sum(out*gout) + sum(last*glast) w.r.t. grads_wrt."""
+    u, delta, A, B, C, D, z, bias = inputs
+    out, last = fn(u, delta, A, B, C, D, z, bias, softplus)
+    loss = (out.double() * gout).sum() + (last.double() * glast).sum()
+    grads = torch.autograd.grad(loss, [inputs[i] for i in grads_wrt])
+    return out, last, grads
+
+
+def ours(u, delta, A, B, C, D, z, bias, softplus):
+    return ssc.selective_scan_cuda(u, delta, A, B, C, D, z, bias, softplus, True)
+
+
+def ref_low(u, delta, A, B, C, D, z, bias, softplus):
+    return selective_scan_ref(u, delta, A, B, C, D, z, bias, softplus, True)
+
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def check_case(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype=None,
+               noncontig=False):
+    inputs = make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype)
+    if noncontig:
+        # same values, other strides: u/delta through a transpose, B/C as slices of a wider tensor
+        u, delta, A, B, C, D, z, bias = inputs
+        u = u.transpose(1, 2).contiguous().transpose(1, 2)
+        Bw = torch.cat([B, B], dim=-1)
+        B = Bw[..., :L]
+        inputs = (u, delta, A, B, C, D, z, bias)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    gout = torch.randn(batch, dim, L, generator=g, dtype=torch.float64).cuda()
+    glast = torch.randn(batch, dim, N, generator=g, dtype=torch.float64).cuda()
+
+    def leaf(t, dt=None):
+        if t is None:
+            return None
+        t = t.detach().clone() if dt is None else t.detach().to(dt)
+        return t.requires_grad_(True)
+
+    x_ours = [leaf(t) for t in inputs]
+    x_low = [leaf(t) for t in inputs]
+    x_64 = [leaf(t, torch.float64) for t in inputs]
+
+    o_out, o_last, o_grads = run_all(ours, x_ours, softplus, present, gout, glast)
+    l_out, l_last, l_grads = run_all(ref_low, x_low, softplus, present, gout, glast)
+    r_out, r_last, r_grads = run_all(scan64, x_64, softplus, present, gout, glast)
+
+    assert o_out.dtype == dtype and o_out.shape == (batch, dim, L)
+    assert o_last.dtype == torch.float32 and o_last.shape == (batch, dim, N)
+    checks = [("out", o_out, l_out, r_out), ("last_state", o_last, l_last, r_last)]
+    for i, og, lg, rg in zip(present, o_grads, l_grads, r_grads):
+        assert og.dtype == inputs[i].dtype, f"d{NAMES[i]} dtype {og.dtype} != {inputs[i].dtype}"
+        assert og.shape == inputs[i].shape
+        checks.append(("d" + NAMES[i], og, lg, rg))
+    floor = FLOOR[dtype]
+    failures = []
+    for name, o, lo, r in checks:
+        if not torch.isfinite(o).all():
+            failures.append(f"{name}: non-finite values (unwritten or overflow)")
+            continue
+        e_o, e_l = rel_err(o, r), rel_err(lo, r)
+        m_o, m_l = max_err(o, r), max_err(lo, r)
+        scale = r.double().abs().max().item()
+        if e_o > max(MULT * e_l, floor):
+            failures.append(f"{name}: rel err {e_o:.3e} vs reference's {e_l:.3e} (floor {floor})")
+        if m_o > max(MULT * m_l, floor * scale) + 1e-30:
+            failures.append(f"{name}: max abs err {m_o:.3e} vs reference's {m_l:.3e} (scale {scale:.3e})")
+    assert not failures, "; ".join(failures)
+
+
+# ---- the sampled grid ---------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SEQLENS = [1, 7, 128, 2048, 4097]
+GROUPS = [None, 1, 2]
+DSTATES = [1, 16, 64, 256]
+
+
+def _grid():
+    rng = random.Random(1234)
+    cases = []
+    # every (dtype, seqlen) pair, with the other factors cycling so each value of each
+    # factor appears several times; flags drawn from a seeded generator
+    for i, (dtype, L) in enumerate(itertools.product(DTYPES, SEQLENS)):
+        for rep in range(2):
+            j = 2 * i + rep
+            N = DSTATES[j % 4]
+            groups = GROUPS[(j // 4 + rep) % 3]
+            flags = [rng.random() < 0.5 for _ in range(4)]
+            if rep == 0:
+                flags = [bool(j & 1), not (j & 2), bool(j & 4), not (j & 8)]
+            # keep the float64 loop's memory and time modest
+            if L >= 2048:
+                batch, dim = 1, 4 if groups != 2 else 4
+                N = min(N, 64)
+            elif N >= 64:
+                batch, dim = 2, 4
+            else:
+                batch, dim = 2, 32 if groups != 2 else 32
+            cases.append((dtype, L, N, groups, *flags, batch, dim))
+    # edges: all flags on / off, the largest dstate at a long length, odd channel counts
+    cases += [
+        (torch.float32, 4097, 256, 2, True, True, True, True, 1, 2),
+        (torch.bfloat16, 2048, 256, None, True, True, True, True, 1, 2),
+        (torch.float16, 7, 256, 1, False, False, False, False, 2, 3),
+        (torch.bfloat16, 128, 16, None, False, False, False, False, 3, 5),
+        (torch.float32, 1, 1, 2, True, True, True, True, 1, 2),
+        (torch.bfloat16, 4097, 16, None, True, True, True, True, 1, 64),
+        (torch.float32, 300, 16, None, True, True, True, True, 2, 48),
+    ]
+    return cases
+
+
+GRID = _grid()
+
+
+def _id(c):
+    dtype, L, N, groups, D, z, bias, sp, batch, dim = c
+    flags = "".join(ch for ch, on in zip("DzbS", (D, z, bias, sp)) if on) or "-"
+    return f"{str(dtype)[6:]}-L{L}-N{N}-g{groups}-{flags}-b{batch}d{dim}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_against_float64(case):
+    dtype, L, N, groups, has_D, has_z, has_bias, softplus, batch, dim = case
+    seed = zlib.crc32(_id(case).encode()) % (2**31)
+    check_case(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fp32_B_C_with_low_precision_u(dtype, groups):
+    check_case(7, 2, 8, 129, 16, dtype, groups, True, True, True, True, wdtype=torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_inputs(dtype):
+    check_case(11, 2, 16, 100, 16, dtype, None, True, True, True, True, noncontig=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("segment", ["16", "256"])
+def test_segment_lengths(monkeypatch, segment):
+    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)
+    check_case(5, 2, 16, 1000, 16, torch.float32, None, True, True, True, True)
+    check_case(6, 1, 4, 333, 64, torch.bfloat16, 2, True, False, True, False)
+
+
+@pytest.mark.cuda
+def test_deterministic():
+    inputs = make_inputs(3, 2, 64, 1500, 16, torch.bfloat16, None, True, True, True, True)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+    gout = torch.randn(2, 64, 1500, device="cuda", dtype=torch.float64)
+    glast = torch.randn(2, 64, 16, device="cuda", dtype=torch.float64)
+    results = []
+    for _ in range(2):
+        x = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+        out, last, grads = run_all(ours, x, True, present, gout, glast)
+        results.append([out, last, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_backend_dispatch_uses_cuda():
+    from mamba_ssm.backend import use_backend
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    u, delta, A, B, C, D, z, bias = make_inputs(9, 2, 8, 64, 16, torch.float32, None, True, True, True, True)
+    with use_backend("cuda"):
+        out = selective_scan_fn(u, delta, A, B, C, D, z, bias, True)
+    ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.cuda
+def test_no_grad_forward_matches():
+    u, delta, A, B, C, D, z, bias = make_inputs(4, 2, 16, 77, 16, torch.bfloat16, 1, True, True, True, True)
+    with torch.no_grad():
+        out1, last1 = ssc.selective_scan_cuda(u, delta, A, B, C, D, z, bias, True, True)
+    u.requires_grad_(True)
+    out2, last2 = ssc.selective_scan_cuda(u, delta, A, B, C, D, z, bias, True, True)
+    assert torch.equal(out1, out2.detach()) and torch.equal(last1, last2.detach())
+
+
+SMALL_CASE = textwrap.dedent(
+    """
+    import torch
+    from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+    torch.manual_seed(0)
+    for (b, d, L, n, g) in [(2, 5, 37, 16, None), (1, 4, 70, 64, 2), (1, 2, 17, 256, None), (2, 32, 50, 16, 1)]:
+        u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)
+        shp = (b, n, L) if g is None else (b, g, n, L)
+        B = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        C = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        D = torch.randn(d, device="cuda", requires_grad=True)
+        z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        bias = torch.rand(d, device="cuda", requires_grad=True)
+        out, last = selective_scan_cuda(u, dt, A, B, C, D, z, bias, True, True)
+        (out.float().sum() + last.sum()).backward()
+    torch.cuda.synchronize()
+    print("small case done")
+    """
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not found")
+def test_compute_sanitizer_memcheck(tmp_path):
+    script = tmp_path / "small_case.py"
+    script.write_text(SMALL_CASE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
+    proc = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "small case done" in log and "ERROR SUMMARY: 0 errors" in log, log[-4000:]
