@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from mamba_ssm.backend import choose_backend
+from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
+from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
 
 MAX_DSTATE = 256
 
@@ -136,8 +138,105 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
 
         return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    # Placeholder until the chunked PyTorch scan lands: the reference is differentiable.
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                        out_proj_bias, A, B, C, B_proj_bias, C_proj_bias):
+    """Shape checks of mamba_inner_fn / mamba_inner_ref; returns (conv weight as (dim, width), dt_rank, dstate)."""
+    def err(msg):
+        raise ValueError("mamba_inner_fn: " + msg)
+
+    for name, t in (("xz", xz), ("conv1d_weight", conv1d_weight), ("x_proj_weight", x_proj_weight),
+                    ("delta_proj_weight", delta_proj_weight), ("out_proj_weight", out_proj_weight), ("A", A)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mamba_inner_fn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if xz.dim() != 3 or xz.shape[1] % 2 != 0:
+        err(f"xz must be (batch, 2*dim, seqlen), got {_shape(xz)}")
+    dim = xz.shape[1] // 2
+    w = conv1d_weight
+    if w.dim() == 3:
+        if w.shape[1] != 1:
+            err(f"conv1d_weight must be (dim, 1, width) or (dim, width), got {_shape(w)}")
+        w = w[:, 0]
+    if w.dim() != 2 or w.shape[0] != dim:
+        err(f"conv1d_weight must be (dim, 1, width) or (dim, width) with dim = {dim}, got {_shape(conv1d_weight)}")
+    if conv1d_bias is not None and tuple(conv1d_bias.shape) != (dim,):
+        err(f"conv1d_bias must be (dim,) = ({dim},), got {_shape(conv1d_bias)}")
+    if A.is_complex():
+        err("complex A is not supported (Mamba-1 uses real A); got dtype " + str(A.dtype))
+    if A.dim() != 2 or A.shape[0] != dim:
+        err(f"A must be (dim, dstate) with dim = {dim}, got {_shape(A)}")
+    dstate = A.shape[1]
+    if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != dim:
+        err(f"delta_proj_weight must be (dim, dt_rank) with dim = {dim}, got {_shape(delta_proj_weight)}")
+    dt_rank = delta_proj_weight.shape[1]
+    need = dt_rank + (2 * dstate if (B is None or C is None) else 0)
+    if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != dim or x_proj_weight.shape[0] < need or (
+            (B is None or C is None) and x_proj_weight.shape[0] != need):
+        err(f"x_proj_weight must be (dt_rank + 2*dstate, dim) = ({dt_rank} + 2*{dstate}, {dim})"
+            f"{' (or at least dt_rank rows when B and C are given)' if need == dt_rank else ''}, "
+            f"got {_shape(x_proj_weight)}")
+    if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
+        err(f"out_proj_weight must be (d_model, dim) with dim = {dim}, got {_shape(out_proj_weight)}")
+    if out_proj_bias is not None and tuple(out_proj_bias.shape) != (out_proj_weight.shape[0],):
+        err(f"out_proj_bias must be (d_model,) = ({out_proj_weight.shape[0]},), got {_shape(out_proj_bias)}")
+    for name, bias in (("B_proj_bias", B_proj_bias), ("C_proj_bias", C_proj_bias)):
+        if bias is not None and tuple(bias.shape) != (dstate,):
+            err(f"{name} must be (dstate,) = ({dstate},), got {_shape(bias)}")
+    return w, dt_rank, dstate
+
+
+def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus):
+    w, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                             out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
+    batch, _, seqlen = xz.shape
+    x, z = xz.chunk(2, dim=1)
+    x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, dt_rank + 2*dstate)
+    delta = (x_dbl[..., :dt_rank] @ delta_proj_weight.t()).transpose(1, 2)  # (batch, dim, seqlen)
+    if B is None:
+        B = x_dbl[..., dt_rank:dt_rank + dstate]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        B = B.transpose(1, 2)
+    if C is None:
+        C = x_dbl[..., x_dbl.shape[-1] - dstate:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        C = C.transpose(1, 2)
+    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                   out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                   delta_softplus=True, checkpoint_lvl=1):
+    """The Mamba block between in_proj and the output: conv1d + SiLU, x_proj, dt_proj, selective scan
+    gated by z, out_proj. xz: (batch, 2*dim, seqlen) (in_proj's output); returns (batch, seqlen, d_model).
+
+    conv1d_weight: (dim, 1, width) or (dim, width); x_proj_weight: (dt_rank + 2*dstate, dim);
+    delta_proj_weight: (dim, dt_rank) (its bias is ``delta_bias``, added inside the scan);
+    out_proj_weight: (d_model, dim). B / C given as arguments replace the projected ones.
+    ``checkpoint_lvl`` (upstream: 1 recomputes the conv output and delta in backward) is accepted;
+    the selective scan on the PyTorch path already keeps only chunk states, and the other pieces
+    are small, so it does not change anything here.
+    """
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    return _mamba_inner(selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                        out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
+                        delta_softplus)
+
+
+def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
+                    delta_softplus=True, checkpoint_lvl=1):
+    """Reference of `mamba_inner_fn` (same signature), built on `selective_scan_ref`."""
+    return _mamba_inner(selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                        out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
+                        delta_softplus)
 
 
 # --- Interim composition so the package imports while the fused version is written (team lead). ---

@@ -1,0 +1,307 @@
+"""Chunked selective scan in pure PyTorch (the ``torch`` backend of ``selective_scan_fn``).
+
+The recurrence, per batch b, channel d and state n (see selective_scan_interface for names):
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t          y_t = C_t · h_t
+
+How it is computed without a Python loop over every time step
+------------------------------------------------------------------
+The sequence (padded to K*T with Δ = 0, which leaves the state untouched) is cut into K chunks
+of T steps. All K chunks advance together, so the Python loops run over T steps and K chunks,
+never over L. Per block of channels (blocks keep the (T, b, K, d, n) intermediates small enough
+to stay in cache and bound memory):
+
+1. ``DA = exp(Δ ⊗ A)`` and ``H[1:] = (Δ u) ⊗ B`` are built with a few large ops. Only
+   ``exp`` of ``Δ A`` ever appears (never of its negation, no cumulative-sum-in-log-space
+   trick), so large decays underflow to 0 instead of overflowing.
+2. A first sweep over the T steps, starting every chunk from a zero state, gives each chunk's
+   local end state; a loop over the K chunks turns those into true chunk start states
+   ``hs[k+1] = exp(A ΣΔ_k) hs[k] + end_k``.
+3. A second sweep from the true start states fills ``H`` with every state, in place; the
+   output is one batched matmul ``y = H @ C``.
+
+The time axis is the leading one so that each step's slice ``H[t]`` is contiguous.
+
+Backward (hand written, no autograd graph over time): the chunk start states are saved, the
+states are recomputed per block, the state gradient ``g_t = C_t gy_t + exp(Δ_{t+1} A) g_{t+1}``
+runs the same two-sweep scheme in reverse (chunk-local sweep, carries across chunks, full
+sweep), and the input gradients are batched matmuls and reductions:
+
+    gB_t = Σ_d g_t Δ_t u_t,  gC_t = Σ_d gy_t h_t,  g(Δu)_t = Σ_n g_t B_t,
+    M_t = g_t ⊙ exp(Δ_t A) ⊙ h_{t-1},  gΔ_t += Σ_n A M_t,  gA = Σ_t Δ_t M_t.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Elements of one (T, b, K, d_block, n) intermediate; a block of channels is sized to this.
+BLOCK_ELEMS = 1 << 22
+# Chunk length T for a sequence length L: about sqrt(L), so that T + K Python steps are few.
+MIN_CHUNK = 8
+
+
+def chunk_length(seqlen: int) -> int:
+    if seqlen <= MIN_CHUNK:
+        return max(seqlen, 1)
+    return max(MIN_CHUNK, int(math.ceil(math.sqrt(seqlen))))
+
+
+def _to_time_major(x, K, T):
+    """(b, c, L) -> (T, b, K, c), zero padded to K*T steps."""
+    b, c, L = x.shape
+    if K * T != L:
+        x = F.pad(x, (0, K * T - L))
+    return x.reshape(b, c, K, T).permute(3, 0, 2, 1).contiguous()
+
+
+def _from_time_major(x, L):
+    """(T, b, K, c) -> (b, c, L)."""
+    T, b, K, c = x.shape
+    return x.permute(1, 3, 2, 0).reshape(b, c, K * T)[:, :, :L]
+
+
+def _bc_time_major(X, K, T):
+    """(b, G, n, L) -> (T, b, K, G, n), zero padded."""
+    b, G, n, L = X.shape
+    if K * T != L:
+        X = F.pad(X, (0, K * T - L))
+    return X.reshape(b, G, n, K, T).permute(4, 0, 3, 1, 2).contiguous()
+
+
+def _bc_from_time_major(X, L):
+    """(T, b, K, G, n) -> (b, G, n, L)."""
+    T, b, K, G, n = X.shape
+    return X.permute(1, 3, 4, 2, 0).reshape(b, G, n, K * T)[..., :L]
+
+
+def _blocks(dim, groups, per_block):
+    """Channel blocks [d0, d1) that never straddle a group boundary, with their group index."""
+    dg = dim // groups
+    size = max(1, min(dg, per_block))
+    out = []
+    for g in range(groups):
+        for d0 in range(g * dg, (g + 1) * dg, size):
+            out.append((d0, min(d0 + size, (g + 1) * dg), g))
+    return out
+
+
+def _block_size(batch, K, T, dstate, block_elems):
+    return max(1, block_elems // max(1, batch * K * T * dstate))
+
+
+def _scan_block(dtb, xb, At, Bg, H, have_starts, DA):
+    """Fill H (T+1, b, K, n, db) with all states of one channel block; return DA = exp(Δ ⊗ A).
+
+    dtb, xb: (T, b, K, db) step sizes and Δ·u; At: (n, db) = A^T; Bg: (T, b, K, n);
+    DA: workspace of H[1:]'s shape.
+    If ``have_starts`` H[0] already holds the chunk start states, otherwise they are computed
+    (chunk-local sweep from zero, then a loop over chunks) and written to H[0].
+    """
+    T, b, K, db = dtb.shape
+    n = At.shape[0]
+    DAs, Hs = DA.unbind(0), H.unbind(0)
+    dts, xs, Bs = dtb.unsqueeze(-2).unbind(0), xb.unsqueeze(-2).unbind(0), Bg.unsqueeze(-1).unbind(0)
+    h = None
+    for t in range(T):
+        # built step by step so that each slice is still in cache for the exp and the sweep
+        torch.mul(dts[t], At, out=DAs[t])
+        DAs[t].exp_()
+        torch.mul(xs[t], Bs[t], out=Hs[t + 1])
+        if not have_starts:
+            if h is None:
+                h = Hs[1].clone()
+            else:
+                torch.addcmul(Hs[t + 1], DAs[t], h, out=h)
+    if not have_starts:
+        decay = torch.exp(dtb.sum(0).unsqueeze(-2) * At)  # (b, K, n, db): exp(A ΣΔ) per chunk
+        hs = Hs[0]
+        hs[:, 0].zero_()
+        for k in range(1, K):
+            torch.addcmul(h[:, k - 1], decay[:, k - 1], hs[:, k - 1], out=hs[:, k])
+    for t in range(T):
+        torch.addcmul(Hs[t + 1], DAs[t], Hs[t], out=Hs[t + 1])
+    return DA
+
+
+class _Workspace:
+    """Buffers reused by every channel block of one call (fresh memory costs page faults)."""
+
+    def __init__(self, like, max_slice, leading):
+        self.flat = [like.new_empty(lead * max_slice) for lead in leading]
+
+    def get(self, *shapes):
+        return [f[: math.prod(s)].view(s) for f, s in zip(self.flat, shapes)]
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """fp32 copies and the step size Δ (after bias and softplus); B, C as (b, G, n, L)."""
+    uf = u.float()
+    dt_raw = delta.float()
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.float().unsqueeze(-1)
+    dt = F.softplus(dt_raw) if delta_softplus else dt_raw
+    Af = A.float()
+    B4 = (B.unsqueeze(1) if B.dim() == 3 else B).float()
+    C4 = (C.unsqueeze(1) if C.dim() == 3 else C).float()
+    return uf, dt_raw, dt, Af, B4, C4
+
+
+def _groups(dim, gB, gC):
+    G = gB * gC // math.gcd(gB, gC)
+    return G, G // gB, G // gC
+
+
+class SelectiveScanChunkedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size,
+                block_elems):
+        batch, dim, L = u.shape
+        n = A.shape[1]
+        uf, dt_raw, dt, Af, B4, C4 = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        T = max(1, min(chunk_size or chunk_length(L), L))
+        K = -(-L // T)
+        G, rB, rC = _groups(dim, B4.shape[1], C4.shape[1])
+        x = dt * uf
+        Bt = _bc_time_major(B4, K, T)  # (T, b, K, gB, n)
+        Ct = _bc_time_major(C4, K, T)
+        At = Af.t().contiguous()
+        y = torch.empty_like(uf)
+        HS = uf.new_empty((batch, K, n, dim))
+        last = uf.new_empty((batch, dim, n))
+        blocks = _blocks(dim, G, _block_size(batch, K, T, n, block_elems or BLOCK_ELEMS))
+        ws = _Workspace(uf, max(d1 - d0 for d0, d1, _ in blocks) * batch * K * n, (T + 1, T))
+        for d0, d1, g in blocks:
+            dtb = _to_time_major(dt[:, d0:d1], K, T)  # (T, b, K, db)
+            xb = _to_time_major(x[:, d0:d1], K, T)
+            H, DA = ws.get((T + 1, batch, K, n, d1 - d0), (T, batch, K, n, d1 - d0))
+            _scan_block(dtb, xb, At[:, d0:d1], Bt[:, :, :, g // rB], H, False, DA)
+            HS[..., d0:d1] = H[0]
+            last[:, d0:d1] = H[T, :, K - 1].transpose(-1, -2)
+            yb = torch.matmul(Ct[:, :, :, g // rC].unsqueeze(-2), H[1:]).squeeze(-2)  # (T, b, K, db)
+            y[:, d0:d1] = _from_time_major(yb, L)
+        del ws, H, DA
+        if D is not None:
+            y.addcmul_(uf, D.float().unsqueeze(-1))
+        out = y if z is None else y * F.silu(z.float())
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, HS, y if z is not None else None)
+        ctx.delta_softplus = delta_softplus
+        ctx.T = T
+        ctx.block_elems = block_elems
+        ctx.return_last_state = return_last_state
+        out = out.to(u.dtype)
+        if return_last_state:
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, gout, *rest):
+        u, delta, A, B, C, D, z, delta_bias, HS, y = ctx.saved_tensors
+        glast = rest[0] if (ctx.return_last_state and rest) else None
+        batch, dim, L = u.shape
+        n = A.shape[1]
+        T = ctx.T
+        K = -(-L // T)
+        uf, dt_raw, dt, Af, B4, C4 = _prepare(u, delta, A, B, C, delta_bias, ctx.delta_softplus)
+        G, rB, rC = _groups(dim, B4.shape[1], C4.shape[1])
+        gout = gout.float()
+
+        gz = None
+        if z is not None:
+            zf = z.float()
+            sz = torch.sigmoid(zf)
+            gy = gout * (zf * sz)
+            if ctx.needs_input_grad[6]:
+                gz = gout * y * (sz * (1 + zf * (1 - sz)))
+        else:
+            gy = gout
+        gD = None
+        if D is not None:
+            if ctx.needs_input_grad[5]:
+                gD = (gy * uf).sum((0, 2))
+            gu = gy * D.float().unsqueeze(-1)
+        else:
+            gu = torch.zeros_like(uf)
+        gdt = torch.empty_like(uf)
+        x = dt * uf
+        Bt = _bc_time_major(B4, K, T)
+        Ct = _bc_time_major(C4, K, T)
+        At = Af.t().contiguous()
+        gA = torch.empty_like(Af)
+        gBt = torch.zeros_like(Bt)
+        gCt = torch.zeros_like(Ct)
+        glast_f = glast.float() if glast is not None else None
+        blocks = _blocks(dim, G, _block_size(batch, K, T, n, ctx.block_elems or BLOCK_ELEMS))
+        ws = _Workspace(uf, max(d1 - d0 for d0, d1, _ in blocks) * batch * K * n, (T + 1, T, T))
+        for d0, d1, g in blocks:
+            db = d1 - d0
+            Ab = At[:, d0:d1]
+            Bg = Bt[:, :, :, g // rB]  # (T, b, K, n)
+            Cg = Ct[:, :, :, g // rC]
+            dtb = _to_time_major(dt[:, d0:d1], K, T)
+            xb = _to_time_major(x[:, d0:d1], K, T)
+            gyb = _to_time_major(gy[:, d0:d1], K, T)
+            H, DA, Gs = ws.get((T + 1, batch, K, n, db), (T, batch, K, n, db), (T, batch, K, n, db))
+            H[0] = HS[..., d0:d1]
+            _scan_block(dtb, xb, Ab, Bg, H, True, DA)
+            # gC_t = Σ_d gy_t h_t
+            gCt[:, :, :, g // rC] += torch.matmul(H[1:], gyb.unsqueeze(-1)).squeeze(-1)
+            # state gradients g_t = C_t gy_t + DA_{t+1} g_{t+1}: chunk-local sweep from zero ...
+            torch.mul(gyb.unsqueeze(-2), Cg.unsqueeze(-1), out=Gs)  # (T, b, K, n, db)
+            GSs, DAs = Gs.unbind(0), DA.unbind(0)
+            gl = GSs[T - 1].clone()
+            for t in range(T - 2, -1, -1):
+                torch.addcmul(GSs[t], DAs[t + 1], gl, out=gl)
+            v = gl.mul_(DAs[0])  # what each chunk passes back to the previous chunk's end state
+            # ... carries across chunks (from the end, starting with the gradient of last_state) ...
+            decay = torch.exp(dtb.sum(0).unsqueeze(-2) * Ab)
+            carry = torch.empty_like(v)
+            if glast_f is not None:
+                carry[:, K - 1] = glast_f[:, d0:d1].transpose(-1, -2)
+            else:
+                carry[:, K - 1].zero_()
+            for k in range(K - 2, -1, -1):
+                torch.addcmul(v[:, k + 1], decay[:, k + 1], carry[:, k + 1], out=carry[:, k])
+            # ... and the full sweep, in place
+            GSs[T - 1].add_(carry)
+            for t in range(T - 2, -1, -1):
+                torch.addcmul(GSs[t], DAs[t + 1], GSs[t + 1], out=GSs[t])
+            # g(Δu)_t = Σ_n g_t B_t ;  gB_t = Σ_d g_t (Δu)_t
+            gxb = torch.matmul(Bg.unsqueeze(-2), Gs).squeeze(-2)  # (T, b, K, db)
+            gBt[:, :, :, g // rB] += torch.matmul(Gs, xb.unsqueeze(-1)).squeeze(-1)
+            # M_t = g_t ⊙ DA_t ⊙ h_{t-1};  gΔ_t += Σ_n A M_t;  gA = Σ_t Δ_t M_t
+            M = DA.mul_(H[:T]).mul_(Gs)
+            gdtb = torch.mul(M, Ab, out=Gs).sum(-2)
+            gA[d0:d1] = M.mul_(dtb.unsqueeze(-2)).sum((0, 1, 2)).t()
+            ub = _to_time_major(uf[:, d0:d1], K, T)
+            gdtb.addcmul_(gxb, ub)
+            gdt[:, d0:d1] = _from_time_major(gdtb, L)
+            gu[:, d0:d1] += _from_time_major(gxb.mul_(dtb), L)
+        del ws, H, DA, Gs, M
+        if ctx.delta_softplus:
+            gdt.mul_(torch.sigmoid(dt_raw))
+        gdelta_bias = gdt.sum((0, 2)) if delta_bias is not None else None
+        gB4 = _bc_from_time_major(gBt, L)
+        gC4 = _bc_from_time_major(gCt, L)
+        gB = gB4.squeeze(1) if B.dim() == 3 else gB4
+        gC = gC4.squeeze(1) if C.dim() == 3 else gC4
+
+        def cast(gr, ref):
+            return None if gr is None or ref is None else gr.to(ref.dtype)
+
+        return (cast(gu, u), cast(gdt, delta), cast(gA, A), cast(gB, B), cast(gC, C), cast(gD, D), cast(gz, z),
+                cast(gdelta_bias, delta_bias), None, None, None, None)
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, chunk_size=None, block_elems=None):
+    """Chunked selective scan; same arguments and results as ``selective_scan_ref``.
+
+    Inputs are assumed checked (``check_selective_scan_inputs``). Computes in fp32 and returns
+    ``out`` in u's dtype (and ``last_state`` fp32 (batch, dim, dstate) if asked); gradients come
+    back in each input's dtype.
+    """
+    return SelectiveScanChunkedFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                        bool(return_last_state), chunk_size, block_elems)
