@@ -237,33 +237,3 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     return _mamba_inner(selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
                         delta_softplus)
-
-
-# --- Interim composition so the package imports while the fused version is written (team lead). ---
-def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None,
-                    C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1):
-    from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
-
-    L = xz.shape[-1]
-    delta_rank = delta_proj_weight.shape[1]
-    d_state = A.shape[-1]
-    x, z = xz.chunk(2, dim=1)
-    x = causal_conv1d_fn(x, conv1d_weight, conv1d_bias, activation="silu")
-    x_dbl = F.linear(x.transpose(1, 2).reshape(-1, x.shape[1]), x_proj_weight)
-    delta = (delta_proj_weight @ x_dbl[:, :delta_rank].t()).view(delta_proj_weight.shape[0], -1, L).transpose(0, 1)
-    if B is None:
-        B = x_dbl[:, delta_rank:delta_rank + d_state]
-        if B_proj_bias is not None:
-            B = B + B_proj_bias
-        B = B.view(-1, L, d_state).transpose(1, 2)
-    if C is None:
-        C = x_dbl[:, -d_state:]
-        if C_proj_bias is not None:
-            C = C + C_proj_bias
-        C = C.view(-1, L, d_state).transpose(1, 2)
-    y = selective_scan_fn(x, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
-
-
-mamba_inner_fn = mamba_inner_ref
