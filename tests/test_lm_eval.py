@@ -63,9 +63,12 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = MambaLMHeadModel(MambaConfig(d_model=64, n_layer=2, vocab_size=50277))
     with torch.no_grad():
-        # A wider embedding than the default init makes the next-token distribution peaked, so
-        # greedy choices are far from ties and comparisons between batchings are meaningful.
-        model.backbone.embedding.weight.normal_(0.0, 0.5)
+        # With the default init a tiny random model repeats its last token whatever came before,
+        # which would hide a wrong state. A wider embedding and louder mixers make the next token
+        # depend on the context, with greedy choices well clear of ties (top-2 gaps > 1e-2 here).
+        model.backbone.embedding.weight.normal_(0.0, 0.1)
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(10.0)
     root = tmp_path_factory.mktemp("tiny_mamba")
     tok = load_tokenizer(TOKENIZER_DIR)
     for name, layout in (("ours", "mamba_ssm"), ("hf", "transformers")):
@@ -229,6 +232,26 @@ def test_prompts_of_different_lengths_batched_equal_alone(tiny, lm):
     ids = tiny["tok"].encode(PROMPTS[0], add_special_tokens=False)
     seq = tiny["model"].generate(torch.tensor([ids]), max_length=len(ids) + 12, top_k=1, vocab_size=len(tiny["tok"]))
     assert alone[0] == tiny["tok"].decode(seq[0, len(ids):].tolist(), skip_special_tokens=True).split("\n\n")[0]
+
+
+def test_context_matters_in_the_tiny_model(tiny, lm):
+    """Guard for the tests above: the same last token after different contexts gives different text."""
+    a, b = _gen(lm, ["x", "Hello there, x"], until=[], max_gen_toks=6)
+    assert a != b
+
+
+def test_lm_eval_builtin_mamba_ssm_model_runs_on_our_package(tiny, lm):
+    """lm-eval's own `--model mamba_ssm` imports mamba_ssm upstream-style; on our package it gives
+    our numbers (batch size 1: its batched generation left-pads, which a recurrent model feels)."""
+    from lm_eval.models.mamba_lm import MambaLMWrapper
+
+    builtin = MambaLMWrapper(pretrained=str(tiny["ours"]), tokenizer=str(tiny["ours"]), dtype="float32",
+                             device="cpu", batch_size=1)
+    reqs = _instances("loglikelihood", LL_PAIRS[:4])
+    for (a, ga), (b, gb) in zip(builtin.loglikelihood(reqs, disable_tqdm=True), lm.loglikelihood(reqs, disable_tqdm=True)):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    prompts = PROMPTS[:3]
+    assert _gen(builtin, prompts, until=["\n\n"], max_gen_toks=8) == _gen(lm, prompts, until=["\n\n"], max_gen_toks=8)
 
 
 def test_generate_until_stops_at_stop_sequences(tiny):
