@@ -52,6 +52,11 @@ bool aligned16(const Tensor& t, int64_t elem_bytes, int64_t s0, int64_t s1, int6
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ok(s0) && ok(s1) && ok(s2);
 }
 
+int impl_from_env() {
+  const char* v = std::getenv("MAMBA_SSM_SCAN_IMPL");
+  return (v != nullptr && v[0] == '1') ? 1 : 2;
+}
+
 int pick_cpb(int dpg, int cpb_max) {
   int c = 1;
   while (c * 2 <= cpb_max && dpg % (c * 2) == 0) c *= 2;
@@ -116,6 +121,14 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.B = q.B.data_ptr(); p.C = q.C.data_ptr();
   p.vec_B = aligned16(q.B, we, p.B_b, p.B_g, p.B_s);
   p.vec_C = aligned16(q.C, we, p.C_b, p.C_g, p.C_s);
+  auto x_ok = [](const Tensor& t) {
+    const int64_t es = t.element_size();
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
+           (t.stride(1) * es) % 16 == 0;
+  };
+  p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
+  p.vec_o = (L % 4) == 0;
+  p.impl = impl_from_env();
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
@@ -146,7 +159,7 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
-  p.cpb = pick_cpb(p.dim / p.groups, 8);
+  p.cpb = pick_cpb(p.dim / p.groups, p.impl == 1 ? 8 : 16);
   const bool poison = poison_enabled();
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
@@ -172,7 +185,18 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
   const int dpg = p.dim / p.groups;
-  p.cpb = pick_cpb(dpg, p.dstate <= 16 ? 16 : (p.dstate <= 64 ? 8 : 4));
+  if (p.impl == 1) {
+    p.cpb = pick_cpb(dpg, p.dstate <= 16 ? 16 : (p.dstate <= 64 ? 8 : 4));
+  } else {
+    // largest power-of-two channel count (<= 32) whose shared memory leaves room for 2 blocks per SM
+    int cap = 32;
+    while (cap > 1) {
+      p.cpb = cap;
+      if (ssm::scan_bwd2_smem_floats(p) * 4 <= 110 * 1024) break;
+      cap /= 2;
+    }
+    p.cpb = pick_cpb(dpg, cap);
+  }
   const int P = dpg / p.cpb;
   const bool poison = poison_enabled();
   const auto st = u.scalar_type();
@@ -186,13 +210,21 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   Tensor ddelta = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor dz;
   if (q.z.defined()) dz = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
-  Tensor dBpart = new_out({P, p.batch, p.groups, p.dstate, p.seqlen}, f32, poison);
-  Tensor dCpart = new_out({P, p.batch, p.groups, p.dstate, p.seqlen}, f32, poison);
+  const bool v2 = p.impl != 1;
+  std::vector<int64_t> part_shape = v2 ? std::vector<int64_t>{P, p.batch, p.groups, p.seqlen, p.dstate}
+                                       : std::vector<int64_t>{P, p.batch, p.groups, p.dstate, p.seqlen};
+  Tensor dBpart = new_out(part_shape, f32, poison);
+  Tensor dCpart = new_out(part_shape, f32, poison);
   Tensor dApart = new_out({p.batch, p.dim, p.dstate}, f32, poison);
   Tensor dDpart = new_out({p.batch, p.dim}, f32, poison);
   Tensor dbpart = new_out({p.batch, p.dim}, f32, poison);
 
   p.dout = dout.data_ptr(); p.do_b = dout.stride(0); p.do_d = dout.stride(1);
+  {
+    const int64_t es = dout.element_size();
+    p.vec_x = p.vec_x && reinterpret_cast<uintptr_t>(dout.data_ptr()) % 16 == 0 && (dout.stride(0) * es) % 16 == 0 &&
+              (dout.stride(1) * es) % 16 == 0;
+  }
   p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
   p.ckpt_in = ckpt.data_ptr<float>();
   p.du = du.data_ptr(); p.ddelta = ddelta.data_ptr();
@@ -206,12 +238,16 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
 
   // Fixed-order reductions of the partials (deterministic).
-  Tensor dB = dBpart.sum(0);   // (batch, groups, N, L)
+  Tensor dB = dBpart.sum(0);   // (batch, groups, N, L), or (batch, groups, L, N) for impl 2
   Tensor dC = dCpart.sum(0);
+  if (v2) {
+    dB = dB.transpose(-1, -2);
+    dC = dC.transpose(-1, -2);
+  }
   if (!q.grouped_B) dB = p.groups == 1 ? dB.squeeze(1) : dB.sum(1);
   if (!q.grouped_C) dC = p.groups == 1 ? dC.squeeze(1) : dC.sum(1);
-  dB = dB.to(B.scalar_type());
-  dC = dC.to(C.scalar_type());
+  dB = dB.to(B.scalar_type()).contiguous();
+  dC = dC.to(C.scalar_type()).contiguous();
   Tensor dA = dApart.sum(0).to(A.scalar_type());
   std::optional<Tensor> dD, dbias, dz_out;
   if (D.has_value()) dD = dDpart.sum(0).to(D->scalar_type());

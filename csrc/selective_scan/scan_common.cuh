@@ -116,4 +116,84 @@ __device__ __forceinline__ float reduce16(float (&v)[16], int lane, unsigned mas
   return v[0];
 }
 
+// ---------------------------------------------------------------------------------------
+// impl 2 helpers: NE consecutive elements of a row held as 32-bit words.
+template <typename T, int NE> struct RawN {
+  static constexpr int kW = NE * (int)sizeof(T) / 4;
+  uint32_t w[kW];
+  __device__ __forceinline__ float operator[](int i) const { return TypeOps<T>::word_elem(w, i); }
+};
+
+// Elements [t, t+NE) of a row; past L or for an invalid row they read as 0. `vec`: the row
+// start is 16-byte aligned (t is a multiple of NE).
+template <typename T, int NE>
+__device__ __forceinline__ void load_n(RawN<T, NE>& r, const T* row, int t, int L, bool valid, bool vec) {
+  constexpr int W = RawN<T, NE>::kW;
+  if (valid && vec && t + NE <= L) {
+    if constexpr (W == 2) {
+      const uint2 x = __ldg(reinterpret_cast<const uint2*>(row + t));
+      r.w[0] = x.x; r.w[1] = x.y;
+    } else {
+#pragma unroll
+      for (int q = 0; q < W / 4; ++q) {
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(row + t) + q);
+        r.w[4 * q + 0] = x.x; r.w[4 * q + 1] = x.y; r.w[4 * q + 2] = x.z; r.w[4 * q + 3] = x.w;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < W; ++q) r.w[q] = 0u;
+    if (valid) {
+#pragma unroll
+      for (int i = 0; i < NE; ++i) {
+        if (t + i < L) {
+          if constexpr (sizeof(T) == 4) r.w[i] = TypeOps<T>::bits(row[t + i]);
+          else r.w[i >> 1] |= TypeOps<T>::bits(row[t + i]) << ((i & 1) * 16);
+        }
+      }
+    }
+  }
+}
+
+// Store 4 consecutive values at [t, t+4) of a contiguous row, dropping those at or past L.
+template <typename T>
+__device__ __forceinline__ void store4(T* row, int t, int L, bool vec, const float (&v)[4]) {
+  if (vec && t + 4 <= L) {
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      const uint32_t lo = TypeOps<T>::bits(TypeOps<T>::from_f(v[0])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[1])) << 16);
+      const uint32_t hi = TypeOps<T>::bits(TypeOps<T>::from_f(v[2])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[3])) << 16);
+      *reinterpret_cast<uint2*>(row + t) = make_uint2(lo, hi);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (t + j < L) row[t + j] = TypeOps<T>::from_f(v[j]);
+  }
+}
+
+// Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..4) of
+// lane l hold the sums over the 4 lanes of the entry values v[4l .. 4l+4).
+__device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) {
+  {
+    const bool hi = (l & 2) != 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float send = hi ? v[j] : v[j + 8];
+      const float keep = hi ? v[j + 8] : v[j];
+      v[j] = keep + __shfl_xor_sync(mask, send, 2);
+    }
+  }
+  {
+    const bool hi = (l & 1) != 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float send = hi ? v[j] : v[j + 4];
+      const float keep = hi ? v[j + 4] : v[j];
+      v[j] = keep + __shfl_xor_sync(mask, send, 1);
+    }
+  }
+}
+
 }  // namespace ssm

@@ -1,11 +1,17 @@
-// Instantiations of the selective scan fwd kernel for u/delta/z of type float.
+// Instantiations of the selective scan fwd kernels for u/delta/z of type float.
 #include "scan_fwd.cuh"
+#include "scan_fwd2.cuh"
 
 namespace ssm {
 
 void scan_fwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream) {
-  if (w_f32) launch_scan_fwd<float, float>(p, stream);
-  else launch_scan_fwd<float, float>(p, stream);
+  if (p.impl == 1) {
+    if (w_f32) launch_scan_fwd<float, float>(p, stream);
+    else launch_scan_fwd<float, float>(p, stream);
+  } else {
+    if (w_f32) launch_scan_fwd2<float, float>(p, stream);
+    else launch_scan_fwd2<float, float>(p, stream);
+  }
 }
 
 }  // namespace ssm

@@ -17,6 +17,9 @@ struct ScanParams {
   int nseg = 0;   // ceil(ceil(seqlen / 16) / R)
   bool softplus = false;
   bool vec_B = false, vec_C = false;  // B / C rows 16-byte aligned
+  bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
+  bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
+  int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -41,7 +44,7 @@ struct ScanParams {
   void* du = nullptr;           // (batch, dim, seqlen) contiguous
   void* ddelta = nullptr;
   void* dz = nullptr;
-  float* dBpart = nullptr;      // (P, batch, groups, dstate, seqlen), P = dim / groups / cpb
+  float* dBpart = nullptr;      // impl 1: (P, batch, groups, dstate, seqlen); impl 2: (P, batch, groups, seqlen, dstate)
   float* dCpart = nullptr;
   float* dApart = nullptr;      // (batch, dim, dstate)
   float* dDpart = nullptr;      // (batch, dim)
@@ -57,7 +60,7 @@ void scan_bwd_f16(ScanParams& p, bool w_f32, cudaStream_t stream);
 void scan_bwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream);
 
 // Dynamic shared memory (bytes) each kernel needs for a launch described by p.
-inline int scan_threads(const ScanParams& p) { return p.cpb * 16; }
+inline int scan_threads(const ScanParams& p) { return p.cpb * (p.impl == 1 ? 16 : 4); }
 inline int scan_fwd_smem_floats(const ScanParams& p) {
   return p.cpb * 32 + p.spl * scan_threads(p);
 }
@@ -66,6 +69,16 @@ inline int scan_bwd_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
   const int nwarps = (nthr + 31) / 32;
   return p.cpb * 64 + (p.R + 2) * p.spl * nthr + nwarps * 2 * (p.spl * 16) * kBwdRedRow;
+}
+
+// impl 2 shared-memory sizes (floats).
+inline int scan2_bw(const ScanParams& p) { return p.spl * 16 + 4; }
+inline int scan_fwd2_smem_floats(const ScanParams& p) {
+  return 2 * 2 * 16 * scan2_bw(p) + 2 * p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
+}
+inline int scan_bwd2_smem_floats(const ScanParams& p) {
+  const int nthr = scan_threads(p);
+  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + 2 * p.cpb * 16 * scan2_bw(p);
 }
 
 }  // namespace ssm

@@ -1,0 +1,229 @@
+// Selective scan forward, impl 2 (default).
+//
+// A block covers cpb channels of one batch row with 4 lanes per channel (tid = 4c + l);
+// lane l owns the states 16k + 4l + {0..3} of each 16-state slot k (k < spl). Time runs in
+// sub-chunks of 16 steps. For each sub-chunk the block stages, in shared memory and as
+// fp32, B and C transposed to [step][state] (shared by all channels of the block) and
+// dt, dt*u per channel (lane l computes steps 4l..4l+3 of its channel, and later writes
+// those steps of the output). Staging is double-buffered: the global loads of sub-chunk
+// i+1 are issued before sub-chunk i is computed, and stored after it.
+// Per step a lane does 4 exponentials (ex2.approx, A pre-scaled by log2 e) and 16 FMA-type
+// operations; the sum over states is a 4-lane transposing butterfly once per sub-chunk.
+#pragma once
+
+#include "scan_common.cuh"
+
+namespace ssm {
+
+template <typename T, typename TW>
+struct Fwd2Stage {
+  static constexpr int kPre = 1;  // B/C units per thread held in registers (prefetched)
+  RawN<TW, 8> bc[kPre];
+  RawN<T, 4> u4, d4, z4;
+};
+
+template <typename T, typename TW>
+__global__ void __launch_bounds__(64) scan_fwd2_kernel(const ScanParams p) {
+  extern __shared__ float4 smem_f4[];
+  float* sm = reinterpret_cast<float*>(smem_f4);
+  const int nthr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int l = tid & 3;
+  const int c = tid >> 2;
+  const int cpb = p.cpb;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * cpb + c;
+  const int L = p.seqlen, N = p.dstate, spl = p.spl;
+  const int N16 = spl * 16, BW = N16 + 4;
+  const int g = d / (p.dim / p.groups);
+  const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
+
+  float* sBC = sm;                                           // [2 buf][2 B/C][16][BW]
+  float* sDT = sBC + 2 * 2 * 16 * BW;                        // [2 buf][cpb][2 dt/dtu][20]
+  float4* sH = reinterpret_cast<float4*>(sDT + 2 * cpb * 2 * 20);  // [spl][nthr]
+
+  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d;
+  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d;
+  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d : nullptr;
+  const TW* Bb = static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g;
+  const TW* Cb = static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g;
+  T* outp = static_cast<T*>(p.out) + ((int64_t)b * p.dim + d) * L;
+  const float* Ap = p.A + (int64_t)d * N;
+  const float bias = p.bias ? p.bias[d] : 0.f;
+  const float Dv = p.D ? p.D[d] : 0.f;
+  float* ckp = p.ckpt ? p.ckpt + ((int64_t)b * p.dim + d) * p.nseg * N : nullptr;
+  const int nunits = 4 * N16;  // (B|C) x state x half of the 16 steps, 8 elements each
+
+  auto loadA2 = [&](int k) {
+    const int s0 = 16 * k + 4 * l;
+    float4 a;
+    a.x = s0 + 0 < N ? Ap[s0 + 0] * kLog2e : 0.f;
+    a.y = s0 + 1 < N ? Ap[s0 + 1] * kLog2e : 0.f;
+    a.z = s0 + 2 < N ? Ap[s0 + 2] * kLog2e : 0.f;
+    a.w = s0 + 3 < N ? Ap[s0 + 3] * kLog2e : 0.f;
+    return a;
+  };
+  auto unit_row = [&](int e, int& which, int& n, int& half) {
+    which = e >= 2 * N16;
+    const int rem = e - which * 2 * N16;
+    n = rem >> 1;
+    half = rem & 1;
+  };
+  auto prefetch = [&](Fwd2Stage<T, TW>& st, int ch) {
+    const int t0 = ch << 4;
+#pragma unroll
+    for (int r = 0; r < Fwd2Stage<T, TW>::kPre; ++r) {
+      const int e = tid + r * nthr;
+      if (e < nunits) {
+        int which, n, half;
+        unit_row(e, which, n, half);
+        const TW* row = (which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s);
+        load_n(st.bc[r], row, t0 + 8 * half, L, n < N, which ? p.vec_C : p.vec_B);
+      }
+    }
+    const int t = t0 + 4 * l;
+    load_n(st.u4, up, t, L, true, p.vec_x);
+    load_n(st.d4, dp, t, L, true, p.vec_x);
+    if (zp) load_n(st.z4, zp, t, L, true, p.vec_x);
+  };
+  float u_cur[4], z_cur[4];
+  auto commit = [&](const Fwd2Stage<T, TW>& st, int ch, int buf) {
+    const int t0 = ch << 4;
+    float* bcb = sBC + buf * 2 * 16 * BW;
+#pragma unroll
+    for (int r = 0; r < Fwd2Stage<T, TW>::kPre; ++r) {
+      const int e = tid + r * nthr;
+      if (e < nunits) {
+        int which, n, half;
+        unit_row(e, which, n, half);
+        float* dst = bcb + (which * 16 + 8 * half) * BW + n;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dst[i * BW] = st.bc[r][i];
+      }
+    }
+    for (int e = tid + Fwd2Stage<T, TW>::kPre * nthr; e < nunits; e += nthr) {  // large dstate
+      int which, n, half;
+      unit_row(e, which, n, half);
+      const TW* row = (which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s);
+      RawN<TW, 8> tmp;
+      load_n(tmp, row, t0 + 8 * half, L, n < N, which ? p.vec_C : p.vec_B);
+      float* dst = bcb + (which * 16 + 8 * half) * BW + n;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
+    }
+    float dt[4], du[4];
+    const int t = t0 + 4 * l;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      u_cur[j] = st.u4[j];
+      z_cur[j] = zp ? st.z4[j] : 0.f;
+      const float x = st.d4[j] + bias;
+      dt[j] = (t + j < L) ? (p.softplus ? softplusf_(x) : x) : 0.f;
+      du[j] = dt[j] * u_cur[j];
+    }
+    float* dtrow = sDT + ((buf * cpb + c) * 2) * 20;
+    reinterpret_cast<float4*>(dtrow)[l] = make_float4(dt[0], dt[1], dt[2], dt[3]);
+    reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
+  };
+
+  for (int k = 0; k < spl; ++k) sH[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4 A2_0 = loadA2(0);
+  const int nch = (L + 15) >> 4;
+  {
+    Fwd2Stage<T, TW> st;
+    prefetch(st, 0);
+    commit(st, 0, 0);
+  }
+  __syncthreads();
+
+  for (int ch = 0; ch < nch; ++ch) {
+    const int buf = ch & 1;
+    const int t0 = ch << 4;
+    Fwd2Stage<T, TW> st;
+    if (ch + 1 < nch) prefetch(st, ch + 1);
+
+    float acc[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) acc[i] = 0.f;
+    const bool ck = ckp != nullptr && (ch % p.R) == 0;
+    const float* bB = sBC + (buf * 2 + 0) * 16 * BW;
+    const float* bC = sBC + (buf * 2 + 1) * 16 * BW;
+    const float4* dt4p = reinterpret_cast<const float4*>(sDT + ((buf * cpb + c) * 2) * 20);
+    const float4* du4p = reinterpret_cast<const float4*>(sDT + ((buf * cpb + c) * 2) * 20 + 20);
+
+#pragma unroll 1
+    for (int k = 0; k < spl; ++k) {
+      const int s0 = 16 * k + 4 * l;
+      float4 h = sH[k * nthr + tid];
+      if (ck) {
+        float* dst = ckp + (int64_t)(ch / p.R) * N + s0;
+        if (s0 + 0 < N) dst[0] = h.x;
+        if (s0 + 1 < N) dst[1] = h.y;
+        if (s0 + 2 < N) dst[2] = h.z;
+        if (s0 + 3 < N) dst[3] = h.w;
+      }
+      const float4 A2 = spl == 1 ? A2_0 : loadA2(k);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 dt4 = dt4p[q];
+        const float4 du4 = du4p[q];
+        const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
+        const float dus[4] = {du4.x, du4.y, du4.z, du4.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 4 * q + e;
+          const float4 Bv = *reinterpret_cast<const float4*>(bB + i * BW + s0);
+          const float4 Cv = *reinterpret_cast<const float4*>(bC + i * BW + s0);
+          const float dtv = dts[e], duv = dus[e];
+          h.x = fmaf(fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
+          h.y = fmaf(fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
+          h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
+          h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
+          float a = acc[i];
+          a = fmaf(Cv.x, h.x, a);
+          a = fmaf(Cv.y, h.y, a);
+          a = fmaf(Cv.z, h.z, a);
+          a = fmaf(Cv.w, h.w, a);
+          acc[i] = a;
+        }
+      }
+      sH[k * nthr + tid] = h;
+    }
+
+    reduce4x16(acc, l, mask);
+    {
+      float y[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float v = fmaf(Dv, u_cur[j], acc[j]);
+        if (zp) v *= z_cur[j] * sigmoidf_(z_cur[j]);
+        y[j] = v;
+      }
+      store4(outp, t0 + 4 * l, L, p.vec_o, y);
+    }
+    if (ch + 1 < nch) commit(st, ch + 1, buf ^ 1);
+    __syncthreads();
+  }
+
+  float* lastp = p.last + ((int64_t)b * p.dim + d) * N;
+  for (int k = 0; k < spl; ++k) {
+    const int s0 = 16 * k + 4 * l;
+    const float4 h = sH[k * nthr + tid];
+    if (s0 + 0 < N) lastp[s0 + 0] = h.x;
+    if (s0 + 1 < N) lastp[s0 + 1] = h.y;
+    if (s0 + 2 < N) lastp[s0 + 2] = h.z;
+    if (s0 + 3 < N) lastp[s0 + 3] = h.w;
+  }
+}
+
+template <typename T, typename TW>
+void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
+  const int nthr = scan_threads(p);
+  const int smem = scan_fwd2_smem_floats(p) * (int)sizeof(float);
+  auto kern = scan_fwd2_kernel<T, TW>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  dim3 grid(p.dim / p.cpb, p.batch);
+  kern<<<grid, nthr, smem, stream>>>(p);
+}
+
+}  // namespace ssm
