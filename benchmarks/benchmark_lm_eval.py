@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--gsm8k_dir", default=None)
     p.add_argument("--models", default="ours,hf", help="comma-separated subset of ours,hf")
     p.add_argument("--no_warmup", action="store_true")
+    p.add_argument("--no_cuda_graph", action="store_true", help="ours: eager decoding steps on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv=None):
             if name == "ours":
                 lm = MambaEvalLM(pretrained=str(ckpt), device=str(device), dtype=dtype_name,
                                  batch_size=args.ours_batch_size or bs, max_length=2048,
-                                 max_gen_toks=args.max_gen_toks)
+                                 max_gen_toks=args.max_gen_toks, cuda_graph=not args.no_cuda_graph)
             elif name == "hf":
                 from lm_eval.models.huggingface import HFLM
 
@@ -226,6 +227,8 @@ def main(argv=None):
             outputs[name] = outs
             if name == "ours":
                 res["ours_stats"] = dict(lm.stats)
+                # False after a failed capture (the run then used eager steps; see the log).
+                res["ours_cuda_graph"] = bool(lm._cuda_graph and device.type == "cuda")
             del lm
             gc.collect()
             if device.type == "cuda":

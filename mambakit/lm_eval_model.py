@@ -17,6 +17,9 @@ model_args:
   max_gen_toks    default generation budget when a task sets none (default 256)
   batch_size      an integer, or auto / auto:N (see `_TokenBudget`)
   max_batch_size  cap on rows in one batch under auto (default 64 on CUDA, 32 on CPU)
+  cuda_graph      on CUDA, run each decoding step as a captured CUDA graph (default true; one
+                  launch per token instead of one per kernel; falls back to eager steps if
+                  capture fails)
 
 Why this model and not lm-eval's `mamba_ssm`: Mamba is recurrent, so left padding (what HF-style
 batched generation uses) changes the state of every row it pads, and lm-eval's wrapper generates to
@@ -184,7 +187,7 @@ class MambaEvalLM(TemplateLM):
 
     def __init__(self, pretrained="state-spaces/mamba-130m", tokenizer=None, dtype="auto", device=None, peft=None,
                  peft_merge=True, max_length=2048, max_gen_toks=256, batch_size=1, max_batch_size=None,
-                 trust_remote_code=None, **kwargs):
+                 cuda_graph=True, trust_remote_code=None, **kwargs):
         super().__init__()
         if kwargs:
             logger.warning("mamba: ignoring model_args it does not know: %s", ", ".join(sorted(kwargs)))
@@ -221,6 +224,8 @@ class MambaEvalLM(TemplateLM):
         self.tokenizer = resolve_tokenizer(tokenizer, model_dir)
         self.vocab_size = len(self.tokenizer)
         self.stats = {"decode_steps": 0, "forward_rows": 0}
+        self._cuda_graph = _as_bool(cuda_graph)  # decoding steps as CUDA graphs (CUDA only)
+        self._compact = True  # eager decoding drops finished rows from the batch
 
     # --- construction helpers --------------------------------------------------------------
 
@@ -490,9 +495,32 @@ class MambaEvalLM(TemplateLM):
                   for layer, parts in state_parts.items()}
         return logits, states
 
+    def _graph_step(self, n: int, max_seqlen: int, states: dict):
+        """A CUDA-graph step for n rows with `states` copied into its static cache, or None when
+        graphs are off or capture fails (then eager steps are used, with a warning)."""
+        if not (self._cuda_graph and self._device.type == "cuda"):
+            return None
+        try:
+            from mamba_ssm.utils.cuda_graph import CudaGraphStep
+
+            step = CudaGraphStep(self._core, n, max_seqlen)
+            cache = step.captured.cache
+            for layer, st in states.items():
+                for dst, src in zip(cache[layer], st):
+                    dst.copy_(src)
+            return step
+        except Exception as e:  # noqa: BLE001 - any capture problem: fall back, do not fail the run
+            logger.warning("mamba: CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
+            self._cuda_graph = False
+            return None
+
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], s: dict, budget: _TokenBudget) -> list[list[int]]:
-        """Token ids generated for each prompt (stop string text not yet cut off)."""
+        """Token ids generated for each prompt (stop string text not yet cut off).
+
+        Eager steps drop finished rows from the batch; a CUDA-graph step has a fixed batch, so
+        finished rows keep stepping (their tokens are ignored) until every row is done.
+        """
         from mamba_ssm.utils.generation import InferenceParams
 
         n = len(prompts)
@@ -501,36 +529,47 @@ class MambaEvalLM(TemplateLM):
         if max_gen <= 0:
             return outs
         logits, states = self._prefill(prompts, budget)
-        params = InferenceParams(max_seqlen=max(len(p) for p in prompts) + max_gen, max_batch_size=n)
-        params.key_value_memory_dict = dict(states)
+        max_seqlen = max(len(p) for p in prompts) + max_gen
+        params = InferenceParams(max_seqlen=max_seqlen, max_batch_size=n)
+        graph = self._graph_step(n, max_seqlen, states) if max_gen > 1 else None
+        params.key_value_memory_dict = graph.captured.cache if graph is not None else dict(states)
         params.seqlen_offset = 1  # > 0: every further call is a one-token recurrent step
-        active = list(range(n))  # batch row -> prompt index
+        compact = graph is None and self._compact
+        rows = list(range(n))  # batch row -> prompt index
+        done = [False] * n
         # A stop string of b bytes lies within the last b + 1 tokens when it first appears.
         window = max([len(u.encode("utf-8")) for u in s["until"]] + [1]) + 1
         eot = self.eot_token_id
         for t in range(max_gen):
             tokens = self._choose(logits, s)
             keep = []
-            for row, (i, tok) in enumerate(zip(active, tokens.tolist())):
+            for row, (i, tok) in enumerate(zip(rows, tokens.tolist())):
+                if done[i]:
+                    continue
                 if tok == eot:
+                    done[i] = True
                     continue
                 outs[i].append(tok)
                 if s["until"]:
                     tail = self.tokenizer.decode(outs[i][-window:], skip_special_tokens=False)
                     if any(u in tail for u in s["until"]):
+                        done[i] = True
                         continue
                 keep.append(row)
             if not keep or t == max_gen - 1:
                 break
-            if len(keep) < len(active):
+            if compact and len(keep) < len(rows):
                 sel = torch.tensor(keep, dtype=torch.long, device=self._device)
                 params.key_value_memory_dict = {
                     layer: tuple(x.index_select(0, sel) for x in st)
                     for layer, st in params.key_value_memory_dict.items()}
                 tokens = tokens.index_select(0, sel)
-                active = [active[r] for r in keep]
-            params.max_batch_size = len(active)
-            logits = self._core(tokens[:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
+                rows = [rows[r] for r in keep]
+                params.max_batch_size = len(rows)
+            if graph is not None:
+                logits = graph(tokens[:, None], params)
+            else:
+                logits = self._core(tokens[:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
             params.seqlen_offset += 1
             self.stats["decode_steps"] += 1
         return outs
