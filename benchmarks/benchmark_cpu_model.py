@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +26,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mamba_ssm.models.config_mamba import MambaConfig  # noqa: E402
-from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel  # noqa: E402
 
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
 
@@ -83,6 +82,8 @@ def main(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="measure ours only")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     torch.manual_seed(0)
     d_model, n_layer = SHAPES[args.size]
@@ -106,27 +107,21 @@ def main(argv=None):
     fig["ours_greedy_tok_per_s"] = args.gen_len / fig["ours_greedy_s"]
 
     if not args.skip_hf:
-        from transformers import MambaForCausalLM
-
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, layout="transformers")
-            hf = MambaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).float()
-        with torch.no_grad():  # same weights: the logits must agree before timing means anything
-            diff = (hf(short).logits[..., :vocab] - model(short).logits[..., :vocab]).abs().max().item()
-        fig["max_abs_logit_diff_vs_hf"] = diff
-        fig["hf_fwd_s"] = forward_time(hf, ids, max(1, args.repeats - 1))
-        fig["hf_fwd_tok_per_s"] = args.seqlen / fig["hf_fwd_s"]
-        fig[f"hf_fwdbwd_s[L={args.hf_bwd_seqlen}]"] = fwd_bwd_time(hf, short, 1)
-        fig["fwd_speedup_vs_hf"] = fig["hf_fwd_s"] / fig["ours_fwd_s"]
-        fig[f"fwdbwd_speedup_vs_hf[L={args.hf_bwd_seqlen}]"] = (
-            fig[f"hf_fwdbwd_s[L={args.hf_bwd_seqlen}]"] / fig[f"ours_fwdbwd_s[L={args.hf_bwd_seqlen}]"])
-        hf.generation_config.pad_token_id = 0
-
-        def hf_generate():
+            torch.save({"ids": ids, "short": short, "prompt": prompt}, Path(tmp) / "inputs.pt")
             with torch.no_grad():
-                hf.generate(prompt, max_new_tokens=args.gen_len, min_new_tokens=args.gen_len, do_sample=False)
-        fig["hf_greedy_s"] = timed(hf_generate, args.repeats)
-        fig["hf_greedy_tok_per_s"] = args.gen_len / fig["hf_greedy_s"]
+                torch.save(model(short).logits[..., :vocab], Path(tmp) / "ours_logits.pt")
+            # transformers imports any installed `mamba_ssm` (ours, here) and would run our ops:
+            # the baseline runs in a child process where that import is blocked.
+            cmd = [sys.executable, __file__, "--hf-worker", tmp, "--repeats", str(args.repeats),
+                   "--gen-len", str(args.gen_len)]
+            subprocess.run(cmd, check=True)
+            hf_fig = json.loads((Path(tmp) / "hf.json").read_text())
+        fig.update(hf_fig)
+        L = args.hf_bwd_seqlen
+        fig["fwd_speedup_vs_hf"] = fig["hf_fwd_s"] / fig["ours_fwd_s"]
+        fig[f"fwdbwd_speedup_vs_hf[L={L}]"] = fig[f"hf_fwdbwd_s[L={L}]"] / fig[f"ours_fwdbwd_s[L={L}]"]
         fig["greedy_speedup_vs_hf"] = fig["hf_greedy_s"] / fig["ours_greedy_s"]
 
     import transformers
@@ -150,5 +145,40 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
+def hf_worker(directory, repeats, gen_len):
+    """Time transformers' MambaForCausalLM on its own PyTorch path (no mamba_ssm importable)."""
+    sys.modules["mamba_ssm"] = None  # makes `import mamba_ssm` fail inside transformers
+    from transformers import MambaForCausalLM
+
+    d = Path(directory)
+    inputs = torch.load(d / "inputs.pt", weights_only=True)
+    ids, short, prompt = inputs["ids"], inputs["short"], inputs["prompt"]
+    hf = MambaForCausalLM.from_pretrained(d, dtype=torch.float32)
+    vocab = torch.load(d / "ours_logits.pt", weights_only=True).shape[-1]
+    fig = {}
+    with torch.no_grad():  # same weights: the logits must agree before timing means anything
+        ours = torch.load(d / "ours_logits.pt", weights_only=True)
+        fig["max_abs_logit_diff_vs_hf"] = (hf(short).logits[..., :vocab] - ours).abs().max().item()
+    fig["hf_fwd_s"] = forward_time(hf, ids, max(1, repeats - 1))
+    fig["hf_fwd_tok_per_s"] = ids.shape[1] / fig["hf_fwd_s"]
+    fig[f"hf_fwdbwd_s[L={short.shape[1]}]"] = fwd_bwd_time(hf, short, 1)
+    hf.generation_config.pad_token_id = 0
+
+    def generate():
+        with torch.no_grad():
+            hf.generate(prompt, max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False)
+    fig["hf_greedy_s"] = timed(generate, repeats)
+    fig["hf_greedy_tok_per_s"] = gen_len / fig["hf_greedy_s"]
+    (d / "hf.json").write_text(json.dumps(fig))
+
+
 if __name__ == "__main__":
-    main()
+    if "--hf-worker" in sys.argv:
+        w = argparse.ArgumentParser()
+        w.add_argument("--hf-worker")
+        w.add_argument("--repeats", type=int)
+        w.add_argument("--gen-len", type=int)
+        a = w.parse_args()
+        hf_worker(a.hf_worker, a.repeats, a.gen_len)
+    else:
+        main()
