@@ -350,8 +350,8 @@ class MambaEvalLM(TemplateLM):
         the continuation's tokens are scored at the last positions.
         """
         results: list[Any] = [None] * len(requests)
-        by_input: dict[tuple, list[int]] = defaultdict(list)
-        scored = []
+        by_input: dict[tuple, list[int]] = defaultdict(list)  # input tokens -> requests sharing them
+        targets: dict[int, tuple[list[int], int]] = {}  # request -> (scored tokens, how many)
         for idx, (_, ctx, cont) in enumerate(requests):
             if len(cont) == 0:
                 results[idx] = (0.0, True)
@@ -360,9 +360,8 @@ class MambaEvalLM(TemplateLM):
             if len(full) < 2:
                 raise ValueError("mamba: a loglikelihood request needs a context token before its continuation")
             ncont = min(len(cont), len(full) - 1)
-            scored.append((full[1:][-ncont:], ncont))
+            targets[idx] = (full[-ncont:], ncont)
             by_input[tuple(full[:-1])].append(idx)
-        targets = {idx: s for idx, s in zip([i for i, (_, _, c) in enumerate(requests) if len(c)], scored)}
         # Longest first: the first batch is the largest, so memory trouble shows at once.
         inputs = sorted(by_input, key=lambda t: (-len(t), t))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id

@@ -428,3 +428,18 @@ def test_results_table_compares_models(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["lora"] == {"arc_easy": {"acc": 0.6}}
     with pytest.raises(FileNotFoundError, match="results"):
         results_table({"x": tmp_path / "missing"})
+
+
+def test_cli_results_table_and_include_path(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "evals"))
+    try:
+        import lm_harness_eval
+    finally:
+        sys.path.pop(0)
+    p = tmp_path / "results.json"
+    p.write_text(json.dumps({"results": {"gsm8k_local": {"exact_match,strict-match": 0.25}}}))
+    lm_harness_eval.main(["--results_table", f"tiny={p}"])
+    assert "| gsm8k_local | exact_match (strict-match) | 0.2500 |" in capsys.readouterr().out
+    added = lm_harness_eval._add_local_tasks(["--model", "mamba", "--tasks", "arc_easy,gsm8k_local_mc"])
+    assert added[-2:] == ["--include_path", str(TASKS_DIR)]
+    assert lm_harness_eval._add_local_tasks(["--tasks", "arc_easy"]) == ["--tasks", "arc_easy"]
