@@ -376,8 +376,8 @@ def evaluate(cfg: FinetuneConfig, model, tokenizer, examples: list[dict], tag: s
     n = sum(p["n"] for p in parts)
     res = {"accuracy": correct / n, "correct": correct, "n": n, "seconds": round(time.time() - t0, 2),
            "samples": parts[0]["samples"]}
-    print(f"exact match ({tag}): {correct}/{n} = {res['accuracy']:.4f}", flush=True)
     if _is_main():
+        print(f"exact match ({tag}): {correct}/{n} = {res['accuracy']:.4f}", flush=True)
         _atomic_write_text(cache, json.dumps(res, indent=2) + "\n")
     _barrier()
     return res
@@ -578,7 +578,8 @@ def training_arguments(cfg: FinetuneConfig):
         kw["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["Block"]}
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio
     if cfg.eval_loss_steps:
-        kw.update(eval_strategy="steps", eval_steps=cfg.eval_loss_steps, per_device_eval_batch_size=cfg.batch_size)
+        kw.update(eval_strategy="steps", eval_steps=cfg.eval_loss_steps, per_device_eval_batch_size=cfg.batch_size,
+                  prediction_loss_only=True)
     return TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
@@ -591,8 +592,19 @@ def training_arguments(cfg: FinetuneConfig):
         optim="adamw_torch", **kw)
 
 
-def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: PreemptionCallback | None = None) -> str:
-    """Run the Trainer (resuming from the newest checkpoint when asked). Returns "completed" or "preempted"."""
+def _finished_checkpoint(checkpoint: str | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
+        return state
+    return None
+
+
+def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: PreemptionCallback | None = None) -> tuple[str, int]:
+    """Run the Trainer (resuming from the newest checkpoint when asked).
+
+    Returns (status, global_step) with status "completed" or "preempted"."""
     args = args or training_arguments(cfg)
     out = Path(cfg.output_dir)
     preemption = preemption or PreemptionCallback(stop_after_steps=cfg.stop_after_steps)
@@ -609,15 +621,23 @@ def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: Pr
     if cfg.resume:
         print(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {out}, starting fresh",
               flush=True)
-    trainer.train(resume_from_checkpoint=resume_from)
+    done_state = _finished_checkpoint(resume_from)
+    if done_state is not None:
+        # The Trainer, resumed from a checkpoint at max_steps, would still take one more step;
+        # training is over: load the weights and go on to the evaluation.
+        print(f"{resume_from} is the last step ({done_state['global_step']}): loading it, no more training", flush=True)
+        trainer._load_from_checkpoint(resume_from)
+        trainer.state.global_step = done_state["global_step"]
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     for cb in callbacks[2:]:
         if getattr(cb, "tb_writer", None) is not None:
             cb.tb_writer.flush()
     if preemption.stopped:
         print(f"stopped at step {trainer.state.global_step} after a signal; checkpoint written to {out}; "
               f"run again with --resume", flush=True)
-        return "preempted"
-    return "completed"
+        return "preempted", trainer.state.global_step
+    return "completed", trainer.state.global_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,7 +713,7 @@ def plot_loss(records: list[dict], path: Path, title: str = ""):
     os.replace(tmp, path)
 
 
-def write_summary(cfg: FinetuneConfig, data, base: dict | None, tuned: dict | None, final: Path,
+def write_summary(cfg: FinetuneConfig, data, base: dict | None, tuned: dict | None, final: Path, steps: int,
                   seconds: float, extra: dict | None = None) -> dict:
     out = Path(cfg.output_dir)
     records = read_log(out / "log.jsonl")
@@ -704,7 +724,7 @@ def write_summary(cfg: FinetuneConfig, data, base: dict | None, tuned: dict | No
         losses = [r["loss"] for r in records if "loss" in r]
         summary = {
             "model": cfg.model, "dataset": cfg.dataset, "mode": "full" if cfg.full_finetune else "lora",
-            "data": data.stats, "steps": max((r["step"] for r in records), default=0),
+            "data": data.stats, "steps": steps,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "base": _strip(base), "finetuned": _strip(tuned),
             "accuracy_base": base["accuracy"] if base else None,
@@ -758,7 +778,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         if preemption.received is not None:
             print("signal received before training: stopping without a checkpoint", flush=True)
             return FinetuneResult("preempted", str(out))
-        status = train(cfg, model, tokenizer, data, args=args, preemption=preemption)
+        status, steps = train(cfg, model, tokenizer, data, args=args, preemption=preemption)
         if status == "preempted":
             return FinetuneResult("preempted", str(out), model=model)
         # rerunning a resumed Trainer at its last step leaves the final eval cached from before
@@ -772,10 +792,12 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         if cfg.merge and not cfg.full_finetune:
             from mambakit.merge import MergeConfig, merge
 
-            mres = merge(MergeConfig(base=cfg.model, adapter=str(final), out=str(out / "merged"),
-                                     tokenizer=str(final), overwrite=True))
-            extra["merged"] = {"path": str(out / "merged"), "max_abs_diff": mres["max_abs_diff"]}
-        summary = write_summary(cfg, data, base, tuned, final, time.time() - t0, extra)
+            if _is_main():
+                mres = merge(MergeConfig(base=cfg.model, adapter=str(final), out=str(out / "merged"),
+                                         tokenizer=str(final), overwrite=True))
+                extra["merged"] = {"path": str(out / "merged"), "max_abs_diff": mres["max_abs_diff"]}
+            _barrier()
+        summary = write_summary(cfg, data, base, tuned, final, steps, time.time() - t0, extra)
         return FinetuneResult("completed", str(out), summary, model=model)
     finally:
         preemption.uninstall()
@@ -869,7 +891,8 @@ def main(argv=None) -> int:
         return 1
     if result.status == "preempted":
         return PREEMPTED_EXIT_CODE
-    s = result.summary or {}
-    print(json.dumps({k: s.get(k) for k in ("accuracy_base", "accuracy_finetuned", "first_loss", "last_loss",
+    s = result.summary
+    if s:  # rank 0 only
+        print(json.dumps({k: s.get(k) for k in ("accuracy_base", "accuracy_finetuned", "first_loss", "last_loss",
                                             "steps", "output")}, indent=2), flush=True)
     return 0

@@ -300,3 +300,24 @@ def test_config_file_and_flags(tmp_path):
     f.write_text("lora_rank: 8\n")
     with pytest.raises(ValueError, match="lora_rank"):
         config_from_cli(["--config", str(f)])
+
+
+def test_resume_after_last_step_takes_no_extra_step(work, reference_run, tmp_path):
+    """Killed after training but before DONE (e.g. during the final evaluation): resuming
+    loads the last checkpoint and finishes without another optimizer step."""
+    import shutil
+
+    from mambakit.finetune import run
+
+    ref_out, _ = reference_run
+    out = tmp_path / "after-last"
+    shutil.copytree(ref_out, out)
+    for name in ("DONE", "summary.json", "adapter", "eval_finetuned.json"):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    res = run(_cfg(work, out, resume=True))
+    assert res.status == "completed" and res.summary["steps"] == STEPS
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
+    a, b = _adapter_weights(ref_out / "adapter"), _adapter_weights(out / "adapter")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
