@@ -39,14 +39,26 @@ import torch.nn.functional as F
 
 # Elements of one (T, b, K, d_block, n) intermediate; a block of channels is sized to this.
 BLOCK_ELEMS = 1 << 22
+STREAMING_FORWARD = True
+# Chunk decays exp(A ΣΔ) are computed from max(A ΣΔ, EXP_FLOOR): below it exp only gives denormals or 0,
+# which CPUs compute very slowly; exp(-80) ~ 1.8e-35 is 0 for all purposes of fp32 sums.
+EXP_FLOOR = -80.0
 # Chunk length T for a sequence length L: about sqrt(L), so that T + K Python steps are few.
 MIN_CHUNK = 8
 
 
-def chunk_length(seqlen: int) -> int:
+# Elements of one step's (b, K, n, d) slice in the streaming forward: small enough to stay in cache.
+STEP_ELEMS = 1 << 17
+
+
+def chunk_length(seqlen: int, state_elems: int = 1) -> int:
+    """Chunk length T: about sqrt(L) (fewest Python steps T + K), but with few enough chunks K that
+    a step's (batch, K, dstate, dim) slice (state_elems = batch*dim*dstate per chunk) stays in cache."""
     if seqlen <= MIN_CHUNK:
         return max(seqlen, 1)
-    return max(MIN_CHUNK, int(math.ceil(math.sqrt(seqlen))))
+    k_cache = max(1, STEP_ELEMS // max(1, state_elems))
+    k = max(1, min(k_cache, int(round(math.sqrt(seqlen)))))
+    return max(MIN_CHUNK, -(-seqlen // k))
 
 
 def _to_time_major(x, K, T):
@@ -61,6 +73,28 @@ def _from_time_major(x, L):
     """(T, b, K, c) -> (b, c, L)."""
     T, b, K, c = x.shape
     return x.permute(1, 3, 2, 0).reshape(b, c, K * T)[:, :, :L]
+
+
+TRANSPOSE_BLOCK = 256
+
+
+def _to_time_major_blocked(x, K, T):
+    """(b, c, K*T) -> (T, b, K, c), copied in blocks of channels (a far faster transpose on CPU)."""
+    b, c, _ = x.shape
+    out = x.new_empty((T, b, K, c))
+    xv = x.view(b, c, K, T)
+    for c0 in range(0, c, TRANSPOSE_BLOCK):
+        out[..., c0:c0 + TRANSPOSE_BLOCK] = xv[:, c0:c0 + TRANSPOSE_BLOCK].permute(3, 0, 2, 1)
+    return out
+
+
+def _from_time_major_blocked(x, L):
+    """(T, b, K, c) -> (b, c, L), copied in blocks of channels."""
+    T, b, K, c = x.shape
+    out = x.new_empty((b, c, K, T))
+    for c0 in range(0, c, TRANSPOSE_BLOCK):
+        out[:, c0:c0 + TRANSPOSE_BLOCK] = x[..., c0:c0 + TRANSPOSE_BLOCK].permute(1, 3, 2, 0)
+    return out.view(b, c, K * T)[:, :, :L]
 
 
 def _bc_time_major(X, K, T):
@@ -116,7 +150,7 @@ def _scan_block(dtb, xb, At, Bg, H, have_starts, DA):
             else:
                 torch.addcmul(Hs[t + 1], DAs[t], h, out=h)
     if not have_starts:
-        decay = torch.exp(dtb.sum(0).unsqueeze(-2) * At)  # (b, K, n, db): exp(A ΣΔ) per chunk
+        decay = (dtb.sum(0).unsqueeze(-2) * At).clamp_min_(EXP_FLOOR).exp_()  # (b, K, n, db): exp(A ΣΔ)
         hs = Hs[0]
         hs[:, 0].zero_()
         for k in range(1, K):
@@ -154,6 +188,79 @@ def _groups(dim, gB, gC):
     return G, G // gB, G // gC
 
 
+def _forward_blocked(dt, x, Af, B4, C4, G, rB, rC, T, K, block_elems):
+    """Forward storing (T, b, K, n, d_block) decays and states per block of channels."""
+    batch, dim, L = dt.shape
+    n = Af.shape[1]
+    uf = dt
+    Bt = _bc_time_major(B4, K, T)  # (T, b, K, gB, n)
+    Ct = _bc_time_major(C4, K, T)
+    At = Af.t().contiguous()
+    y = torch.empty_like(uf)
+    HS = uf.new_empty((batch, K, n, dim))
+    last = uf.new_empty((batch, dim, n))
+    blocks = _blocks(dim, G, _block_size(batch, K, T, n, block_elems or BLOCK_ELEMS))
+    ws = _Workspace(uf, max(d1 - d0 for d0, d1, _ in blocks) * batch * K * n, (T + 1, T))
+    for d0, d1, g in blocks:
+        dtb = _to_time_major(dt[:, d0:d1], K, T)  # (T, b, K, db)
+        xb = _to_time_major(x[:, d0:d1], K, T)
+        H, DA = ws.get((T + 1, batch, K, n, d1 - d0), (T, batch, K, n, d1 - d0))
+        _scan_block(dtb, xb, At[:, d0:d1], Bt[:, :, :, g // rB], H, False, DA)
+        HS[..., d0:d1] = H[0]
+        last[:, d0:d1] = H[T, :, K - 1].transpose(-1, -2)
+        yb = torch.matmul(Ct[:, :, :, g // rC].unsqueeze(-2), H[1:]).squeeze(-2)  # (T, b, K, db)
+        y[:, d0:d1] = _from_time_major(yb, L)
+    del ws, H, DA
+    return y, HS, last
+
+
+def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K):
+    """Forward without storing any (b, d, L, n) tensor: every step's decays and inputs are built
+    on the fly in small buffers that stay in cache, once for the chunk-local sweep and once for the
+    full sweep. Returns y (b, d, L), the chunk start states (b, K, n, d) and the last state (b, d, n).
+    """
+    batch, dim, L = dt.shape
+    n = Af.shape[1]
+    dg = dim // G
+    if K * T != L:
+        dt = F.pad(dt, (0, K * T - L))
+        x = F.pad(x, (0, K * T - L))
+    DTs = _to_time_major_blocked(dt, K, T).view(T, batch, K, G, 1, dg)
+    Xs = _to_time_major_blocked(x, K, T).view(T, batch, K, G, 1, dg)
+    AtG = Af.reshape(G, dg, n).transpose(1, 2).contiguous()  # (G, n, dg)
+    gidx = torch.arange(G, device=dt.device)
+    BtG = _bc_time_major(B4, K, T)[:, :, :, gidx // rB].unsqueeze(-1)  # (T, b, K, G, n, 1)
+    CtG = _bc_time_major(C4, K, T)[:, :, :, gidx // rC].unsqueeze(-2)  # (T, b, K, G, 1, n)
+    DA = dt.new_empty((batch, K, G, n, dg))
+    h = torch.empty_like(DA)
+    # chunk-local sweep from zero states; the step slices are gathered once into time-major copies
+    for t in range(T):
+        if t == 0:
+            torch.mul(Xs[0], BtG[0], out=h)
+            continue
+        torch.mul(DTs[t], AtG, out=DA)
+        DA.exp_()
+        h.mul_(DA).addcmul_(Xs[t], BtG[t])
+    # chunk start states
+    decay = (DTs.sum(0) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
+    hs = torch.empty_like(h)
+    hs[:, 0].zero_()
+    for k in range(1, K):
+        torch.addcmul(h[:, k - 1], decay[:, k - 1], hs[:, k - 1], out=hs[:, k])
+    # full sweep from the true start states; y_t = C_t h_t
+    h.copy_(hs)
+    Y = dt.new_empty((T, batch, K, G, 1, dg))
+    for t in range(T):
+        torch.mul(DTs[t], AtG, out=DA)
+        DA.exp_()
+        h.mul_(DA).addcmul_(Xs[t], BtG[t])
+        torch.matmul(CtG[t], h, out=Y[t])
+    y = _from_time_major_blocked(Y.view(T, batch, K, dim), L)
+    HS = hs.permute(0, 1, 3, 2, 4).reshape(batch, K, n, dim)
+    last = h[:, K - 1].transpose(-1, -2).reshape(batch, dim, n)
+    return y, HS, last
+
+
 class SelectiveScanChunkedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size,
@@ -161,28 +268,14 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         batch, dim, L = u.shape
         n = A.shape[1]
         uf, dt_raw, dt, Af, B4, C4 = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-        T = max(1, min(chunk_size or chunk_length(L), L))
+        T = max(1, min(chunk_size or chunk_length(L, batch * dim * n), L))
         K = -(-L // T)
         G, rB, rC = _groups(dim, B4.shape[1], C4.shape[1])
         x = dt * uf
-        Bt = _bc_time_major(B4, K, T)  # (T, b, K, gB, n)
-        Ct = _bc_time_major(C4, K, T)
-        At = Af.t().contiguous()
-        y = torch.empty_like(uf)
-        HS = uf.new_empty((batch, K, n, dim))
-        last = uf.new_empty((batch, dim, n))
-        blocks = _blocks(dim, G, _block_size(batch, K, T, n, block_elems or BLOCK_ELEMS))
-        ws = _Workspace(uf, max(d1 - d0 for d0, d1, _ in blocks) * batch * K * n, (T + 1, T))
-        for d0, d1, g in blocks:
-            dtb = _to_time_major(dt[:, d0:d1], K, T)  # (T, b, K, db)
-            xb = _to_time_major(x[:, d0:d1], K, T)
-            H, DA = ws.get((T + 1, batch, K, n, d1 - d0), (T, batch, K, n, d1 - d0))
-            _scan_block(dtb, xb, At[:, d0:d1], Bt[:, :, :, g // rB], H, False, DA)
-            HS[..., d0:d1] = H[0]
-            last[:, d0:d1] = H[T, :, K - 1].transpose(-1, -2)
-            yb = torch.matmul(Ct[:, :, :, g // rC].unsqueeze(-2), H[1:]).squeeze(-2)  # (T, b, K, db)
-            y[:, d0:d1] = _from_time_major(yb, L)
-        del ws, H, DA
+        if STREAMING_FORWARD:
+            y, HS, last = _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K)
+        else:
+            y, HS, last = _forward_blocked(dt, x, Af, B4, C4, G, rB, rC, T, K, block_elems)
         if D is not None:
             y.addcmul_(uf, D.float().unsqueeze(-1))
         out = y if z is None else y * F.silu(z.float())
@@ -256,7 +349,7 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
                 torch.addcmul(GSs[t], DAs[t + 1], gl, out=gl)
             v = gl.mul_(DAs[0])  # what each chunk passes back to the previous chunk's end state
             # ... carries across chunks (from the end, starting with the gradient of last_state) ...
-            decay = torch.exp(dtb.sum(0).unsqueeze(-2) * Ab)
+            decay = (dtb.sum(0).unsqueeze(-2) * Ab).clamp_min_(EXP_FLOOR).exp_()
             carry = torch.empty_like(v)
             if glast_f is not None:
                 carry[:, K - 1] = glast_f[:, d0:d1].transpose(-1, -2)
