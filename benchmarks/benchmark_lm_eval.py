@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import platform
@@ -71,6 +72,40 @@ class TimedLM:
 
     def reset(self):
         self.seconds, self.count, self.outputs = {}, {}, {}
+
+
+HF_KERNEL_FUNCS = ("mamba_inner_fn", "mamba_selective_scan", "mamba_selective_state_update", "causal_conv1d_fn",
+                   "causal_conv1d_update")
+
+
+def import_hf_mamba(use_mamba_ssm: bool) -> dict:
+    """Import transformers' Mamba modeling and say which implementation each kernel hook took.
+
+    transformers (5.x) binds its kernel hooks at import time to an installed `mamba_ssm` (ours,
+    here) and `causal_conv1d`. With use_mamba_ssm False, `mamba_ssm` is hidden during that import,
+    so MambaForCausalLM runs its own PyTorch path: what a user without Mamba kernels gets.
+    """
+    name = "transformers.models.mamba.modeling_mamba"
+    if name not in sys.modules:
+        hidden = {}
+        if not use_mamba_ssm:
+            hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "mamba_ssm" or k.startswith("mamba_ssm.")}
+            sys.modules["mamba_ssm"] = None  # makes `import mamba_ssm` raise ImportError
+        try:
+            importlib.import_module(name)
+        finally:
+            if not use_mamba_ssm:
+                del sys.modules["mamba_ssm"]
+                sys.modules.update(hidden)
+    module = sys.modules[name]
+    out = {}
+    for func in HF_KERNEL_FUNCS:
+        f = getattr(module, func, None)
+        impls = [c.cell_contents for c in (getattr(f, "__closure__", None) or ())
+                 if callable(getattr(c, "cell_contents", None))]
+        names = [f"{getattr(i, '__module__', '?')}.{getattr(i, '__name__', '?')}" for i in impls]
+        out[func] = names[0] if names else "unknown"
+    return out
 
 
 def sync():
@@ -123,6 +158,30 @@ def run_model(name: str, lm, tasks_limits: list, task_manager, max_gen_toks: int
     return report, dict(timed.outputs)
 
 
+def graph_self_check(lm, n: int = 4, max_gen_toks: int = 32) -> bool:
+    """Greedy text with CUDA-graph decoding steps equals text with eager steps (a few prompts)."""
+    from lm_eval.api.instance import Instance
+
+    prompts = [f"Question: A shop sells {k + 2} boxes of {3 * k + 5} pencils. How many pencils?\nAnswer:"
+               for k in range(n)]
+    prompts[0] = "Hi"  # prompts of different lengths in one batch
+    reqs = [Instance(request_type="generate_until", doc={}, arguments=(p, {"until": ["\n\n"],
+                                                                          "max_gen_toks": max_gen_toks}), idx=i)
+            for i, p in enumerate(prompts)]
+    with_graph = lm.generate_until(reqs, disable_tqdm=True)
+    # Eager steps on the same fixed batch (no dropping of finished rows), so that both runs do
+    # the same matrix products: with random weights greedy choices are near ties, and bf16 GEMMs
+    # of other shapes could flip them without anything being wrong.
+    lm._cuda_graph, lm._compact = False, False
+    try:
+        eager = lm.generate_until(reqs, disable_tqdm=True)
+    finally:
+        lm._cuda_graph, lm._compact = True, True
+    if with_graph != eager:
+        print("WARNING: CUDA-graph decoding differs from eager decoding:", with_graph, eager, flush=True)
+    return with_graph == eager
+
+
 def agreement(ours_out: dict, hf_out: dict, tokenizer) -> dict:
     out = {}
     a = {json.dumps(k, default=str): v for k, v in ours_out.get("loglikelihood", [])}
@@ -159,10 +218,14 @@ def main(argv=None):
     p.add_argument("--models", default="ours,hf", help="comma-separated subset of ours,hf")
     p.add_argument("--no_warmup", action="store_true")
     p.add_argument("--no_cuda_graph", action="store_true", help="ours: eager decoding steps on CUDA")
+    p.add_argument("--hf_kernels", choices=("torch", "mamba_ssm"), default="torch",
+                   help="transformers' MambaForCausalLM on its PyTorch path (default) or on the installed "
+                        "mamba_ssm's kernels (ours), which transformers picks up when it can import them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args(argv)
 
+    hf_impls = import_hf_mamba(args.hf_kernels == "mamba_ssm") if "hf" in args.models else {}
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -188,7 +251,7 @@ def main(argv=None):
            "dtype": dtype_name, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
            or platform.machine(), "cpu_threads": torch.get_num_threads(), "batch_size": bs,
-           "ours_batch_size": args.ours_batch_size or bs, "max_gen_toks": args.max_gen_toks,
+           "ours_batch_size": args.ours_batch_size or bs, "hf_kernel_implementations": hf_impls, "max_gen_toks": args.max_gen_toks,
            "tasks": {LL_TASK: f"{args.n_ll} loglikelihood requests", GEN_TASK: f"{args.n_gen} generate_until requests"},
            "versions": {"torch": torch.__version__, "lm_eval": getattr(lm_eval, "__version__", "?"),
                         "python": platform.python_version()}, "models": {}}
@@ -221,6 +284,10 @@ def main(argv=None):
                 res["hf_model_class"] = type(lm.model).__name__
             else:
                 raise SystemExit(f"unknown model {name!r}: use ours and/or hf")
+            if name == "ours" and device.type == "cuda" and lm._cuda_graph:
+                res["ours_cuda_graph_equals_eager"] = graph_self_check(lm)
+                if not res["ours_cuda_graph_equals_eager"]:
+                    lm._cuda_graph = False  # time the eager path rather than a suspect one
             report, outs = run_model(name, lm, tasks_limits, task_manager, args.max_gen_toks, not args.no_warmup,
                                      args.num_fewshot)
             res["models"][name] = report
