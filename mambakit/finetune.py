@@ -574,8 +574,9 @@ def training_arguments(cfg: FinetuneConfig):
     prec = cfg.resolved_precision()
     kw: dict[str, Any] = {}
     if cfg.fsdp:
-        kw["fsdp"] = "full_shard auto_wrap"
-        kw["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["Block"]}
+        kw["fsdp"] = True
+        kw["fsdp_config"] = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                             "transformer_layer_cls_to_wrap": ["Block"], "state_dict_type": "FULL_STATE_DICT"}
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio
     if cfg.eval_loss_steps:
         kw.update(eval_strategy="steps", eval_steps=cfg.eval_loss_steps, per_device_eval_batch_size=cfg.batch_size,
@@ -589,7 +590,7 @@ def training_arguments(cfg: FinetuneConfig):
         logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True, report_to="none",
         disable_tqdm=not cfg.progress, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, ddp_timeout=cfg.ddp_timeout, use_cpu=not torch.cuda.is_available(),
-        optim="adamw_torch", **kw)
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch", **kw)
 
 
 def _finished_checkpoint(checkpoint: str | None) -> dict | None:
@@ -637,7 +638,30 @@ def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: Pr
         print(f"stopped at step {trainer.state.global_step} after a signal; checkpoint written to {out}; "
               f"run again with --resume", flush=True)
         return "preempted", trainer.state.global_step
+    if cfg.fsdp and not trainer.is_fsdp_enabled and _is_main():
+        print("fsdp was asked for but the Trainer did not enable it (it needs GPUs); trained with plain data "
+              "parallelism", flush=True)
+    if trainer.is_fsdp_enabled:
+        _save_fsdp_final(cfg, trainer, model, tokenizer)
     return "completed", trainer.state.global_step
+
+
+def _save_fsdp_final(cfg: FinetuneConfig, trainer, model, tokenizer):
+    """Under FSDP the module's parameters are shards: gather the full state dict (a collective),
+    load it on rank 0 into a fresh unsharded model and write output_dir/model from that."""
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    sd = trainer.accelerator.get_state_dict(trainer.model)
+    if _is_main():
+        fresh = MambaLMHeadModel(model.config, device="cpu", dtype=torch.float32)
+        sd = {k.replace("_fsdp_wrapped_module.", ""): v for k, v in sd.items()}
+        missing, unexpected = fresh.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"FSDP full state dict does not fit the model: missing {missing}, "
+                               f"unexpected {unexpected}")
+        save_final(cfg, fresh, tokenizer)
+    _barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,8 +810,16 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         if cache.exists() and _is_main():
             cache.unlink()
         _barrier()
+        if cfg.fsdp and (out / "model").is_dir():
+            # written by _save_fsdp_final from the gathered weights; evaluate that, unsharded
+            final = out / "model"
+            model = load_model(dataclasses.replace(cfg, model=str(final)))
+            model.to(args.device)
+        else:
+            final = None
         tuned = evaluate(cfg, model, tokenizer, data.eval_examples, "finetuned") if cfg.eval_finetuned else None
-        final = save_final(cfg, model, tokenizer)
+        if final is None:
+            final = save_final(cfg, model, tokenizer)
         extra = {}
         if cfg.merge and not cfg.full_finetune:
             from mambakit.merge import MergeConfig, merge
