@@ -11,7 +11,8 @@ model_args:
                   copy in ../shared/tokenizers/gpt-neox-20b, else the hub's EleutherAI/gpt-neox-20b
   dtype           auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
   device          cuda, cuda:N, cpu (a CUDA request without CUDA falls back to the CPU, with a warning)
-  peft            a PEFT adapter directory (LoRA, ...), applied on load
+  peft            a PEFT adapter directory (LoRA, ...), applied on load; pretrained=ADAPTER_DIR
+                  alone also works (its adapter_config.json names the base model)
   peft_merge      merge the adapter into the weights (default true; same numbers, faster)
   max_length      context length in tokens for truncation and rolling windows (default 2048)
   max_gen_toks    default generation budget when a task sets none (default 256)
@@ -180,6 +181,24 @@ class _TokenBudget:
         return True
 
 
+def _adapter_as_pretrained(pretrained: str, peft, tokenizer):
+    """pretrained=ADAPTER_DIR (a PEFT adapter, no model config) means: its base model plus the
+    adapter, with the adapter folder's tokenizer when it has one. Returns (pretrained, peft, tokenizer)."""
+    d = Path(pretrained)
+    if peft or not (d / "adapter_config.json").is_file() or (d / "config.json").is_file():
+        return pretrained, peft, tokenizer
+    import json
+
+    base = json.loads((d / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"mamba: {d} is a PEFT adapter without base_model_name_or_path; pass "
+                         "pretrained=BASE_MODEL,peft=ADAPTER_DIR")
+    if tokenizer is None and ((d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()):
+        tokenizer = str(d)
+    logger.info("mamba: %s is a PEFT adapter; loading its base %s with it", d, base)
+    return base, str(d), tokenizer
+
+
 class MambaEvalLM(TemplateLM):
     """lm-eval LM over mamba_ssm's MambaLMHeadModel (registered as `mamba`)."""
 
@@ -211,7 +230,8 @@ class MambaEvalLM(TemplateLM):
             model, self.pretrained = pretrained.to(device=self._device, dtype=self._dtype), type(pretrained).__name__
             model_dir = None
         else:
-            self.pretrained = str(pretrained)
+            pretrained, peft, tokenizer = _adapter_as_pretrained(str(pretrained), peft, tokenizer)
+            self.pretrained = pretrained
             model = MambaLMHeadModel.from_pretrained(self.pretrained, device=self._device, dtype=self._dtype)
             model_dir = self.pretrained
         if peft:

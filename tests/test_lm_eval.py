@@ -211,6 +211,15 @@ def test_peft_adapter_is_applied(tiny, tmp_path):
         for (lp, _), (w, _), (p, _) in zip(got, want, plain):
             assert lp == pytest.approx(w, abs=1e-3)
             assert abs(lp - p) > 1e-3  # the adapter changed something
+    # pretrained=ADAPTER_DIR alone: the base comes from adapter_config.json (as finetune/ writes it).
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        MambaEvalLM(pretrained=str(tmp_path / "adapter"), device="cpu", dtype="float32")
+    cfg["base_model_name_or_path"] = str(tiny["ours"])
+    cfg_path.write_text(json.dumps(cfg))
+    lm = MambaEvalLM(pretrained=str(tmp_path / "adapter"), device="cpu", dtype="float32")
+    assert [lp for lp, _ in lm.loglikelihood(reqs, disable_tqdm=True)] == pytest.approx([w for w, _ in want], abs=1e-3)
 
 
 # --- generation ---------------------------------------------------------------------------------------
