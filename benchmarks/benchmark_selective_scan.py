@@ -150,14 +150,15 @@ def worker(impl, shapes, with_accuracy, ref_reps):
 
 
 # ------------------------------------------------------------------------------ orchestrator
-def _run_worker(impl, args, pythonpath, extra_env=None):
+def _run_worker(impl, args, pythonpath, extra_env=None, accuracy=True):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = pythonpath
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra_env or {})
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--ref-reps", str(args.ref_reps)]
-    if args.no_accuracy:
+    if args.no_accuracy or not accuracy:
         cmd.append("--no-accuracy")
+    res_env = {k: env[k] for k in (extra_env or {})}
     if impl == "ref":
         cmd += ["--shapes", json.dumps(SHAPES[:1] if args.ref_first_only else SHAPES)]
     with tempfile.TemporaryDirectory() as cwd:  # keep the repo off the path of the upstream worker
@@ -165,7 +166,10 @@ def _run_worker(impl, args, pythonpath, extra_env=None):
     sys.stderr.write(proc.stderr[-3000:])
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT_JSON "):
-            return json.loads(line[len("RESULT_JSON "):])
+            out = json.loads(line[len("RESULT_JSON "):])
+            if res_env:
+                out["env"] = res_env
+            return out
     return {"impl": impl, "error": (proc.stdout + proc.stderr)[-2000:]}
 
 
@@ -206,7 +210,8 @@ def main():
     ap.add_argument("--no-ref", action="store_true")
     ap.add_argument("--ref-reps", type=int, default=3)
     ap.add_argument("--ref-first-only", action="store_true")
-    ap.add_argument("--variants", default="", help="comma list of MAMBA_SSM_SCAN_SEGMENT values to time too")
+    ap.add_argument("--variants", default="",
+                    help="more runs of ours, 'name:VAR=value,VAR=value;name2:...' (environment), no accuracy")
     args = ap.parse_args()
     shapes = [tuple(s) for s in json.loads(args.shapes)] if args.shapes else SHAPES
     if args.worker:
@@ -233,8 +238,10 @@ def main():
     except Exception:
         pass
     res["impls"]["ours"] = _run_worker("ours", args, REPO)
-    for seg in [v for v in args.variants.split(",") if v]:
-        res["impls"][f"ours_segment{seg}"] = _run_worker("ours", args, REPO, {"MAMBA_SSM_SCAN_SEGMENT": seg})
+    for spec in [v for v in args.variants.split(";") if v.strip()]:
+        name, _, envs = spec.partition(":")
+        env = dict(kv.split("=", 1) for kv in envs.split(",") if "=" in kv)
+        res["impls"][f"ours_{name.strip()}"] = _run_worker("ours", args, REPO, env, accuracy=False)
     if args.upstream_path:
         res["impls"]["upstream"] = _run_worker("upstream", args, os.path.abspath(args.upstream_path))
         res["versions"]["upstream"] = res["impls"]["upstream"].get("version")

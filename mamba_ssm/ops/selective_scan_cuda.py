@@ -5,10 +5,12 @@ with upstream's top-level ``selective_scan_cuda``). ``is_available()`` is False,
 raises, when the extension was not built or no CUDA device is present.
 
 Memory saved for the backward: the inputs plus the state at the start of every segment of
-``16 * R`` time steps, (batch, dim, ceil(seqlen / (16 R)), dstate) fp32. R defaults to 4 and
+``16 * R`` time steps, (batch, dim, ceil(seqlen / (16 R)), dstate) fp32. R defaults to 2 and
 can be set with the environment variable ``MAMBA_SSM_SCAN_SEGMENT`` (steps per saved state,
 rounded to a multiple of 16, at most 1024); a longer segment saves memory and costs one more
-recomputation of the states in the backward.
+recomputation of the states in the backward. ``MAMBA_SSM_SCAN_IMPL=1`` selects the first
+kernel design (16 lanes per channel; slower, kept as a cross-check) and
+``MAMBA_SSM_SCAN_PREFETCH=0`` turns off the backward's asynchronous prefetch.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ def is_available() -> bool:
 
 def _segment_subchunks() -> int:
     try:
-        steps = int(os.environ.get("MAMBA_SSM_SCAN_SEGMENT", "64"))
+        steps = int(os.environ.get("MAMBA_SSM_SCAN_SEGMENT", "32"))
     except ValueError:
-        steps = 64
+        steps = 32
     return max(1, min(64, (steps + 15) // 16))
 
 
