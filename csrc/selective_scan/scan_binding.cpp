@@ -129,10 +129,6 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
   p.vec_o = (L % 4) == 0;
   p.impl = impl_from_env();
-  {
-    const char* v = std::getenv("MAMBA_SSM_SCAN_PREFETCH");
-    p.prefetch = !(v != nullptr && v[0] == '0');
-  }
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
@@ -196,9 +192,7 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
     int cap = 32;
     while (cap > 1) {
       p.cpb = cap;
-      if (ssm::scan_bwd2_smem_floats(p, (int)u.element_size(), q.w_f32 ? 4 : (int)u.element_size()) * 4 <=
-          110 * 1024)
-        break;
+      if (ssm::scan_bwd2_smem_floats(p) * 4 <= 110 * 1024) break;
       cap /= 2;
     }
     p.cpb = pick_cpb(dpg, cap);

@@ -67,54 +67,8 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
     a.w = s0 + 3 < N ? src[s0 + 3] : 0.f;
     return a;
   };
-
-  // Raw prefetch buffers (input dtypes): B/C [2][N16][16] and u/delta/dout/z [4][cpb][16].
-  TW* rawBC = reinterpret_cast<TW*>(sRed + 2 * cpb * 16 * BW);
-  T* rawX = reinterpret_cast<T*>(rawBC + 2 * N16 * 16);
-  for (int e = tid; e < 2 * N16 * 16; e += nthr) rawBC[e] = TypeOps<TW>::from_f(0.f);  // padded states stay 0
-  const T* xbase[4] = {static_cast<const T*>(p.u) + b * p.u_b + d0 * p.u_d,
-                       static_cast<const T*>(p.delta) + b * p.dl_b + d0 * p.dl_d,
-                       static_cast<const T*>(p.dout) + b * p.do_b + d0 * p.do_d,
-                       p.z ? static_cast<const T*>(p.z) + b * p.z_b + d0 * p.z_d : nullptr};
-  const int64_t xstride[4] = {p.u_d, p.dl_d, p.do_d, p.z_d};
-  const bool can_prefetch = p.prefetch && p.vec_B && p.vec_C && p.vec_x;
-  // Issue the copies of sub-chunk ch into the raw buffers; false if it must be loaded directly.
-  auto issue_prefetch = [&](int ch) -> bool {
-    const int t0 = ch << 4;
-    if (!can_prefetch || ch < 0 || t0 + 16 > L) return false;
-    constexpr int CPR = (int)sizeof(TW);  // 16-byte pieces per 16-element row
-    for (int e = tid; e < 2 * N * CPR; e += nthr) {
-      const int which = e / (N * CPR);
-      const int rem = e - which * N * CPR;
-      const int n = rem / CPR, q = rem - n * CPR;
-      const TW* src = (which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s) + t0 + q * (16 / CPR);
-      cp_async16(rawBC + (which * N16 + n) * 16 + q * (16 / CPR), src);
-    }
-    constexpr int CPX = (int)sizeof(T);
-    const int narr = p.z ? 4 : 3;
-    for (int e = tid; e < narr * cpb * CPX; e += nthr) {
-      const int arr = e / (cpb * CPX);
-      const int rem = e - arr * cpb * CPX;
-      const int cc = rem / CPX, q = rem - cc * CPX;
-      const T* src = xbase[arr] + cc * xstride[arr] + t0 + q * (16 / CPX);
-      cp_async16(rawX + (arr * cpb + cc) * 16 + q * (16 / CPX), src);
-    }
-    cp_async_commit();
-    return true;
-  };
-  // Stage B (and C when withC) of sub-chunk ch, transposed to [step][state], from the raw
-  // buffers (raw) or straight from global memory.
-  auto stage_bc = [&](int ch, bool withC, bool raw) {
-    if (raw) {
-      const int nel = (withC ? 2 : 1) * N16 * 16;
-      for (int e = tid; e < nel; e += nthr) {
-        const int which = e >= N16 * 16;
-        const int rem = e - which * N16 * 16;
-        const int n = rem >> 4, i = rem & 15;
-        sBC[(which * 16 + i) * BW + n] = TypeOps<TW>::to_f(rawBC[e]);
-      }
-      return;
-    }
+  // Stage B (and C when withC) of sub-chunk ch, transposed to [step][state].
+  auto stage_bc = [&](int ch, bool withC) {
     const int t0 = ch << 4;
     const int nunits = (withC ? 4 : 2) * N16;
     for (int e = tid; e < nunits; e += nthr) {
@@ -129,20 +83,6 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
       for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
     }
   };
-  // This thread's 4 steps of array arr (0 u, 1 delta, 2 dout, 3 z) of sub-chunk ch.
-  auto load_x = [&](float (&v)[4], int arr, int ch, bool raw) {
-    const int t = (ch << 4) + 4 * l;
-    if (raw) {
-      const T* src = rawX + (arr * cpb + c) * 16 + 4 * l;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = TypeOps<T>::to_f(src[q]);
-    } else {
-      RawN<T, 4> r4;
-      load_n(r4, xbase[arr] + c * xstride[arr], t, L, true, p.vec_x);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = r4[q];
-    }
-  };
 
   for (int k = 0; k < spl; ++k) {
     sG[k * nthr + tid] = p.dlast ? load4f(p.dlast + row * N, k) : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -151,8 +91,6 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int nch = (L + 15) >> 4;
   float* dtrow = sDT + (c * 3) * 20;
-  __syncthreads();  // raw buffers zeroed before any copy lands in them
-  bool pref = issue_prefetch((p.nseg - 1) * R);
 
   for (int j = p.nseg - 1; j >= 0; --j) {
     const int c_first = j * R;
@@ -164,13 +102,12 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
     for (int r = 0; r + 1 < nsub; ++r) {
       const int ch = c_first + r;
       const int t = (ch << 4) + 4 * l;
-      if (pref) cp_async_wait_all();
       __syncthreads();
-      stage_bc(ch, false, pref);
+      stage_bc(ch, false);
       {
-        float u4[4], d4[4];
-        load_x(u4, 0, ch, pref);
-        load_x(d4, 1, ch, pref);
+        RawN<T, 4> u4, d4;
+        load_n(u4, up, t, L, true, p.vec_x);
+        load_n(d4, dp, t, L, true, p.vec_x);
         float dt[4], du[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -182,7 +119,6 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
         reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
       }
       __syncthreads();
-      pref = issue_prefetch(r + 2 < nsub ? ch + 1 : c_first + nsub - 1);
       const float4* dt4p = reinterpret_cast<const float4*>(dtrow);
       const float4* du4p = reinterpret_cast<const float4*>(dtrow + 20);
 #pragma unroll 1
@@ -217,30 +153,38 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
       const int ch = c_first + r;
       const int t0 = ch << 4;
       const int t = t0 + 4 * l;
-      if (pref) cp_async_wait_all();
+      float uv[4], xv[4], dtv[4], zv[4], sz[4], dov[4], dyv[4];
       __syncthreads();
-      stage_bc(ch, true, pref);
+      stage_bc(ch, true);
       {
-        float uv[4], d4[4], dov[4], zv[4];
-        load_x(uv, 0, ch, pref);
-        load_x(d4, 1, ch, pref);
-        load_x(dov, 2, ch, pref);
-        if (zp) load_x(zv, 3, ch, pref);
-        float dtv[4], du[4], dyv[4];
+        RawN<T, 4> u4, d4, z4, o4;
+        load_n(u4, up, t, L, true, p.vec_x);
+        load_n(d4, dp, t, L, true, p.vec_x);
+        load_n(o4, dop, t, L, true, p.vec_x);
+        if (zp) load_n(z4, zp, t, L, true, p.vec_x);
+        float du[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
-          const float x = d4[q] + bias;
-          dtv[q] = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          uv[q] = u4[q];
+          xv[q] = d4[q] + bias;
+          dtv[q] = tv ? (p.softplus ? softplusf_(xv[q]) : xv[q]) : 0.f;
           du[q] = dtv[q] * uv[q];
-          dyv[q] = tv ? (zp ? dov[q] * zv[q] * sigmoidf_(zv[q]) : dov[q]) : 0.f;
+          dov[q] = o4[q];
+          if (zp) {
+            zv[q] = z4[q];
+            sz[q] = sigmoidf_(zv[q]);
+            dyv[q] = tv ? dov[q] * zv[q] * sz[q] : 0.f;
+          } else {
+            zv[q] = 0.f; sz[q] = 0.f;
+            dyv[q] = tv ? dov[q] : 0.f;
+          }
         }
         reinterpret_cast<float4*>(dtrow)[l] = make_float4(dtv[0], dtv[1], dtv[2], dtv[3]);
         reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
         reinterpret_cast<float4*>(dtrow + 40)[l] = make_float4(dyv[0], dyv[1], dyv[2], dyv[3]);
       }
       __syncthreads();
-      pref = issue_prefetch(r > 0 ? ch - 1 : (j > 0 ? (j - 1) * R : -1));
       const float4* dt4p = reinterpret_cast<const float4*>(dtrow);
       const float4* du4p = reinterpret_cast<const float4*>(dtrow + 20);
       const float4* dy4p = reinterpret_cast<const float4*>(dtrow + 40);
@@ -337,30 +281,19 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
         sDA[k * nthr + tid] = acc;
       }
 
-      // Epilogue inputs: this thread's 4 steps again (L2/L1 hits), dt and dy from shared memory.
-      float uv[4], d4[4], dov[4], zv[4] = {0.f, 0.f, 0.f, 0.f};
-      load_x(uv, 0, ch, false);
-      load_x(d4, 1, ch, false);
-      load_x(dov, 2, ch, false);
-      if (zp) load_x(zv, 3, ch, false);
       reduce4x16(yacc, l, mask);
       reduce4x16(s1, l, mask);
       reduce4x16(s2, l, mask);
       {
-        const float4 dt4 = reinterpret_cast<const float4*>(dtrow)[l];
-        const float4 dy4 = reinterpret_cast<const float4*>(dtrow + 40)[l];
-        const float dtv[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
-        const float dyv[4] = {dy4.x, dy4.y, dy4.z, dy4.w};
         float o_du[4], o_dd[4], o_dz[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
           const float y = fmaf(Dv, uv[q], yacc[q]);
-          const float sz = zp ? sigmoidf_(zv[q]) : 0.f;
-          o_dz[q] = dov[q] * y * sz * (1.f + zv[q] * (1.f - sz));
+          o_dz[q] = dov[q] * y * sz[q] * (1.f + zv[q] * (1.f - sz[q]));
           o_du[q] = fmaf(dtv[q], s1[q], Dv * dyv[q]);
           float ddt = fmaf(uv[q], s1[q], s2[q]);
-          if (p.softplus) ddt *= sigmoidf_(d4[q] + bias);
+          if (p.softplus) ddt *= sigmoidf_(xv[q]);
           o_dd[q] = ddt;
           if (tv) {
             dD_acc = fmaf(dyv[q], uv[q], dD_acc);
@@ -375,32 +308,16 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
       // Sum the channels' dB/dC partials of steps [t0, t0+16) and write this block's partial.
       __syncthreads();
       const int nel = 16 * N;
-      for (int e0 = tid; e0 < 2 * nel; e0 += 4 * nthr) {
-        float sum[4] = {0.f, 0.f, 0.f, 0.f};
-        const float* src[4];
-        bool ok[4];
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int e = e0 + m * nthr;
-          const int which = e >= nel;
-          const int rem = e - which * nel;
-          const int i = rem / N;
-          const int n = rem - i * N;
-          ok[m] = e < 2 * nel && t0 + i < L;
-          src[m] = sRed + ((which * cpb) * 16 + (ok[m] ? i : 0)) * BW + (ok[m] ? n : 0);
-        }
-        for (int cc = 0; cc < cpb; ++cc) {
-#pragma unroll
-          for (int m = 0; m < 4; ++m) sum[m] += src[m][cc * 16 * BW];
-        }
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          if (ok[m]) {
-            const int e = e0 + m * nthr;
-            const int which = e >= nel;
-            const int rem = e - which * nel;
-            (which ? dCp : dBp)[(int64_t)(t0 + (rem / N)) * N + (rem % N)] = sum[m];
-          }
+      for (int e = tid; e < 2 * nel; e += nthr) {
+        const int which = e >= nel;
+        const int rem = e - which * nel;
+        const int i = rem / N;
+        const int n = rem - i * N;
+        if (t0 + i < L) {
+          const float* src = sRed + ((which * cpb) * 16 + i) * BW + n;
+          float sum = 0.f;
+          for (int cc = 0; cc < cpb; ++cc) sum += src[cc * 16 * BW];
+          (which ? dCp : dBp)[(int64_t)(t0 + i) * N + n] = sum;
         }
       }
     }
@@ -428,7 +345,7 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
 template <typename T, typename TW>
 void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
-  const int smem = scan_bwd2_smem_floats(p, (int)sizeof(T), (int)sizeof(TW)) * (int)sizeof(float);
+  const int smem = scan_bwd2_smem_floats(p) * (int)sizeof(float);
   auto kern = scan_bwd2_kernel<T, TW>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   dim3 grid(p.dim / p.cpb, p.batch);

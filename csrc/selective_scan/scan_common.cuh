@@ -116,14 +116,6 @@ __device__ __forceinline__ float reduce16(float (&v)[16], int lane, unsigned mas
   return v[0];
 }
 
-// Asynchronous 16-byte global->shared copies (sm_80+), used to prefetch the next sub-chunk.
-__device__ __forceinline__ void cp_async16(void* smem_ptr, const void* gptr) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gptr));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-
 // ---------------------------------------------------------------------------------------
 // impl 2 helpers: NE consecutive elements of a row held as 32-bit words.
 template <typename T, int NE> struct RawN {

@@ -20,7 +20,6 @@ struct ScanParams {
   bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
   bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
   int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
-  bool prefetch = true;  // impl 2 backward: cp.async prefetch of the next sub-chunk
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -77,12 +76,9 @@ inline int scan2_bw(const ScanParams& p) { return p.spl * 16 + 4; }
 inline int scan_fwd2_smem_floats(const ScanParams& p) {
   return 2 * 2 * 16 * scan2_bw(p) + 2 * p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
-// tsize / wsize: element bytes of u (and delta, z, dout) and of B/C. The last two terms are
-// the raw (input-dtype) buffers that the next sub-chunk is prefetched into.
-inline int scan_bwd2_smem_floats(const ScanParams& p, int tsize, int wsize) {
+inline int scan_bwd2_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
-  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + 2 * p.cpb * 16 * scan2_bw(p) +
-         (2 * p.spl * 16 * 16 * wsize) / 4 + (4 * p.cpb * 16 * tsize) / 4;
+  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + 2 * p.cpb * 16 * scan2_bw(p);
 }
 
 }  // namespace ssm
