@@ -321,3 +321,22 @@ def test_resume_after_last_step_takes_no_extra_step(work, reference_run, tmp_pat
     a, b = _adapter_weights(ref_out / "adapter"), _adapter_weights(out / "adapter")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigusr1_and_sigterm_set_the_stop_flag():
+    from mambakit.finetune import PreemptionCallback
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        pc = PreemptionCallback()
+        before = signal.getsignal(sig)
+        pc.install()
+        try:
+            os.kill(os.getpid(), sig)
+            for _ in range(100):
+                if pc.received is not None:
+                    break
+                time.sleep(0.01)
+            assert pc.received == sig
+        finally:
+            pc.uninstall()
+        assert signal.getsignal(sig) == before
