@@ -356,8 +356,13 @@ def evaluate(cfg: FinetuneConfig, model, tokenizer, examples: list[dict], tag: s
     if not examples:
         return None
     cache = Path(cfg.output_dir) / f"eval_{tag}.json"
+    key = {k: getattr(cfg, k) for k in ("model", "dataset", "preset", "prompt_field", "response_field", "split",
+                                        "eval_split", "eval_size", "eval_max_examples", "seed",
+                                        "eval_max_new_tokens", "precision")}
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
     d = _dist()
     rank, world = (d.get_rank(), d.get_world_size()) if d else (0, 1)
     if device is not None:
@@ -375,7 +380,7 @@ def evaluate(cfg: FinetuneConfig, model, tokenizer, examples: list[dict], tag: s
     correct = sum(p["correct"] for p in parts)
     n = sum(p["n"] for p in parts)
     res = {"accuracy": correct / n, "correct": correct, "n": n, "seconds": round(time.time() - t0, 2),
-           "samples": parts[0]["samples"]}
+           "samples": parts[0]["samples"], "key": key}
     if _is_main():
         print(f"exact match ({tag}): {correct}/{n} = {res['accuracy']:.4f}", flush=True)
         _atomic_write_text(cache, json.dumps(res, indent=2) + "\n")

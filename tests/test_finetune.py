@@ -205,6 +205,17 @@ def test_merge_matches_adapted_and_loads(work, reference_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         merge(MergeConfig(adapter=str(tmp_path / "nowhere"), out=str(tmp_path / "m2")))
     assert not (tmp_path / "m2").exists()
+    # above tolerance: an error and no output directory
+    with pytest.raises(RuntimeError, match="differ from the adapted model's"):
+        merge(MergeConfig(adapter=str(ref_out / "adapter"), out=str(tmp_path / "m3"), tolerance=1e-12))
+    assert not (tmp_path / "m3").exists() and not list(tmp_path.glob(".tmp-*"))
+    # transformers' layout, read back by transformers' MambaForCausalLM
+    from transformers import MambaForCausalLM
+
+    merge(MergeConfig(adapter=str(ref_out / "adapter"), out=str(tmp_path / "m4"), layout="transformers"))
+    hf = MambaForCausalLM.from_pretrained(str(tmp_path / "m4")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits[..., :la.shape[-1]], la, rtol=0, atol=1e-4)
 
 
 def test_full_finetune_checkpoints_tied_weights(work, tmp_path):
