@@ -11,7 +11,7 @@ The recipe is a short sequence of named steps, each a function of this module::
     model     = apply_lora(cfg, model)             # PEFT LoRA on the Mamba projections, or full
     prepare_output_dir(cfg)                        # only now is anything written
     base      = evaluate(cfg, model, ..., "base")  # exact match before training (cached)
-    status    = train(cfg, model, tokenizer, data) # transformers' Trainer; checkpoints, resume, signals
+    status, steps = train(cfg, model, tokenizer, data)  # Trainer; checkpoints, resume, signals
     tuned     = evaluate(cfg, model, ..., "finetuned")
     save_final(cfg, model, tokenizer)              # adapter (or model) + tokenizer, atomically
     write_summary(cfg, ...)                        # summary.json, log.csv, loss_curve.png, then DONE
@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -259,7 +258,6 @@ def load_tokenizer_checked(cfg: FinetuneConfig, model):
 def load_data(cfg: FinetuneConfig, tokenizer):
     """Training rows and held-out examples; also a tokenised held-out set for the eval loss."""
     data = load_math_data(cfg.data_config(), tokenizer)
-    data.eval_dataset = None
     if cfg.eval_loss_steps and data.eval_examples:
         from datasets import Dataset
 
@@ -302,8 +300,9 @@ def apply_lora(cfg: FinetuneConfig, model):
 
 def no_decay_parameter(name: str, param: torch.Tensor) -> bool:
     """A_log, D (tagged _no_weight_decay), biases, norm weights and other 1-d parameters."""
-    return getattr(param, "_no_weight_decay", False) or param.ndim < 2 or name.endswith("bias") or \
-        "norm" in name.rsplit(".", 2)[-2:][0].lower()
+    parts = name.split(".")
+    owner = parts[-2].lower() if len(parts) > 1 else ""
+    return getattr(param, "_no_weight_decay", False) or param.ndim < 2 or parts[-1] == "bias" or "norm" in owner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +616,7 @@ def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: Pr
     callbacks = [preemption.callback(), JsonlLogCallback.callback(out / "log.jsonl"),
                  _tensorboard_callback(out / "tensorboard")]
     Trainer = _make_trainer_class()
-    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=getattr(data, "eval_dataset", None),
+    trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval_dataset,
                       data_collator=DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
                       compute_loss_func=response_loss)
     # MambaLMHeadModel.forward takes **kwargs (for the mixer), which the Trainer reads as "accepts
@@ -808,9 +807,10 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
             print("signal received before training: stopping without a checkpoint", flush=True)
             return FinetuneResult("preempted", str(out))
         status, steps = train(cfg, model, tokenizer, data, args=args, preemption=preemption)
-        if status == "preempted":
+        if status == "preempted" or preemption.received is not None:
+            # a signal after the last step: the final checkpoint is written; --resume evaluates and saves
             return FinetuneResult("preempted", str(out), model=model)
-        # rerunning a resumed Trainer at its last step leaves the final eval cached from before
+        # the fine-tuned weights are new: never take their evaluation from an earlier attempt's cache
         cache = out / "eval_finetuned.json"
         if cache.exists() and _is_main():
             cache.unlink()

@@ -93,12 +93,14 @@ class DataConfig:
 
 @dataclass
 class MathData:
-    """train: a `datasets.Dataset` with input_ids, labels (and attention_mask); eval_examples: dicts with
-    ``prompt`` (the formatted template), ``response`` and ``question``; stats: counts for the log."""
+    """train: a `datasets.Dataset` with input_ids and labels; eval_examples: dicts with ``prompt``
+    (the formatted template), ``response`` and ``question``; stats: counts for the log;
+    eval_dataset: the held-out examples tokenised like train (for a held-out loss), when asked."""
 
     train: Any
     eval_examples: list[dict]
     stats: dict = field(default_factory=dict)
+    eval_dataset: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
