@@ -154,7 +154,16 @@ def main(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_<shape>_<device>_<time>.json)")
     a = p.parse_args(argv)
-    res = measure(a.shape, a.batch_size, a.seqlen, a.rank, a.precision, a.base_dtype, a.steps, a.warmup, a.device)
+    status = 0
+    try:
+        res = measure(a.shape, a.batch_size, a.seqlen, a.rank, a.precision, a.base_dtype, a.steps, a.warmup,
+                      a.device)
+    except torch.cuda.OutOfMemoryError as e:  # record the failure rather than leave no result
+        status = 1
+        res = {"shape": a.shape, "batch_size": a.batch_size, "seqlen": a.seqlen, "lora_rank": a.rank,
+               "precision": a.precision, "base_dtype": a.base_dtype, "error": f"out of memory: {e}"[:2000],
+               "peak_mem_GB": torch.cuda.max_memory_allocated() / 2**30, "peak_mem_kind": "cuda max_memory_allocated",
+               "train_step_tok_per_s": None, "fwdbwd_tok_per_s": None, "mixer_path": None, "scan_backend": None}
     res["timestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     res["anchor_upstream_fwdbwd_tok_per_s_1.4b_bs4x2048_h200"] = 30341
     kind = "gpu" if res["peak_mem_kind"].startswith("cuda") else "cpu"
@@ -165,7 +174,7 @@ def main(argv=None):
     print(json.dumps({k: res[k] for k in ("shape", "batch_size", "seqlen", "train_step_tok_per_s", "fwdbwd_tok_per_s",
                                           "peak_mem_GB", "mixer_path", "scan_backend")}, indent=2))
     print(f"wrote {out}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
