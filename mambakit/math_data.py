@@ -157,7 +157,10 @@ def load_split(cfg: DataConfig, split: str):
         return _load_file(f)
     from datasets import load_dataset
 
-    ds = load_dataset(name, cfg.hub_config, split=split)
+    hub_config = cfg.hub_config
+    if hub_config is None and name in ("openai/gsm8k", "gsm8k"):
+        hub_config = "main"  # GSM8K's hub data set has configs "main" and "socratic"
+    ds = load_dataset(name, hub_config, split=split)
     if len(ds) == 0:
         raise ValueError(f"dataset {name} split {split!r} holds no examples")
     return ds
