@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""Generation speed of Mamba, upstream's command line, with a same-size transformer measured in
+the same run and a sweep over batch sizes (the logic lives in mambakit.generation_benchmark).
+
+    # CPU smoke (random weights, seconds)
+    python benchmarks/benchmark_generation_mamba_simple.py --model-name tiny --promptlen 32 --genlen 16 --batch 1 4
+    # GPU, the study's measurement (random weights when the checkpoint is not reachable)
+    python benchmarks/benchmark_generation_mamba_simple.py --model-name state-spaces/mamba-1.4b \
+        --promptlen 2048 --genlen 128 --batch 1 16 64 --cg
+
+Prints the decoded text of the prompt's continuation, the prompt and generation lengths and, per
+model and batch size, the prompt processing + decoding time (mean of --repeats calls after a
+warm-up); writes a JSON (machine, versions, date, inputs, every figure) and a PNG of throughput
+against batch size to benchmarks/results/ (or --out-json / --out-png).
+"""
+from mambakit.generation_benchmark import main
+
+if __name__ == "__main__":
+    main()
