@@ -128,6 +128,24 @@ def test_chunking_and_channel_blocks(chunk_size, block_elems):
     check_against_recurrence(fn, ins, True, 2e-5, 5e-5)
 
 
+def test_channel_parts_on_worker_threads(monkeypatch):
+    """Big CPU calls are split over channels into one part per intra-op thread; force it on a small one."""
+    import mamba_ssm.ops.selective_scan_chunked as ssc
+
+    monkeypatch.setattr(ssc, "PARALLEL_MIN_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(ssc._channel_parts(torch.zeros(1, 7, 5), 1, 4)) == 3
+        ins = make_inputs(2, 7, 50, 4, None, seed=9)
+        check_against_recurrence(selective_scan_chunked, ins, True, 2e-5, 5e-5)
+        ins = make_inputs(2, 8, 20, 4, 2, seed=9)  # grouped: one part
+        check_against_recurrence(selective_scan_chunked, ins, True, 2e-5, 5e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
 def test_output_only_gradient_and_no_last_state():
     ins = make_inputs(1, 4, 33, 4, None, seed=5)
     tensors = [ins[k] for k in NAMES]
