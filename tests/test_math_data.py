@@ -145,17 +145,28 @@ def test_gsm8k_directory_with_test_split(tok):
 
 
 @needs_tok
-def test_grouped_generation_equals_one_by_one(tok):
+def test_batched_generation_equals_generate_one_by_one(tok):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     from mambakit.math_answers import evaluate_exact_match, generate_greedy
 
     torch.manual_seed(0)
-    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=50277, pad_vocab_size_multiple=8),
-                             initializer_cfg={"initializer_range": 0.2})
-    prompts = [format_prompt(q) for q in ["1+1?", "What is two plus two?", "3+3?", "What is five plus five?", "9?"]]
-    together = generate_greedy(model, tok, prompts, max_new_tokens=5, batch_size=4)
-    alone = [generate_greedy(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
-    assert together == alone
+    # untied head and large init: continuations that differ from prompt to prompt (a tied tiny model
+    # repeats one token whatever the prompt, which would hide rows being mixed up)
+    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=50277, pad_vocab_size_multiple=8,
+                                         tie_embeddings=False), initializer_cfg={"initializer_range": 0.5})
+    # different endings (a tiny random model's next tokens depend mostly on the last few)
+    prompts = ["1+1?", "What is two plus two", "3+3=", "five plus five is", "9", "A train leaves at 3 pm and travels",
+               "x", format_prompt("How far?")]
+    # prompts of different lengths decoded together == each prompt through model.generate alone
+    together = generate_greedy(model, tok, prompts, max_new_tokens=6, batch_size=5)
+    assert len(set(together)) >= 4, together
+    for p, got in zip(prompts, together):
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        seq = model.generate(ids, max_length=ids.shape[1] + 6, top_k=1, eos_token_id=tok.eos_token_id,
+                             vocab_size=len(tok))
+        new = (seq.sequences if hasattr(seq, "sequences") else seq)[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        assert got == tok.decode(new, skip_special_tokens=True).split("\nQuestion:")[0], p
     res = evaluate_exact_match(model, tok, [{"prompt": p, "response": "#### 4"} for p in prompts], max_new_tokens=3)
-    assert res["n"] == 5 and 0 <= res["accuracy"] <= 1 and len(res["samples"]) == 5
+    assert res["n"] == 8 and 0 <= res["accuracy"] <= 1 and len(res["samples"]) == 5
