@@ -110,7 +110,7 @@ class FinetuneConfig:
     eval_base: bool = True
     eval_finetuned: bool = True
     eval_max_new_tokens: int = 256
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     merge: bool = False
     # for tests: stop (as if preempted) after this many optimizer steps in this process
     stop_after_steps: int | None = None
