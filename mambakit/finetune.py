@@ -317,6 +317,13 @@ def find_latest_checkpoint(output_dir) -> str | None:
     return get_last_checkpoint(str(output_dir))
 
 
+# settings a resumed run must share with the run it continues (the others, e.g. logging, may change)
+_TRAJECTORY_FIELDS = ("model", "dataset", "preset", "prompt_field", "response_field", "hub_config", "split",
+                      "eval_split", "eval_size", "max_examples", "max_length", "packing", "full_finetune", "lora_r",
+                      "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "weight_decay", "lr_scheduler",
+                      "batch_size", "grad_accum", "seed", "precision")
+
+
 def prepare_output_dir(cfg: FinetuneConfig):
     """Create the directory; refuse to overwrite a finished run or to mix runs without --resume."""
     out = Path(cfg.output_dir)
@@ -329,6 +336,14 @@ def prepare_output_dir(cfg: FinetuneConfig):
         if find_latest_checkpoint(out) and not cfg.resume:
             raise FileExistsError(f"output_dir={cfg.output_dir!r} holds checkpoints of an earlier run; pass "
                                   f"--resume to continue it or choose a new output_dir")
+        if cfg.resume and (out / "run_config.json").exists():
+            before = json.loads((out / "run_config.json").read_text())
+            now = dataclasses.asdict(cfg)
+            changed = {k: (before.get(k), now[k]) for k in _TRAJECTORY_FIELDS if before.get(k) != now[k]}
+            if changed:
+                raise ValueError(f"--resume in output_dir={cfg.output_dir!r} with settings that differ from the run "
+                                 f"being resumed ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
+                                 f"use the same settings or a new output_dir")
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -351,3 +351,13 @@ def test_sigusr1_and_sigterm_set_the_stop_flag():
         finally:
             pc.uninstall()
         assert signal.getsignal(sig) == before
+
+
+def test_resume_with_different_settings_is_refused(work, tmp_path):
+    from mambakit.finetune import prepare_output_dir
+
+    out = tmp_path / "o"
+    prepare_output_dir(_cfg(work, out))
+    prepare_output_dir(_cfg(work, out, resume=True, logging_steps=5))  # logging may change
+    with pytest.raises(ValueError, match=r"lora_r: 8 then, 16 now"):
+        prepare_output_dir(_cfg(work, out, resume=True, lora_r=16))
