@@ -22,6 +22,10 @@ large decays underflow to 0 instead of overflowing; chunk decays are floored at 
 the CPU off its slow denormal path. The step slice size (``STEP_ELEMS``) sets K: few chunks so
 that a step's buffers stay in cache, at most ~sqrt(L) so that both loops stay short.
 
+On the CPU, big calls are split over channels into one part per intra-op thread, each run on a
+worker thread with one intra-op thread (``PARALLEL_MIN_WORK``): the scan is many small ops, and a
+fork/join per op stalls badly when the machine is shared.
+
 Backward (hand written, no autograd graph over time), per block of channels sized by
 ``BLOCK_ELEMS``: from the saved chunk start states the states H (T+1, b, K, n, d_block) and the
 decays DA are rebuilt (``_scan_block``); the state gradient
@@ -35,10 +39,12 @@ input gradients are batched matmuls and reductions:
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Elements of one (T, b, K, d_block, n) intermediate; a block of channels is sized to this.
 BLOCK_ELEMS = 1 << 22
@@ -223,13 +229,16 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K):
 # descheduled in the middle of a barrier) can cost more than the op itself.
 PARALLEL_MIN_WORK = 1 << 21
 _pool = None
+_pool_key = None
 
 
 def _executor(workers):
-    global _pool
-    if _pool is None or _pool._max_workers < workers:
+    global _pool, _pool_key
+    key = (os.getpid(), workers)  # a forked child does not inherit the parent's worker threads
+    if _pool is None or _pool_key != key:
         _pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,),
                                    thread_name_prefix="mamba_ssm_scan")
+        _pool_key = key
     return _pool
 
 
@@ -292,6 +301,7 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gout, *rest):
         u, delta, A, B, C, D, z, delta_bias, HS, y = ctx.saved_tensors
         glast = rest[0] if (ctx.return_last_state and rest) else None
