@@ -12,7 +12,7 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >> "$OUT/job.log" 2>&1
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi -L >> "$OUT/job.log"
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=32 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
+[ "${BUILD:-1}" = 1 ] && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=32 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
 stamp "build rc=$?"
 python3 - <<'PY'
 import torch
@@ -25,7 +25,7 @@ stamp "base model saved"
 common="--model /tmp/base130m --tokenizer .devdata/gpt-neox-20b --dataset .devdata/gsm8k --preset gsm8k \
   --max-examples 4000 --eval-size 16 --max-length 512 --max-steps ${STEPS:-40} --logging-steps 1 --seed 0 \
   --lora-dropout 0 --learning-rate 5e-4 --save-steps 1000 --no-eval-base --no-eval-finetuned --no-progress"
-python3 finetune/finetune.py $common --batch-size 16 --output-dir /tmp/ddp1 > "$OUT/run_1gpu.log" 2>&1
+CUDA_VISIBLE_DEVICES=0 python3 finetune/finetune.py $common --batch-size 16 --output-dir /tmp/ddp1 > "$OUT/run_1gpu.log" 2>&1
 stamp "1 GPU rc=$?"
 torchrun --nproc_per_node 2 finetune/finetune.py $common --batch-size 8 --output-dir /tmp/ddp2 > "$OUT/run_2gpu.log" 2>&1
 stamp "2 GPUs rc=$?"

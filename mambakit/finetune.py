@@ -600,7 +600,7 @@ def training_arguments(cfg: FinetuneConfig):
     if cfg.eval_loss_steps:
         kw.update(eval_strategy="steps", eval_steps=cfg.eval_loss_steps, per_device_eval_batch_size=cfg.batch_size,
                   prediction_loss_only=True)
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=warmup,
@@ -610,6 +610,13 @@ def training_arguments(cfg: FinetuneConfig):
         disable_tqdm=not cfg.progress, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, ddp_timeout=cfg.ddp_timeout, use_cpu=not torch.cuda.is_available(),
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch", **kw)
+    if args.n_gpu > 1:
+        # One process seeing several GPUs: the Trainer would wrap the model in nn.DataParallel,
+        # which changes the batch (x n_gpu) and the loss scale. Data parallelism is torchrun's job.
+        print(f"{args.n_gpu} GPUs are visible to one process: training on one GPU; launch with "
+              f"`torchrun --nproc_per_node {args.n_gpu}` to use them all", flush=True)
+        args._n_gpu = 1
+    return args
 
 
 def _finished_checkpoint(checkpoint: str | None) -> dict | None:
