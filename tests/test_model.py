@@ -161,3 +161,14 @@ def test_bad_inputs_raise_clear_errors():
         Mamba(d_model=16, dt_init="bogus")
     with pytest.raises(NotImplementedError, match="Mamba2"):
         MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=10, ssm_cfg={"layer": "Mamba2"}))
+
+
+def test_trainer_keyword_arguments_are_accepted_and_config_serialises():
+    model = tiny_model()
+    ids = torch.randint(0, 101, (1, 6))
+    out = model(ids, labels=ids, num_items_in_batch=torch.tensor(5), return_dict=True, use_cache=False)
+    torch.testing.assert_close(out.loss, model(ids, labels=ids).loss)
+    assert MambaLMHeadModel.accepts_loss_kwargs is False
+    import json
+    assert json.loads(model.config.to_json_string())["d_model"] == 32
+    assert model.config.get("n_layer") == 2 and model.config.get("missing", 7) == 7

@@ -1,7 +1,8 @@
 """MambaConfig: the model's hyper-parameters, with upstream's fields and defaults."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -18,3 +19,13 @@ class MambaConfig:
     fused_add_norm: bool = True
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
+
+    # transformers' callbacks and PEFT call these on `model.config`.
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)

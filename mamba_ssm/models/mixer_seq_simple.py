@@ -110,7 +110,16 @@ class MixerModel(nn.Module):
                              is_rms_norm=isinstance(self.norm_f, RMSNorm))
 
 
+# Keyword arguments that transformers' Trainer and generation utilities pass to any model; they mean
+# nothing to a recurrent model (the loss is computed here from `labels`) and are dropped.
+_HF_CALL_KWARGS = ("num_items_in_batch", "return_dict", "output_attentions", "output_hidden_states",
+                   "use_cache", "token_type_ids", "cache_position", "return_loss")
+
+
 class MambaLMHeadModel(nn.Module, GenerationMixin):
+    # Tells transformers' Trainer that forward() does not normalise its loss by num_items_in_batch.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MambaConfig, initializer_cfg=None, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -142,6 +151,8 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
         attention_mask is accepted for Trainer/PEFT compatibility and must be all ones or right
         padding (a recurrent model reads left to right; right padding cannot change earlier tokens).
         """
+        for name in _HF_CALL_KWARGS:
+            mixer_kwargs.pop(name, None)
         if input_ids.dim() != 2:
             raise ValueError(f"MambaLMHeadModel: input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
         hidden_states = self.backbone(input_ids, inference_params=inference_params, **mixer_kwargs)
