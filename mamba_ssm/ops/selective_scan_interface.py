@@ -131,6 +131,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """Selective scan on the fastest available backend (see mamba_ssm.backend).
 
     Same signature, shapes and results as `selective_scan_ref`; differentiable in every tensor input.
+    The ``torch`` backend (any device) is the chunked scan of `selective_scan_chunked`, with a
+    hand-written backward.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     backend = choose_backend("selective_scan", u.is_cuda)
