@@ -42,8 +42,8 @@ class PretrainConfig:
     out_dir: str = str(DEFAULT_MODEL_DIR)
     data_dir: str = str(DEFAULT_DATA_DIR)
     seed: int = 0
-    d_model: int = 96
-    n_layer: int = 3
+    d_model: int = 128
+    n_layer: int = 2
     d_state: int = 16
     vocab_size: int = 384       # the tokenizer's trained size (the model pads to a multiple of 8)
     seq_len: int = 64
@@ -56,8 +56,10 @@ class PretrainConfig:
     n_test: int = 100
     eval_equations: int = 200
     eval_problems: int = 100
+    equation_repeats: int = 3   # copies of each equation in the corpus
+    init_from: str = ""         # continue from this model directory (its weights and tokenizer)
     threads: int = 0            # torch threads (0: leave torch's default)
-    time_limit_s: float = 0.0   # stop training early after this many seconds (0: no limit)
+    time_limit_s: float = 0.0   # stop after this many seconds of training, the schedule shortened to fit (0: none)
 
 
 def build_tokenizer(corpus: list, train_problems: list, vocab_size: int):
@@ -94,10 +96,14 @@ def pack_corpus(corpus: list, tok, seq_len: int, seed: int = 0) -> tuple:
     return torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
+def _lr_at(step: int, cfg: PretrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warmup, then cosine to 10% of lr. With a time limit, progress is the larger of the
+    step fraction and the time fraction, so the schedule ends when the time does."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.time_limit_s:
+        progress = max(progress, elapsed_s / cfg.time_limit_s)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -169,8 +175,14 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     train_path, test_path = synthetic.write_dataset(data_dir, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed)
     train_problems = synthetic.read_jsonl(train_path)
     test_problems = synthetic.read_jsonl(test_path)
-    corpus = synthetic.pretraining_corpus(seed=cfg.seed)
-    tok = build_tokenizer(corpus, train_problems, cfg.vocab_size)
+    scfg = synthetic.SyntheticConfig(equation_repeats=cfg.equation_repeats)
+    corpus = synthetic.pretraining_corpus(seed=cfg.seed, cfg=scfg)
+    if cfg.init_from:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(cfg.init_from) / "tokenizer.json"))
+    else:
+        tok = build_tokenizer(corpus, train_problems, cfg.vocab_size)
     rows, row_labels = pack_corpus(corpus, tok, cfg.seq_len, cfg.seed)
     n_tokens = int((row_labels != -100).sum())
     log(f"corpus: {len(corpus)} documents, {n_tokens} tokens in {rows.shape[0]} rows of {cfg.seq_len + 1}; "
@@ -179,9 +191,13 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     mcfg = MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=tok.get_vocab_size(),
                        ssm_cfg={"d_state": cfg.d_state}, rms_norm=True, residual_in_fp32=True,
                        fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
-    model = MambaLMHeadModel(mcfg)
+    if cfg.init_from:
+        model = MambaLMHeadModel.from_pretrained(cfg.init_from)
+        log(f"continuing from {cfg.init_from}")
+    else:
+        model = MambaLMHeadModel(mcfg)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: d_model {cfg.d_model}, n_layer {cfg.n_layer}, {n_params} parameters")
+    log(f"model: d_model {model.config.d_model}, n_layer {model.config.n_layer}, {n_params} parameters")
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -194,8 +210,9 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
     t_train = time.time()
     steps_done = 0
     for step in range(cfg.steps):
+        lr = _lr_at(step, cfg, time.time() - t_train)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = lr
         pick = torch.randint(0, rows.shape[0], (cfg.batch_size,), generator=gen)
         batch, target = rows[pick], row_labels[pick]
         out = model(batch[:, :-1])
@@ -208,7 +225,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> dict:
         losses.append(round(loss.item(), 4))
         steps_done = step + 1
         if step % 50 == 0 or step == cfg.steps - 1:
-            log(f"step {step:5d}  loss {loss.item():.4f}  lr {_lr_at(step, cfg):.2e}  {time.time() - t_train:.0f}s")
+            log(f"step {step:5d}  loss {loss.item():.4f}  lr {lr:.2e}  {time.time() - t_train:.0f}s")
         if cfg.time_limit_s and time.time() - t_train > cfg.time_limit_s:
             log(f"time limit {cfg.time_limit_s}s reached after {steps_done} steps")
             break

@@ -57,7 +57,8 @@ class SyntheticConfig:
     min_operand: int = 2
     max_operand: int = 20
     max_corpus_operand: int = 20
-    stories_per_equation: float = 1.5  # narrative sentences in the corpus per equation
+    stories_per_equation: float = 1.5  # narrative sentences in the corpus per distinct equation
+    equation_repeats: int = 1          # copies of each equation in the corpus (more arithmetic practice)
 
 
 def _check_config(cfg: SyntheticConfig):
@@ -134,12 +135,12 @@ def pretraining_corpus(seed: int = 0, cfg: SyntheticConfig = SyntheticConfig()) 
     eqs = [(a, b, "+") for a in range(n + 1) for b in range(n + 1)]
     eqs += [(a, b, "-") for a in range(n + 1) for b in range(a + 1)]
     docs = []
-    for a, b, op in eqs:
+    for a, b, op in eqs * cfg.equation_repeats:
         text = equation(a, b, op)
         if rng.random() < 0.5:
             text += f"\n#### {a + b if op == '+' else a - b}"
         docs.append(text)
-    docs += [_story(rng, cfg) for _ in range(int(len(docs) * cfg.stories_per_equation))]
+    docs += [_story(rng, cfg) for _ in range(int(len(eqs) * cfg.stories_per_equation))]
     rng.shuffle(docs)
     return docs
 
