@@ -48,7 +48,8 @@ Variables (flag form: --lower-case-with-dashes VALUE):
   FT_MODE        lora       lora | full
   LORA_R 8  LORA_ALPHA 16  LORA_DROPOUT 0.0  TARGET_MODULES "in_proj x_proj dt_proj out_proj"
   STEPS 300  LR 3e-3  BATCH 32  GRAD_ACCUM 1  MAX_LENGTH 128  WARMUP_RATIO 0.05  SCHEDULER cosine
-  SAVE_STEPS 50  SEED 0  FT_EVAL_MAX 200 (held-out examples the fine-tune scores)  FT_ARGS (extra flags)
+  SAVE_STEPS 50  SEED 0  FT_EVAL_MAX 200 (held-out examples the fine-tune scores)  FT_EVAL_TOKENS 48
+  FT_ARGS (extra finetune/finetune.py flags)
   BENCH_MODEL    (BASE_MODEL)   model timed by the generation benchmark (a size such as 1.4b: random weights)
   BENCH_BATCHES  "1 4 16"  BENCH_PROMPTLEN 64  BENCH_GENLEN 32  BENCH_REPEATS 2  BENCH_ARGS (extra, e.g. --cg)
   THREADS        torch CPU threads (default: all cores)
@@ -99,7 +100,7 @@ fi
 : "${DTYPE:=auto}" "${FT_MODE:=lora}"
 : "${LORA_R:=8}" "${LORA_ALPHA:=16}" "${LORA_DROPOUT:=0.0}" "${TARGET_MODULES:=in_proj x_proj dt_proj out_proj}"
 : "${STEPS:=300}" "${LR:=3e-3}" "${BATCH:=32}" "${GRAD_ACCUM:=1}" "${MAX_LENGTH:=128}" "${WARMUP_RATIO:=0.05}"
-: "${SCHEDULER:=cosine}" "${SAVE_STEPS:=50}" "${SEED:=0}" "${FT_EVAL_MAX:=200}" "${FT_ARGS:=}"
+: "${SCHEDULER:=cosine}" "${SAVE_STEPS:=50}" "${SEED:=0}" "${FT_EVAL_MAX:=200}" "${FT_EVAL_TOKENS:=48}" "${FT_ARGS:=}"
 : "${BENCH_MODEL:=$BASE_MODEL}" "${BENCH_BATCHES:=1 4 16}" "${BENCH_PROMPTLEN:=64}" "${BENCH_GENLEN:=32}"
 : "${BENCH_REPEATS:=2}" "${BENCH_ARGS:=}" "${THREADS:=}"
 : "${STEPS_TO_RUN:=finetune,merge,eval_base,eval_finetuned,bench,report}" "${FORCE:=}"
@@ -125,7 +126,9 @@ on_signal() {
   local sig="$1"
   say "received SIG$sig during step '${CURRENT:-none}'"
   if [[ -n "$CHILD" ]] && kill -0 "$CHILD" 2>/dev/null; then
-    kill -s "$sig" "$CHILD" 2>/dev/null   # the fine-tune writes a checkpoint and exits (status 3)
+    # The fine-tune writes a checkpoint on SIGTERM/SIGUSR1 and exits (status 3). Background children
+    # of a script ignore SIGINT, so Ctrl-C is passed on as SIGTERM.
+    kill -s "$([[ $sig == INT ]] && echo TERM || echo "$sig")" "$CHILD" 2>/dev/null
     wait "$CHILD" 2>/dev/null
   fi
   if [[ "$REQUEUE" == 1 && -n "${SLURM_JOB_ID:-}" ]]; then
@@ -174,7 +177,7 @@ say "study in $OUT_DIR: base $BASE_MODEL, data $DATASET, tasks $TASKS, device $D
 { echo "date=$(date -u +%FT%TZ) host=$(hostname) git=$(git rev-parse --short HEAD 2>/dev/null)"
   for v in QUICK BASE_MODEL TOKENIZER DATASET HUB_CONFIG PRESET EVAL_SPLIT TASKS EVAL_LIMIT EVAL_BATCH NUM_FEWSHOT DEVICE \
            DTYPE FT_MODE LORA_R LORA_ALPHA LORA_DROPOUT TARGET_MODULES STEPS LR BATCH GRAD_ACCUM MAX_LENGTH WARMUP_RATIO \
-           SCHEDULER SAVE_STEPS SEED FT_EVAL_MAX FT_ARGS BENCH_MODEL BENCH_BATCHES BENCH_PROMPTLEN BENCH_GENLEN \
+           SCHEDULER SAVE_STEPS SEED FT_EVAL_MAX FT_EVAL_TOKENS FT_ARGS BENCH_MODEL BENCH_BATCHES BENCH_PROMPTLEN BENCH_GENLEN \
            BENCH_REPEATS BENCH_ARGS THREADS; do printf '%s=%q\n' "$v" "${!v}"; done; } >"$OUT_DIR/settings.env"
 
 # ---------------------------------------------------------------------------- inputs
@@ -198,7 +201,7 @@ FT_FLAGS=(--model "$BASE_MODEL" "${TOK_ARG[@]}" --dataset "$DATASET" --output-di
           --preset "$PRESET" --max-steps "$STEPS" --learning-rate "$LR" --batch-size "$BATCH"
           --grad-accum "$GRAD_ACCUM" --max-length "$MAX_LENGTH" --warmup-ratio "$WARMUP_RATIO"
           --lr-scheduler "$SCHEDULER" --save-steps "$SAVE_STEPS" --seed "$SEED" --no-progress
-          --eval-max-examples "$FT_EVAL_MAX")
+          --eval-max-examples "$FT_EVAL_MAX" --eval-max-new-tokens "$FT_EVAL_TOKENS")
 [[ -n "$HUB_CONFIG" ]] && FT_FLAGS+=(--hub-config "$HUB_CONFIG")
 [[ -n "$EVAL_SPLIT" ]] && FT_FLAGS+=(--eval-split "$EVAL_SPLIT")
 if [[ "$FT_MODE" == full ]]; then FT_FLAGS+=(--full-finetune)

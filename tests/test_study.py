@@ -263,3 +263,23 @@ def test_run_sh_quick_end_to_end(tmp_path):
     # a second run skips every finished step
     r = subprocess.run(["bash", "run.sh", "--quick"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.count("done already") == 6
+
+
+def test_pretrain_tiny_writes_a_loadable_model(tmp_path):
+    from mambakit.pretrain_tiny import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(out_dir=str(tmp_path / "m"), data_dir=str(tmp_path / "d"), steps=3, d_model=32, n_layer=1,
+                         seq_len=32, batch_size=4, n_train=20, n_test=5, eval_equations=4, eval_problems=2, threads=1)
+    s = pretrain(cfg, log=lambda *a: None)
+    assert s["steps_done"] == 3 and len(s["losses"]) == 3
+    assert 0.0 <= s["arithmetic_accuracy"] <= 1.0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "pretrain_summary.json"):
+        assert (tmp_path / "m" / name).is_file(), name
+    assert len(synthetic.read_jsonl(tmp_path / "d" / "train.jsonl")) == 20
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from mambakit.tokenizer import load_tokenizer
+
+    model = MambaLMHeadModel.from_pretrained(str(tmp_path / "m"))
+    tok = load_tokenizer(tmp_path / "m")
+    assert tok.eos_token_id == 0 and model.config.vocab_size >= len(tok)
+    assert not (tmp_path / "m.tmp").exists()
