@@ -47,8 +47,8 @@ Variables (flag form: --lower-case-with-dashes VALUE):
   DTYPE          auto       lm-eval/benchmark dtype (bf16 on GPU, fp32 on CPU)
   FT_MODE        lora       lora | full
   LORA_R 8  LORA_ALPHA 16  LORA_DROPOUT 0.0  TARGET_MODULES "in_proj x_proj dt_proj out_proj"
-  STEPS 300  LR 3e-3  BATCH 32  GRAD_ACCUM 1  MAX_LENGTH 128  WARMUP_RATIO 0.05  SCHEDULER cosine
-  SAVE_STEPS 50  SEED 0  FT_EVAL_MAX 200 (held-out examples the fine-tune scores)  FT_EVAL_TOKENS 48
+  STEPS 600 (quick 150)  LR 3e-3  BATCH 32  GRAD_ACCUM 1  MAX_LENGTH 128  WARMUP_RATIO 0.05  SCHEDULER cosine
+  SAVE_STEPS 100  SEED 0  FT_EVAL_MAX 200 (held-out examples the fine-tune scores)  FT_EVAL_TOKENS 48
   FT_ARGS (extra finetune/finetune.py flags)
   BENCH_MODEL    (BASE_MODEL)   model timed by the generation benchmark (a size such as 1.4b: random weights)
   BENCH_BATCHES  "1 4 16"  BENCH_PROMPTLEN 64  BENCH_GENLEN 32  BENCH_REPEATS 2  BENCH_ARGS (extra, e.g. --cg)
@@ -88,8 +88,8 @@ if [[ -z "${DEVICE:-}" ]]; then
   if "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then DEVICE=cuda; else DEVICE=cpu; fi
 fi
 if [[ "$QUICK" == 1 ]]; then
-  : "${OUT_DIR:=outputs/study-quick}" "${STEPS:=60}" "${FT_EVAL_MAX:=40}" "${EVAL_LIMIT:=40}" "${BENCH_BATCHES:=1 4}"
-  : "${BENCH_PROMPTLEN:=32}" "${BENCH_GENLEN:=16}" "${BENCH_REPEATS:=1}" "${SAVE_STEPS:=20}"
+  : "${OUT_DIR:=outputs/study-quick}" "${STEPS:=150}" "${FT_EVAL_MAX:=40}" "${EVAL_LIMIT:=40}" "${BENCH_BATCHES:=1 4}"
+  : "${BENCH_PROMPTLEN:=32}" "${BENCH_GENLEN:=16}" "${BENCH_REPEATS:=1}" "${SAVE_STEPS:=50}"
 fi
 : "${OUT_DIR:=outputs/study}"
 : "${BASE_MODEL:=mambakit/assets/tiny-mamba-arith}"
@@ -99,8 +99,8 @@ fi
 : "${TASKS:=synthetic_math}" "${EVAL_LIMIT:=}" "${EVAL_BATCH:=auto}" "${NUM_FEWSHOT:=}" "${EVAL_INCLUDE_PATH:=}"
 : "${DTYPE:=auto}" "${FT_MODE:=lora}"
 : "${LORA_R:=8}" "${LORA_ALPHA:=16}" "${LORA_DROPOUT:=0.0}" "${TARGET_MODULES:=in_proj x_proj dt_proj out_proj}"
-: "${STEPS:=300}" "${LR:=3e-3}" "${BATCH:=32}" "${GRAD_ACCUM:=1}" "${MAX_LENGTH:=128}" "${WARMUP_RATIO:=0.05}"
-: "${SCHEDULER:=cosine}" "${SAVE_STEPS:=50}" "${SEED:=0}" "${FT_EVAL_MAX:=200}" "${FT_EVAL_TOKENS:=48}" "${FT_ARGS:=}"
+: "${STEPS:=600}" "${LR:=3e-3}" "${BATCH:=32}" "${GRAD_ACCUM:=1}" "${MAX_LENGTH:=128}" "${WARMUP_RATIO:=0.05}"
+: "${SCHEDULER:=cosine}" "${SAVE_STEPS:=100}" "${SEED:=0}" "${FT_EVAL_MAX:=200}" "${FT_EVAL_TOKENS:=48}" "${FT_ARGS:=}"
 : "${BENCH_MODEL:=$BASE_MODEL}" "${BENCH_BATCHES:=1 4 16}" "${BENCH_PROMPTLEN:=64}" "${BENCH_GENLEN:=32}"
 : "${BENCH_REPEATS:=2}" "${BENCH_ARGS:=}" "${THREADS:=}"
 : "${STEPS_TO_RUN:=finetune,merge,eval_base,eval_finetuned,bench,report}" "${FORCE:=}"

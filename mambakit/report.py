@@ -39,6 +39,8 @@ def _fmt(v, digits=4) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
+        if v != 0 and abs(v) < 10 ** -digits:
+            return f"{v:.2e}"
         return f"{v:.{digits}f}"
     return str(v)
 
