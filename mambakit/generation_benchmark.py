@@ -366,7 +366,10 @@ def plot_throughput(results: dict, png_path, source: str = ""):
             ax.plot([r["batch"] for r in runs], [r["tokens_per_s"] for r in runs], marker="o",
                     label=f"{name} ({results['models'][name].get('shape') or results['models'][name].get('size') or ''})")
     inp = results["inputs"]
+    batches = sorted({r["batch"] for r in results["runs"]})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_ylabel("generated tokens / s (prompt + decode)")
     ax.set_title(f"prompt {results['sample']['prompt_length']}, {inp['genlen']} new tokens, "
