@@ -38,10 +38,9 @@ the maximum length whatever the stop sequences. Here:
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

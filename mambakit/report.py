@@ -213,7 +213,7 @@ def build_report(out_dir, evals: dict | None = None, finetune_summary=None, gene
                 cells.append(c)
             md.append(f"| {task} | {key} | " + " | ".join(cells) + f" | {src_cell} |")
         md.append("")
-        md += [f"Result files: " + "; ".join(f"{n}: [`{s}`]({s})" for n, s in srcs.items()), ""]
+        md += ["Result files: " + "; ".join(f"{n}: [`{s}`]({s})" for n, s in srcs.items()), ""]
         png = plot_accuracy(rows, names, out / "accuracy.png", srcs,
                             (fs, finetune_summary) if fs is not None else None)
         if png:

@@ -1,7 +1,6 @@
 """selective_scan_fn (PyTorch backend) and selective_scan_ref against a float64 recurrence written here."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mamba_ssm.backend import use_backend
 from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked

@@ -1,7 +1,6 @@
 """The Triton decoding step against its PyTorch reference: on a GPU, and on the CPU through
 Triton's interpreter when Triton is installed (TRITON_INTERPRET=1)."""
 import importlib.util
-import os
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ and also returns `.loss` when given `labels`, so transformers' Trainer and PEFT 
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import namedtuple
 from functools import partial

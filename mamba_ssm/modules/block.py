@@ -5,7 +5,6 @@ separately, so the add and the norm can be fused: returns (hidden_states, residu
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn
