@@ -63,26 +63,27 @@ def rms_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=Non
                          is_rms_norm=True, return_dropout_mask=return_dropout_mask, out_dtype=out_dtype)
 
 
-def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, upcast=False):
-    dtype = x.dtype
+def _ref_inputs(x, weight, bias, residual, upcast):
+    """The references' common start: optional fp32 upcast, then the residual add."""
     if upcast:
         x, weight = x.float(), weight.float()
         bias = bias.float() if bias is not None else None
         residual = residual.float() if residual is not None else None
     if residual is not None:
         x = (x + residual).to(x.dtype)
+    return x, weight, bias
+
+
+def layer_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, upcast=False):
+    dtype = x.dtype
+    x, weight, bias = _ref_inputs(x, weight, bias, residual, upcast)
     out = F.layer_norm(x.to(weight.dtype), x.shape[-1:], weight=weight, bias=bias, eps=eps).to(dtype)
     return (out, x) if prenorm else out
 
 
 def rms_norm_ref(x, weight, bias, residual=None, eps=1e-6, prenorm=False, upcast=False):
     dtype = x.dtype
-    if upcast:
-        x, weight = x.float(), weight.float()
-        bias = bias.float() if bias is not None else None
-        residual = residual.float() if residual is not None else None
-    if residual is not None:
-        x = (x + residual).to(x.dtype)
+    x, weight, bias = _ref_inputs(x, weight, bias, residual, upcast)
     rstd = 1 / torch.sqrt(x.square().mean(dim=-1, keepdim=True) + eps)
     out = x * rstd * weight
     if bias is not None:
