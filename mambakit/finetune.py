@@ -116,11 +116,9 @@ class FinetuneConfig:
     stop_after_steps: int | None = None
 
     def data_config(self) -> DataConfig:
-        return DataConfig(dataset=self.dataset, preset=self.preset, prompt_field=self.prompt_field,
-                          response_field=self.response_field, hub_config=self.hub_config, split=self.split,
-                          eval_split=self.eval_split, eval_size=self.eval_size, max_examples=self.max_examples,
-                          eval_max_examples=self.eval_max_examples, max_length=self.max_length,
-                          packing=self.packing, seed=self.seed)
+        # The data fields above carry DataConfig's names; the rest of DataConfig keeps its defaults.
+        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)
+                             if hasattr(self, f.name)})
 
     def validate(self):
         def need(cond, name, expected):
