@@ -80,12 +80,17 @@ def cuda_extensions():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + _gencode_flags()
+    # Extra flags for kernel experiments, e.g. MAMBA_SSM_NVCC_EXTRA="-DSSM_BWD2_MIN_BLOCKS=2"
+    # (see csrc/selective_scan/scan_params.h); -D flags reach the C++ binding too.
+    extra = os.environ.get("MAMBA_SSM_NVCC_EXTRA", "").split()
+    nvcc_flags += extra
+    cxx_flags = ["-O3", "-std=c++17"] + [f for f in extra if f.startswith("-D")]
     return [
         CUDAExtension(
             name="mamba_ssm._selective_scan_cuda",
             sources=sources,
             include_dirs=[str(HERE / SCAN_DIR)],
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     ]
 

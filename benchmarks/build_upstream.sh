@@ -19,6 +19,16 @@ sed -i -E \
   -e 's/cc_flag\.append\("arch=compute_[0-9]+,code=sm_[0-9]+"\)/pass/' \
   setup.py
 grep -n 'compute_' setup.py
+# A selective_scan_cuda*.so built earlier by this script (same sdist, same torch) can be reused:
+# PREBUILT_SO=path skips the ~2 minute build.
+if [ -n "${PREBUILT_SO:-}" ] && [ -f "$PREBUILT_SO" ]; then
+  case "$PREBUILT_SO" in
+    *.gz) gunzip -c "$PREBUILT_SO" > "$SRC/$(basename "$PREBUILT_SO" .gz)" ;;
+    *) cp "$PREBUILT_SO" "$SRC/" ;;
+  esac
+  ls "$SRC"/selective_scan_cuda*.so
+  exit 0
+fi
 export MAMBA_FORCE_BUILD=TRUE
 export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS=${MAX_JOBS:-8}

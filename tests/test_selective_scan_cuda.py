@@ -213,6 +213,10 @@ def _grid():
         (torch.float32, 1, 1, 2, True, True, True, True, 1, 2),
         (torch.bfloat16, 4097, 16, None, True, True, True, True, 1, 64),
         (torch.float32, 300, 16, None, True, True, True, True, 2, 48),
+        # blocks of >= 8 channels (the backward's warp-shuffle dB/dC sum) with several state slots
+        (torch.bfloat16, 300, 64, 2, True, True, True, True, 1, 32),
+        (torch.float32, 130, 256, None, True, True, True, True, 1, 16),
+        (torch.float16, 2048, 32, 1, True, False, True, True, 1, 64),
     ]
     return cases
 
@@ -245,6 +249,18 @@ def test_fp32_B_C_with_low_precision_u(dtype, groups):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_inputs(dtype):
     check_case(11, 2, 16, 100, 16, dtype, None, True, True, True, True, noncontig=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", ["1", "3", "64"])
+def test_sequence_split_backward(monkeypatch, split):
+    # the backward split into groups along the sequence (chosen automatically for small
+    # batch * dim) agrees with float64 whatever the number of groups, also with longer segments
+    monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
+    check_case(21, 1, 64, 2000, 16, torch.bfloat16, None, True, True, True, True)
+    check_case(22, 2, 8, 517, 64, torch.float32, 2, True, True, False, True)
+    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "64")
+    check_case(23, 1, 16, 1500, 32, torch.float16, 1, False, True, True, True)
 
 
 @pytest.mark.cuda

@@ -15,8 +15,8 @@
 
 namespace ssm {
 
-template <typename T, typename TW>
-__global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
+template <typename T, typename TW, bool kWarpRed>
+__global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int nthr = blockDim.x;
@@ -39,7 +39,13 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
   float4* sHS = reinterpret_cast<float4*>(sDT + cpb * 3 * 20);  // [R][spl][nthr]
   float4* sG = sHS + R * spl * nthr;                          // [spl][nthr]
   float4* sDA = sG + spl * nthr;                              // [spl][nthr]
-  float* sRed = reinterpret_cast<float*>(sDA + spl * nthr);   // [2 dB/dC][cpb][16][BW]
+  float4* sHP = sDA + spl * nthr;                             // [16][nthr] if kBwd2HpSmem
+  float* sRed = reinterpret_cast<float*>(sHP + (kBwd2HpSmem ? 16 * nthr : 0));    // [slots][2 dB/dC][16][BW]
+  // dB/dC reduction slot of this thread: its warp (the warp's 8 channels are summed by shuffles)
+  // or, for blocks of fewer than 8 channels, its channel.
+  const int slot = kWarpRed ? (tid >> 5) : c;
+  const int cw = c & 7;
+  const int nslots = kWarpRed ? cpb / 8 : cpb;  // scan_bwd2_red_slots
 
   const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d;
   const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d;
@@ -84,15 +90,32 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
     }
   };
 
+  // Sequence group of this block (p.nsplit > 1: see ScanParams) and its incoming gradient.
+  const int zg = blockIdx.z;
+  const int64_t bd = (int64_t)p.batch * p.dim;
   for (int k = 0; k < spl; ++k) {
-    sG[k * nthr + tid] = p.dlast ? load4f(p.dlast + row * N, k) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float4 g = p.dlast ? load4f(p.dlast + row * N, k) : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (zg + 1 < p.nsplit) {
+      float4 A2 = load4f(Ap, k);
+      A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+      for (int zz = p.nsplit - 1; zz > zg; --zz) {
+        const float sdt = p.carry_sdt[zz * bd + row];
+        const float4 w = load4f(p.carry_w + (zz * bd + row) * N, k);
+        g.x = fmaf(fast_exp2(sdt * A2.x), g.x, w.x);
+        g.y = fmaf(fast_exp2(sdt * A2.y), g.y, w.y);
+        g.z = fmaf(fast_exp2(sdt * A2.z), g.z, w.z);
+        g.w = fmaf(fast_exp2(sdt * A2.w), g.w, w.w);
+      }
+    }
+    sG[k * nthr + tid] = g;
     sDA[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int nch = (L + 15) >> 4;
   float* dtrow = sDT + (c * 3) * 20;
 
-  for (int j = p.nseg - 1; j >= 0; --j) {
+  const int j_lo = zg * p.gseg;
+  for (int j = min(p.nseg, j_lo + p.gseg) - 1; j >= j_lo; --j) {
     const int c_first = j * R;
     const int nsub = min(R, nch - c_first);
     for (int k = 0; k < spl; ++k) sHS[k * nthr + tid] = load4f(ckp + (int64_t)j * N, k);
@@ -153,32 +176,25 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
       const int ch = c_first + r;
       const int t0 = ch << 4;
       const int t = t0 + 4 * l;
-      float uv[4], xv[4], dtv[4], zv[4], sz[4], dov[4], dyv[4];
+      // The raw inputs stay in registers (2 words per 4 elements for 16-bit types) for the
+      // epilogue, which recomputes dt, silu(z) etc. from them: fewer live registers in the scan.
+      RawN<T, 4> u4, d4, z4, o4;
       __syncthreads();
       stage_bc(ch, true);
+      load_n(u4, up, t, L, true, p.vec_x);
+      load_n(d4, dp, t, L, true, p.vec_x);
+      load_n(o4, dop, t, L, true, p.vec_x);
+      if (zp) load_n(z4, zp, t, L, true, p.vec_x);
       {
-        RawN<T, 4> u4, d4, z4, o4;
-        load_n(u4, up, t, L, true, p.vec_x);
-        load_n(d4, dp, t, L, true, p.vec_x);
-        load_n(o4, dop, t, L, true, p.vec_x);
-        if (zp) load_n(z4, zp, t, L, true, p.vec_x);
-        float du[4];
+        float dtv[4], du[4], dyv[4];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
-          uv[q] = u4[q];
-          xv[q] = d4[q] + bias;
-          dtv[q] = tv ? (p.softplus ? softplusf_(xv[q]) : xv[q]) : 0.f;
-          du[q] = dtv[q] * uv[q];
-          dov[q] = o4[q];
-          if (zp) {
-            zv[q] = z4[q];
-            sz[q] = sigmoidf_(zv[q]);
-            dyv[q] = tv ? dov[q] * zv[q] * sz[q] : 0.f;
-          } else {
-            zv[q] = 0.f; sz[q] = 0.f;
-            dyv[q] = tv ? dov[q] : 0.f;
-          }
+          const float x = d4[q] + bias;
+          dtv[q] = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          du[q] = dtv[q] * u4[q];
+          const float zq = zp ? z4[q] : 0.f;
+          dyv[q] = tv ? (zp ? o4[q] * zq * sigmoidf_(zq) : o4[q]) : 0.f;
         }
         reinterpret_cast<float4*>(dtrow)[l] = make_float4(dtv[0], dtv[1], dtv[2], dtv[3]);
         reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
@@ -198,7 +214,11 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
         const int s0 = 16 * k + 4 * l;
         const float4 Av = load4f(Ap, k);
         const float4 A2 = make_float4(Av.x * kLog2e, Av.y * kLog2e, Av.z * kLog2e, Av.w * kLog2e);
-        float4 hp[16];
+        // h_{t-1} of the sub-chunk's 16 steps, in shared memory (registers would cap occupancy)
+        // or in registers.
+        float4 hp_reg[kBwd2HpSmem ? 1 : 16];
+        float4* hp = kBwd2HpSmem ? sHP + tid : hp_reg;
+        const int hps = kBwd2HpSmem ? nthr : 1;
         float4 h = sHS[(r * spl + k) * nthr + tid];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
@@ -211,7 +231,7 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
             const int i = 4 * q + e;
             const float4 Bv = *reinterpret_cast<const float4*>(sBC + i * BW + s0);
             const float4 Cv = *reinterpret_cast<const float4*>(sBC + (16 + i) * BW + s0);
-            hp[i] = h;
+            hp[i * hps] = h;
             h.x = fmaf(fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
             h.y = fmaf(fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
             h.z = fmaf(fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
@@ -227,8 +247,8 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
         float4 gc = sG[k * nthr + tid];
         float4 dA = make_float4(0.f, 0.f, 0.f, 0.f);
         float4 hn = h;  // h_t of the step being processed
-        float* redB = sRed + (c * 16) * BW + s0;
-        float* redC = sRed + ((cpb + c) * 16) * BW + s0;
+        float* redB = sRed + (slot * 2 * 16) * BW + s0;
+        float* redC = redB + 16 * BW;
 #pragma unroll
         for (int q = 3; q >= 0; --q) {
           const float4 dt4 = dt4p[q];
@@ -254,9 +274,18 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
             sv = fmaf(gt.z, Bv.z, sv);
             sv = fmaf(gt.w, Bv.w, sv);
             s1[i] = sv;
-            *reinterpret_cast<float4*>(redB + i * BW) = make_float4(gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv);
-            *reinterpret_cast<float4*>(redC + i * BW) = make_float4(dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w);
-            const float4 hpv = hp[i];
+            if constexpr (kWarpRed) {
+              float v[8] = {gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv,
+                            dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w};
+              // lane 4c+l now holds entry (c & 7) of v summed over the warp's 8 channels:
+              // dB (c & 4 == 0) or dC of state s0 + (c & 3), step i.
+              const float vs = reduce8_over_channels(v, tid & 31, mask);
+              redB[(cw >> 2) * 16 * BW + i * BW + (cw & 3)] = vs;
+            } else {
+              *reinterpret_cast<float4*>(redB + i * BW) = make_float4(gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv);
+              *reinterpret_cast<float4*>(redC + i * BW) = make_float4(dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w);
+            }
+            const float4 hpv = hp[i * hps];
             gc.x = fast_exp2(dtv_ * A2.x) * gt.x;
             gc.y = fast_exp2(dtv_ * A2.y) * gt.y;
             gc.z = fast_exp2(dtv_ * A2.z) * gt.z;
@@ -289,14 +318,19 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
-          const float y = fmaf(Dv, uv[q], yacc[q]);
-          o_dz[q] = dov[q] * y * sz[q] * (1.f + zv[q] * (1.f - sz[q]));
-          o_du[q] = fmaf(dtv[q], s1[q], Dv * dyv[q]);
-          float ddt = fmaf(uv[q], s1[q], s2[q]);
-          if (p.softplus) ddt *= sigmoidf_(xv[q]);
+          const float uq = u4[q], x = d4[q] + bias, dq = o4[q];
+          const float dtq = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          const float zq = zp ? z4[q] : 0.f;
+          const float szq = zp ? sigmoidf_(zq) : 0.f;
+          const float dyq = tv ? (zp ? dq * zq * szq : dq) : 0.f;
+          const float y = fmaf(Dv, uq, yacc[q]);
+          o_dz[q] = dq * y * szq * (1.f + zq * (1.f - szq));
+          o_du[q] = fmaf(dtq, s1[q], Dv * dyq);
+          float ddt = fmaf(uq, s1[q], s2[q]);
+          if (p.softplus) ddt *= sigmoidf_(x);
           o_dd[q] = ddt;
           if (tv) {
-            dD_acc = fmaf(dyv[q], uv[q], dD_acc);
+            dD_acc = fmaf(dyq, uq, dD_acc);
             dbias_acc += ddt;
           }
         }
@@ -307,23 +341,23 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
 
       // Sum the channels' dB/dC partials of steps [t0, t0+16) and write this block's partial.
       __syncthreads();
-      const int nel = 16 * N;
+      const int nel = 16 * N16;
       for (int e = tid; e < 2 * nel; e += nthr) {
         const int which = e >= nel;
         const int rem = e - which * nel;
-        const int i = rem / N;
-        const int n = rem - i * N;
-        if (t0 + i < L) {
-          const float* src = sRed + ((which * cpb) * 16 + i) * BW + n;
+        const int i = rem / N16;
+        const int n = rem - i * N16;
+        if (t0 + i < L && n < N) {
+          const float* src = sRed + (which * 16 + i) * BW + n;
           float sum = 0.f;
-          for (int cc = 0; cc < cpb; ++cc) sum += src[cc * 16 * BW];
+          for (int sl = 0; sl < nslots; ++sl) sum += src[sl * 2 * 16 * BW];
           (which ? dCp : dBp)[(int64_t)(t0 + i) * N + n] = sum;
         }
       }
     }
   }
 
-  float* dAp = p.dApart + row * N;
+  float* dAp = p.dApart + (zg * bd + row) * N;
   for (int k = 0; k < spl; ++k) {
     const int s0 = 16 * k + 4 * l;
     const float4 a = sDA[k * nthr + tid];
@@ -337,18 +371,127 @@ __global__ void __launch_bounds__(128) scan_bwd2_kernel(const ScanParams p) {
   dD_acc += __shfl_xor_sync(mask, dD_acc, 1);
   dbias_acc += __shfl_xor_sync(mask, dbias_acc, 1);
   if (l == 0) {
-    p.dDpart[row] = dD_acc;
-    p.dbiaspart[row] = dbias_acc;
+    p.dDpart[zg * bd + row] = dD_acc;
+    p.dbiaspart[zg * bd + row] = dbias_acc;
   }
+}
+
+// First pass of the sequence-split backward: for group z = blockIdx.z + 1, run the reverse
+// recurrence g <- exp(dt A) (g + C dy) over the group's steps from g = 0, and sum dt. Same
+// thread layout as above; only C, dt and dy are needed.
+template <typename T, typename TW>
+__global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p) {
+  extern __shared__ float4 smem_f4[];
+  float* sm = reinterpret_cast<float*>(smem_f4);
+  const int nthr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int l = tid & 3;
+  const int c = tid >> 2;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * p.cpb + c;
+  const int zg = blockIdx.z + 1;
+  const int L = p.seqlen, N = p.dstate, spl = p.spl;
+  const int N16 = spl * 16, BW = N16 + 4;
+  const int g = d / (p.dim / p.groups);
+  const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
+
+  float* sC = sm;                                               // [16][BW]
+  float* sDT = sC + 16 * BW;                                    // [cpb][2 dt/dy][20]
+  float4* sW = reinterpret_cast<float4*>(sDT + p.cpb * 2 * 20);  // [spl][nthr]
+
+  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d;
+  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d : nullptr;
+  const T* dop = static_cast<const T*>(p.dout) + b * p.do_b + d * p.do_d;
+  const TW* Cb = static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g;
+  const int64_t row = (int64_t)b * p.dim + d;
+  const float* Ap = p.A + (int64_t)d * N;
+  const float bias = p.bias ? p.bias[d] : 0.f;
+
+  for (int k = 0; k < spl; ++k) sW[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float sdt = 0.f;
+  const int nch = (L + 15) >> 4;
+  const int ch_lo = zg * p.gseg * p.R;
+  const int ch_hi = min(nch, ch_lo + p.gseg * p.R);
+  float* dtrow = sDT + (c * 2) * 20;
+  for (int ch = ch_hi - 1; ch >= ch_lo; --ch) {
+    const int t0 = ch << 4;
+    const int t = t0 + 4 * l;
+    __syncthreads();
+    for (int e = tid; e < 2 * N16; e += nthr) {
+      const int n = e >> 1, half = e & 1;
+      RawN<TW, 8> tmp;
+      load_n(tmp, Cb + (int64_t)n * p.C_s, t0 + 8 * half, L, n < N, p.vec_C);
+      float* dst = sC + (8 * half) * BW + n;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
+    }
+    {
+      RawN<T, 4> d4, o4, z4;
+      load_n(d4, dp, t, L, true, p.vec_x);
+      load_n(o4, dop, t, L, true, p.vec_x);
+      if (zp) load_n(z4, zp, t, L, true, p.vec_x);
+      float dtv[4], dyv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const bool tv = t + q < L;
+        const float x = d4[q] + bias;
+        dtv[q] = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+        const float zq = zp ? z4[q] : 0.f;
+        dyv[q] = tv ? (zp ? o4[q] * zq * sigmoidf_(zq) : o4[q]) : 0.f;
+        sdt += dtv[q];
+      }
+      reinterpret_cast<float4*>(dtrow)[l] = make_float4(dtv[0], dtv[1], dtv[2], dtv[3]);
+      reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(dyv[0], dyv[1], dyv[2], dyv[3]);
+    }
+    __syncthreads();
+    const float* dts = dtrow;
+    const float* dys = dtrow + 20;
+#pragma unroll 1
+    for (int k = 0; k < spl; ++k) {
+      const int s0 = 16 * k + 4 * l;
+      float4 A2 = load4f_(Ap, s0, N);
+      A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+      float4 gc = sW[k * nthr + tid];
+#pragma unroll
+      for (int i = 15; i >= 0; --i) {
+        const float4 Cv = *reinterpret_cast<const float4*>(sC + i * BW + s0);
+        const float dtv = dts[i], dyv = dys[i];
+        gc.x = fast_exp2(dtv * A2.x) * fmaf(Cv.x, dyv, gc.x);
+        gc.y = fast_exp2(dtv * A2.y) * fmaf(Cv.y, dyv, gc.y);
+        gc.z = fast_exp2(dtv * A2.z) * fmaf(Cv.z, dyv, gc.z);
+        gc.w = fast_exp2(dtv * A2.w) * fmaf(Cv.w, dyv, gc.w);
+      }
+      sW[k * nthr + tid] = gc;
+    }
+  }
+  const int64_t bd = (int64_t)p.batch * p.dim;
+  float* wp = p.carry_w + (zg * bd + row) * N;
+  for (int k = 0; k < spl; ++k) {
+    const int s0 = 16 * k + 4 * l;
+    const float4 w = sW[k * nthr + tid];
+    if (s0 + 0 < N) wp[s0 + 0] = w.x;
+    if (s0 + 1 < N) wp[s0 + 1] = w.y;
+    if (s0 + 2 < N) wp[s0 + 2] = w.z;
+    if (s0 + 3 < N) wp[s0 + 3] = w.w;
+  }
+  sdt += __shfl_xor_sync(mask, sdt, 2);
+  sdt += __shfl_xor_sync(mask, sdt, 1);
+  if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
 }
 
 template <typename T, typename TW>
 void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
+  if (p.nsplit > 1) {
+    const int smem = scan_bwd2_carry_smem_floats(p) * (int)sizeof(float);
+    auto carry = scan_bwd2_carry_kernel<T, TW>;
+    if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);
+  }
   const int smem = scan_bwd2_smem_floats(p) * (int)sizeof(float);
-  auto kern = scan_bwd2_kernel<T, TW>;
+  auto kern = (SSM_BWD2_WARP_RED && p.cpb >= 8) ? scan_bwd2_kernel<T, TW, true> : scan_bwd2_kernel<T, TW, false>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid(p.dim / p.cpb, p.batch);
+  dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);
 }
 

@@ -173,6 +173,16 @@ __device__ __forceinline__ void store4(T* row, int t, int L, bool vec, const flo
   }
 }
 
+// States s0..s0+3 of a (.., N) fp32 row, 0 at or past N.
+__device__ __forceinline__ float4 load4f_(const float* src, int s0, int N) {
+  float4 a;
+  a.x = s0 + 0 < N ? src[s0 + 0] : 0.f;
+  a.y = s0 + 1 < N ? src[s0 + 1] : 0.f;
+  a.z = s0 + 2 < N ? src[s0 + 2] : 0.f;
+  a.w = s0 + 3 < N ? src[s0 + 3] : 0.f;
+  return a;
+}
+
 // Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..4) of
 // lane l hold the sums over the 4 lanes of the entry values v[4l .. 4l+4).
 __device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) {
@@ -195,5 +205,34 @@ __device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask)
     }
   }
 }
+
+// Sum over the 8 channels of a warp (lane bits 2..4) of 8 values per lane, transposing: on exit
+// lane 4c+l returns entry (c & 7) summed over the lanes 4c'+l of its warp. 7 shuffles.
+__device__ __forceinline__ float reduce8_over_channels(float (&v)[8], int lane, unsigned mask) {
+  {
+    const bool hi = (lane & 16) != 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float send = hi ? v[j] : v[j + 4];
+      const float keep = hi ? v[j + 4] : v[j];
+      v[j] = keep + __shfl_xor_sync(mask, send, 16);
+    }
+  }
+  {
+    const bool hi = (lane & 8) != 0;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float send = hi ? v[j] : v[j + 2];
+      const float keep = hi ? v[j + 2] : v[j];
+      v[j] = keep + __shfl_xor_sync(mask, send, 8);
+    }
+  }
+  const bool hi = (lane & 4) != 0;
+  return (hi ? v[1] : v[0]) + __shfl_xor_sync(mask, hi ? v[0] : v[1], 4);
+}
+
+// Blocks of the backward kept resident per SM (bounds its registers: 65536 / (128 * this)).
+constexpr int kBwd2MinBlocks = SSM_BWD2_MIN_BLOCKS;
+constexpr bool kBwd2HpSmem = SSM_BWD2_HP_SMEM != 0;
 
 }  // namespace ssm

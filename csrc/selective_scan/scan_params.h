@@ -46,9 +46,18 @@ struct ScanParams {
   void* dz = nullptr;
   float* dBpart = nullptr;      // impl 1: (P, batch, groups, dstate, seqlen); impl 2: (P, batch, groups, seqlen, dstate)
   float* dCpart = nullptr;
-  float* dApart = nullptr;      // (batch, dim, dstate)
-  float* dDpart = nullptr;      // (batch, dim)
-  float* dbiaspart = nullptr;   // (batch, dim)
+  float* dApart = nullptr;      // (batch, dim, dstate), impl 2: (nsplit, batch, dim, dstate)
+  float* dDpart = nullptr;      // (batch, dim), impl 2: (nsplit, batch, dim)
+  float* dbiaspart = nullptr;   // (batch, dim), impl 2: (nsplit, batch, dim)
+
+  // impl 2 backward split along the sequence (for grids too small to fill the GPU): group z
+  // covers checkpoint segments [z * gseg, (z + 1) * gseg). A first kernel computes, for each
+  // group z >= 1 alone (zero incoming gradient), the gradient it passes to the state before
+  // it (carry_w) and its sum of dt (carry_sdt); each group then starts from
+  // g = dlast, g = exp(A * sdt_z') * g + w_z' for z' = nsplit-1 .. z+1.
+  int nsplit = 1, gseg = 1;
+  float* carry_w = nullptr;     // (nsplit, batch, dim, dstate)
+  float* carry_sdt = nullptr;   // (nsplit, batch, dim)
 };
 
 // Implemented in scan_fwd_*.cu / scan_bwd_*.cu. w_f32: B and C are fp32 (else u's dtype).
@@ -76,9 +85,28 @@ inline int scan2_bw(const ScanParams& p) { return p.spl * 16 + 4; }
 inline int scan_fwd2_smem_floats(const ScanParams& p) {
   return 2 * 2 * 16 * scan2_bw(p) + 2 * p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
+// Backward design switches (compile time; -D through MAMBA_SSM_NVCC_EXTRA for experiments).
+#ifndef SSM_BWD2_WARP_RED   // sum dB/dC over a warp's 8 channels with shuffles before shared memory
+#define SSM_BWD2_WARP_RED 1
+#endif
+#ifndef SSM_BWD2_HP_SMEM    // keep the sub-chunk's h_{t-1} history in shared memory, not registers
+#define SSM_BWD2_HP_SMEM 1
+#endif
+#ifndef SSM_BWD2_MIN_BLOCKS  // resident blocks per SM the compiler must allow (caps registers)
+#define SSM_BWD2_MIN_BLOCKS 3
+#endif
+
+inline int scan_bwd2_carry_smem_floats(const ScanParams& p) {
+  return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
+}
+
+// Backward dB/dC reduction slots: one per warp when a warp holds 8 channels (summed by
+// shuffles first), else one per channel.
+inline int scan_bwd2_red_slots(const ScanParams& p) { return (SSM_BWD2_WARP_RED && p.cpb >= 8) ? p.cpb / 8 : p.cpb; }
 inline int scan_bwd2_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
-  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + 2 * p.cpb * 16 * scan2_bw(p);
+  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + SSM_BWD2_HP_SMEM * 4 * 16 * nthr +
+         scan_bwd2_red_slots(p) * 2 * 16 * scan2_bw(p);
 }
 
 }  // namespace ssm
