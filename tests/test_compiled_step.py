@@ -1,0 +1,98 @@
+"""The CPU decoding step compiled with torch.compile (generate(..., cg=True) on a CPU) against the eager step."""
+import warnings
+
+import pytest
+import torch
+
+from mamba_ssm.models.config_mamba import MambaConfig
+from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+from mamba_ssm.utils import compiled_step
+
+pytestmark = pytest.mark.slow  # the first compile of a shape takes tens of seconds on 2 cores
+
+
+def tiny_model(seed=0, **cfg):
+    torch.manual_seed(seed)
+    config = MambaConfig(d_model=32, n_layer=3, vocab_size=101, ssm_cfg={"d_state": 8}, **cfg)
+    return MambaLMHeadModel(config).eval()
+
+
+def generate_both(model, prompt, new_tokens=10):
+    kwargs = dict(max_length=prompt.shape[1] + new_tokens, output_scores=True, return_dict_in_generate=True)
+    eager = model.generate(prompt, cg=False, **kwargs)
+    compiled = model.generate(prompt, cg=True, **kwargs)
+    return eager, compiled
+
+
+@pytest.mark.parametrize("cfg", [{}, {"rms_norm": False, "residual_in_fp32": False}])
+def test_compiled_step_gives_the_eager_tokens_and_logits(cfg):
+    model = tiny_model(seed=11, **cfg)
+    prompt = torch.randint(0, 101, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
+        step = compiled_step.CompiledStep.build(model, 2)
+    assert step is not None
+    eager, compiled = generate_both(model, prompt)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_teacher_forced_logits_equal_the_full_forward():
+    model = tiny_model(seed=12)
+    seq = torch.randint(0, 101, (1, 14))
+    out = model.generate(seq[:, :4], max_length=14, teacher_outputs=seq, cg=True, output_scores=True,
+                         return_dict_in_generate=True)
+    full = model(seq).logits
+    torch.testing.assert_close(torch.stack(out.scores, dim=1), full[:, 3:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch):
+    model = tiny_model(seed=13)
+    prompt = torch.randint(0, 101, (1, 4))
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    # a fresh process's state, with a compile that fails (as it does without a C++ compiler)
+    monkeypatch.setattr(compiled_step, "_warned", False)
+    monkeypatch.setattr(compiled_step, "_failed", None)
+    monkeypatch.setattr(compiled_step, "_proven", set())
+    monkeypatch.setattr(compiled_step, "_compiled", no_compiler)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        fallback = model.generate(prompt, max_length=12, cg=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is not repeated
+        again = model.generate(prompt, max_length=12, cg=True)
+    eager = model.generate(prompt, max_length=12, cg=False)
+    assert torch.equal(fallback, eager) and torch.equal(again, eager)
+
+
+def test_env_var_and_unsupported_models_keep_the_eager_step(monkeypatch):
+    model = tiny_model(seed=14)
+    prompt = torch.randint(0, 101, (1, 4))
+    monkeypatch.setenv(compiled_step.ENV_VAR, "0")
+    monkeypatch.setattr(compiled_step, "_compiled", None)
+    monkeypatch.setattr(compiled_step.CompiledStep, "build", None)  # would raise if called
+    assert torch.equal(model.generate(prompt, max_length=9, cg=True), model.generate(prompt, max_length=9))
+    monkeypatch.undo()
+    mlp = tiny_model(seed=15, d_intermediate=16)
+    assert "MLP" in compiled_step.unsupported_reason(mlp)
+    monkeypatch.setattr(compiled_step, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="MLP"):
+        seq = mlp.generate(prompt, max_length=9, cg=True)
+    assert torch.equal(seq, mlp.generate(prompt, max_length=9))
+
+
+def test_no_working_cxx_compiler_falls_back_to_eager(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(16)  # a shape no other test compiles, so nothing comes from a cache
+    model = MambaLMHeadModel(MambaConfig(d_model=40, n_layer=2, vocab_size=77, ssm_cfg={"d_state": 4})).eval()
+    prompt = torch.randint(0, 77, (1, 3))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(compiled_step, "_warned", False)
+    monkeypatch.setattr(compiled_step, "_failed", None)
+    with pytest.warns(RuntimeWarning, match="compiled CPU decoding step unavailable"):
+        seq = model.generate(prompt, max_length=9, cg=True)
+    assert torch.equal(seq, model.generate(prompt, max_length=9))
