@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a Mamba model on math word problems (LoRA by default). See finetune/README.md.
 
-    python finetune/finetune.py --model state-spaces/mamba-130m --dataset ../shared/data/gsm8k \
+    python finetune/finetune.py --model state-spaces/mamba-130m --dataset openai/gsm8k \
         --output-dir outputs/gsm8k-lora --max-steps 1000
     python finetune/finetune.py --config experiment.yaml --resume
 

@@ -65,7 +65,7 @@ class FinetuneConfig:
     tokenizer: str | None = None
     output_dir: str = "outputs/finetune"
     # data (see mambakit.math_data.DataConfig)
-    dataset: str = "../shared/data/gsm8k"
+    dataset: str = "openai/gsm8k"  # hub id; a local file or directory works too
     preset: str | None = "gsm8k"
     prompt_field: str | None = None
     response_field: str | None = None

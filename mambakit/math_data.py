@@ -62,7 +62,7 @@ class DataConfig:
     split (seeded) and never trained on. max_examples / eval_max_examples cap the sizes (None: all).
     """
 
-    dataset: str = "../shared/data/gsm8k"
+    dataset: str = "openai/gsm8k"
     preset: str | None = "gsm8k"
     prompt_field: str | None = None
     response_field: str | None = None
