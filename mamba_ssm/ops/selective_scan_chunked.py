@@ -94,13 +94,20 @@ def _to_time_major_blocked(x, K, T):
     return out
 
 
-def _from_time_major_blocked(x, L):
-    """(T, b, K, c) -> (b, c, L), copied in blocks of steps (measured: 3x faster than one copy)."""
+def _from_time_major_blocked(x, L, out=None):
+    """(T, b, K, c) -> (b, c, L), copied in blocks of steps (measured: 3x faster than one copy).
+
+    out: an optional (b, c, L) destination with a contiguous last dim (a channel slice of the
+    whole result, which saves concatenating the parts afterwards).
+    """
     T, b, K, c = x.shape
-    out = x.new_empty((b, c, K, T))
+    if out is not None and K * T != L:  # padded: the (K, T) view of out does not exist
+        out.copy_(_from_time_major_blocked(x, L))
+        return out
+    dest = x.new_empty((b, c, K, T)) if out is None else out.view(b, c, K, T)
     for t0 in range(0, T, 32):
-        out[..., t0:t0 + 32] = x[t0:t0 + 32].permute(1, 3, 2, 0)
-    return out.view(b, c, K * T)[:, :, :L]
+        dest[..., t0:t0 + 32] = x[t0:t0 + 32].permute(1, 3, 2, 0)
+    return dest.view(b, c, K * T)[:, :, :L] if out is None else out
 
 
 def _bc_time_major(X, K, T):
@@ -176,10 +183,11 @@ def _groups(dim, gB, gC):
     return G, G // gB, G // gC
 
 
-def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K):
+def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None):
     """Forward without storing any (b, d, L, n) tensor: every step's decays and inputs are built
     on the fly in small buffers that stay in cache, once for the chunk-local sweep and once for the
-    full sweep. Returns y (b, d, L), the chunk start states (b, K, n, d) and the last state (b, d, n).
+    full sweep. Returns y (b, d, L) (written into y_out if given), the chunk start states
+    (b, K, n, d) and the last state (b, d, n).
     """
     batch, dim, L = dt.shape
     n = Af.shape[1]
@@ -217,7 +225,7 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K):
         DA.exp_()
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
         torch.matmul(CtG[t], h, out=Y[t])
-    y = _from_time_major_blocked(Y.view(T, batch, K, dim), L)
+    y = _from_time_major_blocked(Y.view(T, batch, K, dim), L, out=y_out)
     HS = hs.permute(0, 1, 3, 2, 4).reshape(batch, K, n, dim)
     last = h[:, K - 1].transpose(-1, -2).reshape(batch, dim, n)
     return y, HS, last
@@ -279,17 +287,19 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         T = max(1, min(chunk_size or chunk_length(L, batch * part_dim * n), L))
         K = -(-L // T)
         x = dt * uf
+        # each part writes its channels of y in place (no concatenation of the parts' outputs)
+        y = uf.new_empty((batch, dim, L))
         res = _run_parts(lambda c0, c1: _forward_streaming(dt[:, c0:c1], x[:, c0:c1], Af[c0:c1], B4, C4,
-                                                           G, rB, rC, T, K), parts)
+                                                           G, rB, rC, T, K, y_out=y[:, c0:c1]), parts)
         if len(res) == 1:
-            y, HS, last = res[0]
+            _, HS, last = res[0]
         else:
-            y = torch.cat([r[0] for r in res], dim=1)
             HS = torch.cat([r[1] for r in res], dim=-1)
             last = torch.cat([r[2] for r in res], dim=1)
         if D is not None:
             y.addcmul_(uf, D.float().unsqueeze(-1))
-        out = y if z is None else y * F.silu(z.float())
+        # y is kept for backward when gated: the gate is applied to a new tensor, in place there
+        out = y if z is None else F.silu(z.float()).mul_(y)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, HS, y if z is not None else None)
         ctx.delta_softplus = delta_softplus
         ctx.T = T
