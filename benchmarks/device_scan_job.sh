@@ -22,9 +22,12 @@ export TORCH_CUDA_ARCH_LIST=9.0
 MAX_JOBS=6 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 stamp "our build rc=$? ($(ls mamba_ssm/_selective_scan_cuda*.so 2>/dev/null))"
 
+TRC=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m cuda tests/test_selective_scan_cuda.py -q -rf -p no:cacheprovider --durations=8 \
   > "$OUT/tests.log" 2>&1
 TRC=$?
+fi
 stamp "tests rc=$TRC: $(tail -1 "$OUT/tests.log")"
 if [ $TRC != 0 ] && [ "${FALLBACK_ENV:-}" != "" ]; then
   # the default failed: test the fallback setting too, and benchmark that one

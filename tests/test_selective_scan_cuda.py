@@ -253,8 +253,8 @@ def test_strided_inputs(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("split", ["1", "3", "64"])
-def test_sequence_split_backward(monkeypatch, split):
-    # the backward split into groups along the sequence (chosen automatically for small
+def test_sequence_split(monkeypatch, split):
+    # forward and backward split into groups along the sequence (chosen automatically for small
     # batch * dim) agrees with float64 whatever the number of groups, also with longer segments
     monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
     check_case(21, 1, 64, 2000, 16, torch.bfloat16, None, True, True, True, True)

@@ -69,12 +69,13 @@ int pick_cpb(int dpg, int cpb_max) {
 // H200: (1,4096,16384,16) 9.6 -> 6.3 ms with 7 groups; (8,1536,2048,16), 0.97 waves unsplit, was
 // slower split in 3 (1.62 -> 1.77 ms), hence the half-wave threshold.
 // MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
-void pick_split(ssm::ScanParams& p) {
+// The forward (16 resident warps per SM) splits the same way (run 6 in NOTES.md).
+void pick_split(ssm::ScanParams& p, int resident_warps_per_sm) {
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t warps = ((int64_t)p.batch * p.dim * 4 + 31) / 32;
-  const int64_t want = 2LL * 12 * sms;
+  const int64_t want = 2LL * resident_warps_per_sm * sms;
   int64_t n = 1;
   if (const char* v = std::getenv("MAMBA_SSM_SCAN_SPLIT")) n = std::max(1L, std::atol(v));
   else if (4 * warps < want) n = (want + warps - 1) / warps;
@@ -186,6 +187,14 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
   Tensor ckpt;
   if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
+  Tensor carry_w, carry_sdt;
+  if (p.impl != 1) pick_split(p, 16);
+  if (p.nsplit > 1) {
+    carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
+    carry_sdt = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
+    p.carry_w = carry_w.data_ptr<float>();
+    p.carry_sdt = carry_sdt.data_ptr<float>();
+  }
   p.out = out.data_ptr();
   p.last = last.data_ptr<float>();
   p.ckpt = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
@@ -218,7 +227,7 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
     p.cpb = pick_cpb(dpg, cap);
   }
   const int P = dpg / p.cpb;
-  if (p.impl != 1) pick_split(p);
+  if (p.impl != 1) pick_split(p, 12);
   const bool poison = poison_enabled();
   const auto st = u.scalar_type();
   const auto f32 = u.options().dtype(at::kFloat);

@@ -483,7 +483,7 @@ template <typename T, typename TW>
 void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
   if (p.nsplit > 1) {
-    const int smem = scan_bwd2_carry_smem_floats(p) * (int)sizeof(float);
+    const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
     auto carry = scan_bwd2_carry_kernel<T, TW>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);

@@ -126,21 +126,42 @@ __global__ void __launch_bounds__(64) scan_fwd2_kernel(const ScanParams p) {
     reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
   };
 
-  for (int k = 0; k < spl; ++k) sH[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // Sequence group of this block (p.nsplit > 1: see ScanParams) and its start state, composed
+  // from the zero-start end states of the groups before it.
+  const int zg = blockIdx.z;
+  const int64_t bd = (int64_t)p.batch * p.dim;
+  const int64_t row = (int64_t)b * p.dim + d;
+  for (int k = 0; k < spl; ++k) {
+    float4 h = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (zg > 0) {
+      const float4 A2 = loadA2(k);
+      for (int zz = 0; zz < zg; ++zz) {
+        const float sdt = p.carry_sdt[zz * bd + row];
+        const float4 w = load4f_(p.carry_w + (zz * bd + row) * N, 16 * k + 4 * l, N);
+        h.x = fmaf(fast_exp2(sdt * A2.x), h.x, w.x);
+        h.y = fmaf(fast_exp2(sdt * A2.y), h.y, w.y);
+        h.z = fmaf(fast_exp2(sdt * A2.z), h.z, w.z);
+        h.w = fmaf(fast_exp2(sdt * A2.w), h.w, w.w);
+      }
+    }
+    sH[k * nthr + tid] = h;
+  }
   const float4 A2_0 = loadA2(0);
   const int nch = (L + 15) >> 4;
+  const int ch_lo = zg * p.gseg * p.R;
+  const int ch_end = min(nch, ch_lo + p.gseg * p.R);
   {
     Fwd2Stage<T, TW> st;
-    prefetch(st, 0);
-    commit(st, 0, 0);
+    prefetch(st, ch_lo);
+    commit(st, ch_lo, ch_lo & 1);
   }
   __syncthreads();
 
-  for (int ch = 0; ch < nch; ++ch) {
+  for (int ch = ch_lo; ch < ch_end; ++ch) {
     const int buf = ch & 1;
     const int t0 = ch << 4;
     Fwd2Stage<T, TW> st;
-    if (ch + 1 < nch) prefetch(st, ch + 1);
+    if (ch + 1 < ch_end) prefetch(st, ch + 1);
 
     float acc[16];
 #pragma unroll
@@ -201,10 +222,11 @@ __global__ void __launch_bounds__(64) scan_fwd2_kernel(const ScanParams p) {
       }
       store4(outp, t0 + 4 * l, L, p.vec_o, y);
     }
-    if (ch + 1 < nch) commit(st, ch + 1, buf ^ 1);
+    if (ch + 1 < ch_end) commit(st, ch + 1, buf ^ 1);
     __syncthreads();
   }
 
+  if (zg + 1 < p.nsplit) return;
   float* lastp = p.last + ((int64_t)b * p.dim + d) * N;
   for (int k = 0; k < spl; ++k) {
     const int s0 = 16 * k + 4 * l;
@@ -216,13 +238,117 @@ __global__ void __launch_bounds__(64) scan_fwd2_kernel(const ScanParams p) {
   }
 }
 
+// First pass of the sequence-split forward: for group z = blockIdx.z (all but the last), the
+// end state of its steps from a zero start, and its sum of dt. Same thread layout as above.
+template <typename T, typename TW>
+__global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p) {
+  extern __shared__ float4 smem_f4[];
+  float* sm = reinterpret_cast<float*>(smem_f4);
+  const int nthr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int l = tid & 3;
+  const int c = tid >> 2;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * p.cpb + c;
+  const int zg = blockIdx.z;
+  const int L = p.seqlen, N = p.dstate, spl = p.spl;
+  const int N16 = spl * 16, BW = N16 + 4;
+  const int g = d / (p.dim / p.groups);
+  const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
+
+  float* sB = sm;                                               // [16][BW]
+  float* sDT = sB + 16 * BW;                                    // [cpb][2 dt/dtu][20]
+  float4* sW = reinterpret_cast<float4*>(sDT + p.cpb * 2 * 20);  // [spl][nthr]
+
+  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d;
+  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d;
+  const TW* Bb = static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g;
+  const int64_t row = (int64_t)b * p.dim + d;
+  const float* Ap = p.A + (int64_t)d * N;
+  const float bias = p.bias ? p.bias[d] : 0.f;
+
+  for (int k = 0; k < spl; ++k) sW[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float sdt = 0.f;
+  const int nch = (L + 15) >> 4;
+  const int ch_lo = zg * p.gseg * p.R;
+  const int ch_end = min(nch, ch_lo + p.gseg * p.R);
+  float* dtrow = sDT + (c * 2) * 20;
+  for (int ch = ch_lo; ch < ch_end; ++ch) {
+    const int t0 = ch << 4;
+    const int t = t0 + 4 * l;
+    __syncthreads();
+    for (int e = tid; e < 2 * N16; e += nthr) {
+      const int n = e >> 1, half = e & 1;
+      RawN<TW, 8> tmp;
+      load_n(tmp, Bb + (int64_t)n * p.B_s, t0 + 8 * half, L, n < N, p.vec_B);
+      float* dst = sB + (8 * half) * BW + n;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
+    }
+    {
+      RawN<T, 4> u4, d4;
+      load_n(u4, up, t, L, true, p.vec_x);
+      load_n(d4, dp, t, L, true, p.vec_x);
+      float dtv[4], duv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float x = d4[q] + bias;
+        dtv[q] = (t + q < L) ? (p.softplus ? softplusf_(x) : x) : 0.f;
+        duv[q] = dtv[q] * u4[q];
+        sdt += dtv[q];
+      }
+      reinterpret_cast<float4*>(dtrow)[l] = make_float4(dtv[0], dtv[1], dtv[2], dtv[3]);
+      reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(duv[0], duv[1], duv[2], duv[3]);
+    }
+    __syncthreads();
+    const float* dts = dtrow;
+    const float* dus = dtrow + 20;
+#pragma unroll 1
+    for (int k = 0; k < spl; ++k) {
+      const int s0 = 16 * k + 4 * l;
+      float4 A2 = load4f_(Ap, s0, N);
+      A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+      float4 h = sW[k * nthr + tid];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float4 Bv = *reinterpret_cast<const float4*>(sB + i * BW + s0);
+        const float dtv = dts[i], duv = dus[i];
+        h.x = fmaf(fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
+        h.y = fmaf(fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
+        h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
+        h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
+      }
+      sW[k * nthr + tid] = h;
+    }
+  }
+  const int64_t bd = (int64_t)p.batch * p.dim;
+  float* wp = p.carry_w + (zg * bd + row) * N;
+  for (int k = 0; k < spl; ++k) {
+    const int s0 = 16 * k + 4 * l;
+    const float4 w = sW[k * nthr + tid];
+    if (s0 + 0 < N) wp[s0 + 0] = w.x;
+    if (s0 + 1 < N) wp[s0 + 1] = w.y;
+    if (s0 + 2 < N) wp[s0 + 2] = w.z;
+    if (s0 + 3 < N) wp[s0 + 3] = w.w;
+  }
+  sdt += __shfl_xor_sync(mask, sdt, 2);
+  sdt += __shfl_xor_sync(mask, sdt, 1);
+  if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
+}
+
 template <typename T, typename TW>
 void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
+  if (p.nsplit > 1) {
+    const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
+    auto carry = scan_fwd2_carry_kernel<T, TW>;
+    if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);
+  }
   const int smem = scan_fwd2_smem_floats(p) * (int)sizeof(float);
   auto kern = scan_fwd2_kernel<T, TW>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  dim3 grid(p.dim / p.cpb, p.batch);
+  dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);
 }
 

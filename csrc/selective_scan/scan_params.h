@@ -96,7 +96,7 @@ inline int scan_fwd2_smem_floats(const ScanParams& p) {
 #define SSM_BWD2_MIN_BLOCKS 3
 #endif
 
-inline int scan_bwd2_carry_smem_floats(const ScanParams& p) {
+inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
 
