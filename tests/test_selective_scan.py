@@ -238,3 +238,19 @@ def test_dispatch_goes_to_the_chunked_scan(monkeypatch):
     with use_backend("torch"):
         assert ssi.selective_scan_fn(*[ins[k] for k in NAMES]) == "chunked"
     assert calls == [1]
+
+
+def test_chunked_scan_split_over_threads_runs_under_inference_mode():
+    # Big enough to be split into parts run by worker threads, which write into the caller's output.
+    from mamba_ssm.ops.selective_scan_chunked import PARALLEL_MIN_WORK, selective_scan_chunked
+
+    torch.manual_seed(0)
+    b, d, n = 1, 64, 16
+    L = max(8, PARALLEL_MIN_WORK // (b * d * n))
+    u, delta, z = torch.randn(b, d, L), torch.randn(b, d, L) - 2, torch.randn(b, d, L)
+    A, B, C = -torch.rand(d, n) - 0.5, torch.randn(b, n, L), torch.randn(b, n, L)
+    with torch.no_grad():
+        expected = selective_scan_chunked(u, delta, A, B, C, z=z, delta_softplus=True)
+    with torch.inference_mode():
+        got = selective_scan_chunked(u, delta, A, B, C, z=z, delta_softplus=True)
+    torch.testing.assert_close(got, expected)

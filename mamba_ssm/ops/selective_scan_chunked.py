@@ -265,9 +265,13 @@ def _run_parts(fn, parts):
     """fn(c0, c1) for every part, on the worker threads (without grad mode), in order."""
     if len(parts) == 1:
         return [fn(*parts[0])]
+    # The parts write into the caller's tensors: under the caller's inference mode (a thread-local
+    # mode) those are inference tensors, which only inference mode may update in place.
+    inference = torch.is_inference_mode_enabled()
 
     def job(c0, c1):
-        with torch.no_grad():
+        # (inference_mode(False) would turn grad mode back on: choose the context instead)
+        with torch.inference_mode() if inference else torch.no_grad():
             return fn(c0, c1)
 
     futures = [_executor(len(parts)).submit(job, c0, c1) for c0, c1 in parts]
