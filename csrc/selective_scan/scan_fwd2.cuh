@@ -23,7 +23,7 @@ struct Fwd2Stage {
 };
 
 template <typename T, typename TW>
-__global__ void __launch_bounds__(64) scan_fwd2_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int nthr = blockDim.x;

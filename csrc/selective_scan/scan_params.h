@@ -92,6 +92,9 @@ inline int scan_fwd2_smem_floats(const ScanParams& p) {
 #ifndef SSM_BWD2_HP_SMEM    // keep the sub-chunk's h_{t-1} history in shared memory, not registers
 #define SSM_BWD2_HP_SMEM 1
 #endif
+#ifndef SSM_FWD2_MIN_BLOCKS  // forward: resident 64-thread blocks per SM (8: up to 128 registers)
+#define SSM_FWD2_MIN_BLOCKS 8
+#endif
 #ifndef SSM_BWD2_MIN_BLOCKS  // resident blocks per SM the compiler must allow (caps registers)
 #define SSM_BWD2_MIN_BLOCKS 3
 #endif
