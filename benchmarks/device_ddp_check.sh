@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data-parallel check of finetune/ on a 2-GPU machine: the same LoRA run at the same global batch
 # (16) on 1 GPU (batch 16) and on 2 GPUs (2 x 8) from the same random 130m-shape base; writes the
-# two loss curves, their largest difference and the throughput ratio to $OUT/ddp_check.json.
+# two loss curves, their largest difference and the throughput ratio to $OUT/ddp_check.json; then
+# the same for a full fine-tune under FSDP (2 GPUs) against 1 GPU, to $OUT/fsdp_check.json (FSDP=0 skips).
 #   device run (kind nvidia-h200-x2): carry .whl and .devdata
 set -u
 OUT=${OUT:-/tmp/ddp_out}
@@ -29,31 +30,20 @@ CUDA_VISIBLE_DEVICES=0 python3 finetune/finetune.py $common --batch-size 16 --ou
 stamp "1 GPU rc=$?"
 torchrun --nproc_per_node 2 finetune/finetune.py $common --batch-size 8 --output-dir /tmp/ddp2 > "$OUT/run_2gpu.log" 2>&1
 stamp "2 GPUs rc=$?"
-python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-def curve(d):
-    rows = [json.loads(l) for l in Path(d, "log.jsonl").read_text().splitlines() if l.strip()]
-    loss = {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
-    tput = [r for r in rows if "train_samples_per_second" in r or "train_runtime" in r]
-    return loss, tput, rows
-l1, t1, r1 = curve("/tmp/ddp1"); l2, t2, r2 = curve("/tmp/ddp2")
-steps = sorted(set(l1) & set(l2))
-diffs = [abs(l1[s] - l2[s]) for s in steps]
-res = {"steps_compared": len(steps), "loss_1gpu": [l1[s] for s in steps], "loss_2gpu": [l2[s] for s in steps],
-       "max_abs_loss_diff": max(diffs) if diffs else None,
-       "max_rel_loss_diff": max(d / abs(l1[s]) for d, s in zip(diffs, steps)) if diffs else None,
-       "final_1gpu_tail": t1[-1:] , "final_2gpu_tail": t2[-1:],
-       "global_batch": 16, "seqlen_max": 512, "shape": "130m (random weights)", "lora": "r 16 (default), alpha default, dropout 0, in_proj/x_proj/dt_proj/out_proj"}
-def steady_steps_per_s(rows):
-    """Optimizer steps per second between the 10th and the last logged step (start-up excluded)."""
-    pts = [(r["step"], r["time"]) for r in rows if "loss" in r and "time" in r and r["step"] >= 10]
-    return (pts[-1][0] - pts[0][0]) / (pts[-1][1] - pts[0][1]) if len(pts) > 1 else None
-s1, s2 = steady_steps_per_s(r1), steady_steps_per_s(r2)
-res["steady_steps_per_s_1gpu"], res["steady_steps_per_s_2gpu"] = s1, s2
-if s1 and s2:
-    res["throughput_ratio_2gpu_over_1gpu"] = s2 / s1  # same global batch per step
-Path(sys.argv[1], "ddp_check.json").write_text(json.dumps(res, indent=1))
-print(json.dumps({k: v for k, v in res.items() if not k.startswith("loss_")}, indent=1))
-PY
+python3 benchmarks/compare_loss_curves.py /tmp/ddp1 /tmp/ddp2 --out "$OUT/ddp_check.json" --label "LoRA, DDP 2 GPUs vs 1" \
+  --meta '{"global_batch": 16, "seqlen_max": 512, "shape": "130m (random weights)", "lora": "r 16, dropout 0, in_proj/x_proj/dt_proj/out_proj"}'
+
+# FSDP (full fine-tune, Blocks sharded) on 2 GPUs against a plain full fine-tune on 1 GPU.
+if [ "${FSDP:-1}" = 1 ]; then
+  full="$common --full-finetune --learning-rate 2e-5 --max-steps ${FSDP_STEPS:-30}"
+  full=${full/--learning-rate 5e-4 /}
+  CUDA_VISIBLE_DEVICES=0 python3 finetune/finetune.py $full --batch-size 16 --output-dir /tmp/full1 > "$OUT/run_full_1gpu.log" 2>&1
+  stamp "full 1 GPU rc=$?"
+  torchrun --nproc_per_node 2 finetune/finetune.py $full --fsdp --batch-size 8 --output-dir /tmp/fsdp2 > "$OUT/run_fsdp_2gpu.log" 2>&1
+  stamp "FSDP 2 GPUs rc=$?"
+  python3 benchmarks/compare_loss_curves.py /tmp/full1 /tmp/fsdp2 --out "$OUT/fsdp_check.json" \
+    --label "full fine-tune, FSDP 2 GPUs vs 1 GPU" --meta '{"global_batch": 16, "seqlen_max": 512, "shape": "130m (random weights)"}'
+  python3 -c "from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as M; M.from_pretrained('/tmp/fsdp2/model'); print('FSDP model loads')" \
+    >> "$OUT/job.log" 2>&1
+fi
 stamp "end"
