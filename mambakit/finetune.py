@@ -57,26 +57,15 @@ PREEMPTED_EXIT_CODE = 3
 
 
 @dataclass
-class FinetuneConfig:
-    """One experiment. Field names are the CLI flags (``--lora-r`` sets ``lora_r``)."""
+class FinetuneConfig(DataConfig):
+    """One experiment: the data options of `DataConfig` (dataset, preset, fields, splits, max_length,
+    packing, template, ...) plus the model, adaptation, optimisation and output options below.
+    Field names are the CLI flags (``--lora-r`` sets ``lora_r``)."""
 
     # model and tokenizer
     model: str = "state-spaces/mamba-130m"
     tokenizer: str | None = None
     output_dir: str = "outputs/finetune"
-    # data (see mambakit.math_data.DataConfig)
-    dataset: str = "openai/gsm8k"  # hub id; a local file or directory works too
-    preset: str | None = "gsm8k"
-    prompt_field: str | None = None
-    response_field: str | None = None
-    hub_config: str | None = None
-    split: str = "train"
-    eval_split: str | None = None
-    eval_size: int = 200
-    max_examples: int | None = None
-    eval_max_examples: int | None = None
-    max_length: int = 512
-    packing: bool = False
     # adaptation
     full_finetune: bool = False
     lora_r: int = 16
@@ -95,7 +84,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     precision: str = "auto"
-    seed: int = 42
+    seed: int = 42  # DataConfig's field, another default: model init, data order and the held-out draw
     # checkpoints and logs
     save_steps: int = 200
     save_total_limit: int = 3
@@ -116,9 +105,7 @@ class FinetuneConfig:
     stop_after_steps: int | None = None
 
     def data_config(self) -> DataConfig:
-        # The data fields above carry DataConfig's names; the rest of DataConfig keeps its defaults.
-        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)
-                             if hasattr(self, f.name)})
+        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)})
 
     def validate(self):
         def need(cond, name, expected):
@@ -902,6 +889,8 @@ def build_parser(parser=None):
         "dataset": "hub id, local json/jsonl/csv/parquet file, or a directory of {split}.<ext> files",
         "preset": "field preset: gsm8k, orca-math, mathinstruct (or 'none' with --prompt-field/--response-field)",
         "eval_size": "held-out examples carved from the training split when --eval-split is not given",
+        "template": "prompt template with a {prompt} slot (default 'Question: {prompt}\\nAnswer:')",
+        "response_prefix": "text put between the prompt and the response (default one space)",
         "full_finetune": "train every parameter instead of LoRA adapters",
         "target_modules": "LoRA targets (default: in_proj x_proj dt_proj out_proj)",
         "precision": "auto (bf16 on a GPU that has it, else fp32), bf16 or fp32",
