@@ -161,7 +161,7 @@ def _sync(device):
 
 
 def mamba_generate_fn(model, cfg: BenchConfig):
-    use_cg = cfg.cg and cfg.resolved_device().startswith("cuda")
+    use_cg = cfg.cg  # a CUDA graph on a GPU, the compiled step on a CPU (mamba_ssm.utils.generation)
 
     def fn(input_ids, new_tokens):
         return model.generate(input_ids=input_ids, max_length=input_ids.shape[1] + new_tokens, cg=use_cg,
@@ -280,7 +280,8 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.cg and device.type != "cuda":
-        log("note: --cg (CUDA graphs) needs a GPU; ignored on the CPU")
+        log("note: --cg on the CPU compiles Mamba's decoding step (torch.compile); each batch size compiles "
+            "once, in its warm-up call (~10-60 s), which is not timed")
     torch.manual_seed(cfg.seed)
 
     tokenizer = _load_tokenizer(cfg)
@@ -402,7 +403,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (mean reported)")
     p.add_argument("--device", type=str, default=None)
     p.add_argument("--dtype", type=str, default=None, help="float32, bfloat16, float16 (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--cg", action="store_true", help="CUDA graphs for Mamba's decoding step (GPU only)")
+    p.add_argument("--cg", action="store_true",
+                   help="Mamba's decoding step as a CUDA graph (GPU) or compiled with torch.compile (CPU)")
     p.add_argument("--no-baseline", action="store_true", help="skip the transformer baseline")
     p.add_argument("--tokenizer", type=str, default=None, help="tokenizer directory or tokenizer.json")
     p.add_argument("--seed", type=int, default=0)
