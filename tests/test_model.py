@@ -30,6 +30,18 @@ def test_public_imports():
     assert isinstance(mamba_ssm.__version__, str)
 
 
+def test_mamba2_imports_as_in_upstream_2x_and_says_it_is_not_implemented():
+    # upstream 2.x's package re-exports Mamba2: scripts importing it must still load
+    from mamba_ssm import Mamba2
+    from mamba_ssm.modules.mamba2 import Mamba2 as Mamba2Module
+
+    assert Mamba2 is Mamba2Module
+    with pytest.raises(NotImplementedError, match=r"Mamba2\(d_model=64\).*Mamba-1"):
+        Mamba2(d_model=64, d_state=128)
+    with pytest.raises(NotImplementedError, match="Mamba2"):
+        MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=11, ssm_cfg={"layer": "Mamba2"}))
+
+
 def test_mamba_initialisation_follows_the_paper():
     torch.manual_seed(0)
     m = Mamba(d_model=64, d_state=16, dt_min=0.001, dt_max=0.1)
