@@ -30,6 +30,13 @@ def test_public_imports():
     assert isinstance(mamba_ssm.__version__, str)
 
 
+def test_upstream_1x_layernorm_module_name():
+    from mamba_ssm.ops.triton import layer_norm, layernorm
+
+    assert layernorm.RMSNorm is layer_norm.RMSNorm and layernorm.rms_norm_fn is layer_norm.rms_norm_fn
+    assert layernorm.layer_norm_fn is layer_norm.layer_norm_fn
+
+
 def test_mamba2_imports_as_in_upstream_2x_and_says_it_is_not_implemented():
     # upstream 2.x's package re-exports Mamba2: scripts importing it must still load
     from mamba_ssm import Mamba2
