@@ -191,3 +191,16 @@ def test_trainer_keyword_arguments_are_accepted_and_config_serialises():
     import json
     assert json.loads(model.config.to_json_string())["d_model"] == 32
     assert model.config.get("n_layer") == 2 and model.config.get("missing", 7) == 7
+
+
+def test_empty_sequence_gives_empty_outputs():
+    # a zero-length sequence flows through (conv and scan used to reject it with internal errors)
+    torch.manual_seed(0)
+    m = Mamba(d_model=16)
+    x = torch.zeros(2, 0, 16, requires_grad=True)
+    y = m(x)
+    assert y.shape == (2, 0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (2, 0, 16)
+    logits = tiny_model()(torch.zeros(3, 0, dtype=torch.long)).logits
+    assert logits.shape[:2] == (3, 0)

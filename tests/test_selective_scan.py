@@ -159,6 +159,21 @@ def test_output_only_gradient_and_no_last_state():
         close(ga, ge, 5e-5, f"grad {name}")
 
 
+@pytest.mark.parametrize("batch,seqlen", [(0, 12), (2, 0)])
+@pytest.mark.parametrize("fn", [selective_scan_fn, selective_scan_ref], ids=["fn", "ref"])
+def test_empty_batch_or_sequence(fn, batch, seqlen):
+    # zero-size outputs, the zero state, and zero gradients (seqlen 0 used to crash both)
+    ins = make_inputs(batch, 4, seqlen, 8, None, seed=3)
+    tensors = [ins[k] for k in NAMES]
+    with use_backend("torch"):
+        out, last = fn(*tensors, delta_softplus=True, return_last_state=True)
+    assert out.shape == (batch, 4, seqlen) and last.shape == (batch, 4, 8)
+    assert torch.all(last == 0)
+    grads = torch.autograd.grad(out.sum() + last.sum(), tensors, allow_unused=True)
+    for name, g, t in zip(NAMES, grads, tensors):
+        assert g is None or (g.shape == t.shape and torch.all(g == 0)), name
+
+
 def test_bf16_inputs():
     ins = make_inputs(2, 4, 65, 8, 2, dtype=torch.bfloat16, seed=11)
     tensors = [ins[k] for k in NAMES]

@@ -287,6 +287,20 @@ def test_deterministic():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("batch, L", [(0, 64), (2, 0)])
+def test_empty_inputs(batch, L):
+    # empty batch or sequence: zero-size outputs and gradients, no launch (and no division by the
+    # empty grid when the kernels choose their sequence split)
+    inputs = make_inputs(5, batch, 8, L, 16, torch.float32, None, True, True, True, True)
+    x = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+    out, last = ssc.selective_scan_cuda(*x, True, True)
+    assert out.shape == (batch, 8, L) and last.shape == (batch, 8, 16)
+    assert torch.all(last == 0)
+    (out.sum() + last.sum()).backward()
+    assert x[0].grad.shape == (batch, 8, L) and x[2].grad.shape == (8, 16)
+
+
+@pytest.mark.cuda
 def test_backend_dispatch_uses_cuda():
     from mamba_ssm.backend import use_backend
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn

@@ -71,6 +71,9 @@ int pick_cpb(int dpg, int cpb_max) {
 // MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
 // The forward (16 resident warps per SM) splits the same way (run 6 in NOTES.md).
 void pick_split(ssm::ScanParams& p, int resident_warps_per_sm) {
+  p.nsplit = 1;
+  p.gseg = std::max(1, p.nseg);
+  if (p.batch <= 0 || p.dim <= 0 || p.nseg <= 0) return;  // empty input: nothing is launched
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);

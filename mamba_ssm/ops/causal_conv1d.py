@@ -19,6 +19,8 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     if x.dim() != 3 or x.shape[1] != dim:
         raise ValueError(f"causal_conv1d_fn: x must be (batch, {dim}, seqlen), got {tuple(x.shape)}")
     seqlen = x.shape[-1]
+    if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
+        return x.clone()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:
         out = _shifted_sum(x, weight, bias)

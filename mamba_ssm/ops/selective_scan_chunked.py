@@ -434,5 +434,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     ``out`` in u's dtype (and ``last_state`` fp32 (batch, dim, dstate) if asked); gradients come
     back in each input's dtype.
     """
+    if u.shape[-1] == 0:  # no time step: the reference gives the empty output and zero state
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return SelectiveScanChunkedFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                         bool(return_last_state), chunk_size, block_elems)

@@ -109,6 +109,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     else:
         delta_B_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
     x = A.new_zeros((batch, dim, A.shape[1]))
+    if seqlen == 0:
+        # nothing to scan: an empty output and the zero state, as sums over the empty time axis so
+        # that they stay connected to the inputs (whose gradients are then zero)
+        x = delta_A.sum(2)
     ys = []
     for i in range(seqlen):
         x = delta_A[:, :, i] * x + delta_B_u[:, :, i]
@@ -117,7 +121,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         else:
             y = torch.einsum("bdn,bdn->bd", x, C[:, :, :, i])
         ys.append(y)
-    out = torch.stack(ys, dim=2)
+    out = torch.stack(ys, dim=2) if ys else delta_B_u.sum(-1)
     if D is not None:
         out = out + u * D.float()[:, None]
     if z is not None:
