@@ -204,3 +204,15 @@ def test_empty_sequence_gives_empty_outputs():
     assert x.grad.shape == (2, 0, 16)
     logits = tiny_model()(torch.zeros(3, 0, dtype=torch.long)).logits
     assert logits.shape[:2] == (3, 0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_k=-3), "top_k must be >= 0"),
+    (dict(top_k=0, top_p=1.5), "top_p must be in"),
+    (dict(top_k=0, min_p=2.0), "min_p must be in"),
+    (dict(top_k=5, temperature=0.0), "temperature must be > 0"),
+])
+def test_bad_sampling_arguments_are_named(kwargs, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.randint(0, 100, (2, 4)), max_length=8, **kwargs)

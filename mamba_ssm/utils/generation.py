@@ -65,8 +65,12 @@ def sample(logits, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0):
     """logits: (batch, vocab) -> token ids (batch,). top_k=1 is greedy."""
     if top_k == 1:
         return logits.argmax(dim=-1)
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: no top-k filter, 1: greedy), got {top_k}")
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     logits = logits.float() / temperature
