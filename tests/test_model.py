@@ -216,3 +216,12 @@ def test_bad_sampling_arguments_are_named(kwargs, message):
     model = tiny_model()
     with pytest.raises(ValueError, match=message):
         model.generate(torch.randint(0, 100, (2, 4)), max_length=8, **kwargs)
+
+
+def test_cache_of_another_batch_size_is_a_clear_error():
+    model = tiny_model()
+    params = InferenceParams(max_seqlen=10, max_batch_size=2)
+    model(torch.randint(0, 100, (2, 3)), inference_params=params)
+    params.seqlen_offset = 3
+    with pytest.raises(ValueError, match="cache in inference_params holds batch 2, got hidden_states of batch 3"):
+        model(torch.randint(0, 100, (3, 1)), inference_params=params)

@@ -162,6 +162,11 @@ class Mamba(nn.Module):
         if self.layer_idx not in cache:
             cache[self.layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
         conv_state, ssm_state = cache[self.layer_idx]
+        if conv_state.shape[0] != batch_size:
+            raise ValueError(
+                f"Mamba layer {self.layer_idx}: the cache in inference_params holds batch {conv_state.shape[0]}, "
+                f"got hidden_states of batch {batch_size}; use a new InferenceParams for "
+                "another batch size")
         if initialize_states:
             conv_state.zero_()
             ssm_state.zero_()
