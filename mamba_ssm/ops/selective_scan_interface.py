@@ -108,11 +108,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         delta_B_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
     else:
         delta_B_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
-    x = A.new_zeros((batch, dim, A.shape[1]))
-    if seqlen == 0:
-        # nothing to scan: an empty output and the zero state, as sums over the empty time axis so
-        # that they stay connected to the inputs (whose gradients are then zero)
-        x = delta_A.sum(2)
+    # With seqlen 0 the zero state (and below the empty output) are sums over the empty time axis,
+    # so that they stay connected to the inputs (whose gradients are then zero).
+    x = delta_A.sum(2) if seqlen == 0 else A.new_zeros((batch, dim, A.shape[1]))
     ys = []
     for i in range(seqlen):
         x = delta_A[:, :, i] * x + delta_B_u[:, :, i]
