@@ -470,6 +470,62 @@ class JsonlLogCallback:
         return _CB()
 
 
+class ProfileCallback:
+    """MAMBAKIT_PROFILE_STEPS=A-B: record optimizer steps A..B-1 with torch.profiler on every rank and
+    write the busiest operators (CPU and GPU time) to output_dir/profile_rank{R}.txt. A debugging aid
+    for slow steps (launch overhead, synchronisation, communication); unset, it does nothing."""
+
+    @staticmethod
+    def parse(spec: str | None) -> tuple[int, int] | None:
+        if not spec:
+            return None
+        try:
+            a, b = (int(x) for x in spec.split("-"))
+        except ValueError:
+            raise ValueError(f"MAMBAKIT_PROFILE_STEPS={spec!r}: expected FIRST-END, e.g. 10-13") from None
+        if not 0 <= a < b:
+            raise ValueError(f"MAMBAKIT_PROFILE_STEPS={spec!r}: expected 0 <= FIRST < END")
+        return a, b
+
+    @staticmethod
+    def callback(out: Path, steps: tuple[int, int]):
+        from transformers import TrainerCallback
+
+        first, end = steps
+
+        class _CB(TrainerCallback):
+            prof = None
+            t0 = 0.0
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == first and self.prof is None:
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                        torch.cuda.synchronize()
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.start()
+                    self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.prof is not None and state.global_step == end:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    wall = (time.perf_counter() - self.t0) / (end - first)
+                    self.prof.stop()
+                    rank = _dist().get_rank() if _dist() is not None else 0
+                    ka = self.prof.key_averages()
+                    gpu_key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                    text = (f"steps {first}..{end - 1}: {wall * 1e3:.1f} ms per step (wall, rank {rank})\n\n"
+                            f"by CPU time (with children):\n{ka.table(sort_by='cpu_time_total', row_limit=25)}\n"
+                            f"by own {gpu_key.split('_')[1].upper()} time:\n{ka.table(sort_by=gpu_key, row_limit=25)}\n")
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / f"profile_rank{rank}.txt").write_text(text)
+                    self.prof = None
+
+        return _CB()
+
+
 def _tensorboard_callback(logdir: Path):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -622,6 +678,9 @@ def train(cfg: FinetuneConfig, model, tokenizer, data, args=None, preemption: Pr
     preemption = preemption or PreemptionCallback(stop_after_steps=cfg.stop_after_steps)
     callbacks = [preemption.callback(), JsonlLogCallback.callback(out / "log.jsonl"),
                  _tensorboard_callback(out / "tensorboard")]
+    profile_steps = ProfileCallback.parse(os.environ.get("MAMBAKIT_PROFILE_STEPS"))
+    if profile_steps:
+        callbacks.append(ProfileCallback.callback(out, profile_steps))
     Trainer = _make_trainer_class()
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval_dataset,
                       data_collator=DataCollator(tokenizer.pad_token_id), callbacks=callbacks,
@@ -671,7 +730,9 @@ def _save_fsdp_final(cfg: FinetuneConfig, trainer, model, tokenizer):
         if missing or unexpected:
             raise RuntimeError(f"FSDP full state dict does not fit the model: missing {missing}, "
                                f"unexpected {unexpected}")
-        save_final(cfg, fresh, tokenizer)
+        # rank 0 alone: save_final's barrier here would pair with another barrier on the other
+        # ranks and leave rank 0 one barrier behind (the first 2-GPU run hung at its exit)
+        _write_final(cfg, fresh, tokenizer)
     _barrier()
 
 
@@ -680,23 +741,29 @@ def _save_fsdp_final(cfg: FinetuneConfig, trainer, model, tokenizer):
 
 
 def save_final(cfg: FinetuneConfig, model, tokenizer) -> Path:
-    """output_dir/adapter (LoRA) or output_dir/model (full), with the tokenizer; written atomically."""
-    out = Path(cfg.output_dir)
-    if cfg.full_finetune:
-        final = out / "model"
-
-        def write(tmp):
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-    else:
-        final = out / "adapter"
-
-        def write(tmp):
-            model.save_pretrained(str(tmp), save_embedding_layers=False)
-            tokenizer.save_pretrained(str(tmp))
-    if _is_main():
-        _atomic_dir(final, write)
+    """output_dir/adapter (LoRA) or output_dir/model (full), with the tokenizer; written atomically
+    by the main process. Every process calls it (it ends in a barrier)."""
+    final = _write_final(cfg, model, tokenizer) if _is_main() else _final_dir(cfg)
     _barrier()
+    return final
+
+
+def _final_dir(cfg: FinetuneConfig) -> Path:
+    return Path(cfg.output_dir) / ("model" if cfg.full_finetune else "adapter")
+
+
+def _write_final(cfg: FinetuneConfig, model, tokenizer) -> Path:
+    """The main process's part of save_final: no collective, so it may run on rank 0 alone."""
+    final = _final_dir(cfg)
+
+    def write(tmp):
+        if cfg.full_finetune:
+            model.save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
+        tokenizer.save_pretrained(str(tmp))
+
+    _atomic_dir(final, write)
     return final
 
 

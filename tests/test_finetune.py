@@ -361,3 +361,47 @@ def test_resume_with_different_settings_is_refused(work, tmp_path):
     prepare_output_dir(_cfg(work, out, resume=True, logging_steps=5))  # logging may change
     with pytest.raises(ValueError, match=r"lora_r: 8 then, 16 now"):
         prepare_output_dir(_cfg(work, out, resume=True, lora_r=16))
+
+
+@pytest.mark.parametrize("full_finetune", [True, False])
+def test_every_rank_meets_the_same_barriers_when_saving(monkeypatch, tmp_path, full_finetune):
+    """Under torchrun each barrier pairs across ranks: rank 0 (which writes) and the others must
+    call _barrier equally often, or rank 0 waits forever at exit (the first FSDP run on 2 GPUs hung so)."""
+    import types
+
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    import mambakit.finetune as ft
+
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=32, pad_vocab_size_multiple=8))
+    trainer = types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace(get_state_dict=lambda m: m.state_dict()))
+    tokenizer = types.SimpleNamespace(save_pretrained=lambda d: None)
+    adapter = types.SimpleNamespace(save_pretrained=lambda d, **kw: Path(d, "adapter_model.safetensors").touch())
+    counts = {}
+    for rank in (0, 1):
+        calls = []
+        monkeypatch.setattr(ft, "_is_main", lambda rank=rank: rank == 0)
+        monkeypatch.setattr(ft, "_barrier", lambda calls=calls: calls.append(1))
+        cfg = ft.FinetuneConfig(model="unused", output_dir=str(tmp_path / f"rank{rank}"), full_finetune=full_finetune)
+        if full_finetune:
+            ft._save_fsdp_final(cfg, trainer, model, tokenizer)
+        else:
+            ft.save_final(cfg, adapter, tokenizer)
+        counts[rank] = len(calls)
+    assert counts[0] == counts[1] >= 1
+    assert (tmp_path / "rank0" / ("model" if full_finetune else "adapter")).is_dir()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_profile_steps_writes_a_table(work, tmp_path, monkeypatch):
+    from mambakit.finetune import ProfileCallback, run
+
+    monkeypatch.setenv("MAMBAKIT_PROFILE_STEPS", "1-3")
+    out = tmp_path / "prof"
+    res = run(_cfg(work, out, max_steps=4, save_steps=10, eval_base=False, eval_finetuned=False, max_examples=12,
+                   eval_size=4))
+    assert res.status == "completed"
+    text = (out / "profile_rank0.txt").read_text()
+    assert text.startswith("steps 1..2:") and "aten::" in text
+    with pytest.raises(ValueError, match="MAMBAKIT_PROFILE_STEPS='3-1'"):
+        ProfileCallback.parse("3-1")
