@@ -66,7 +66,7 @@ def _peak_gb(device) -> float:
 
 
 def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", base_dtype="bf16", steps=5,
-            warmup=2, device=None, seed=0) -> dict:
+            warmup=2, device=None, seed=0, profile_path=None) -> dict:
     from mambakit.finetune import response_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,6 +114,8 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
         _sync(device)
         fb_times.append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
+    if profile_path:
+        _profile(train_step, device, profile_path)
     mixer = model.get_base_model().backbone.layers[0].mixer
     try:
         from mamba_ssm.backend import choose_backend
@@ -141,6 +143,22 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
     }
 
 
+def _profile(train_step, device, path, steps=2):
+    """torch.profiler over `steps` training steps: the busiest operators, by GPU (or CPU) time."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            train_step()
+        _sync(device)
+    ka = prof.key_averages()
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    Path(path).write_text(f"{steps} training steps\n\nby own {'GPU' if 'device' in key else 'CPU'} time:\n"
+                          f"{ka.table(sort_by=key, row_limit=40, max_name_column_width=90)}\n"
+                          f"by CPU time (with children):\n{ka.table(sort_by='cpu_time_total', row_limit=25)}\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
@@ -152,12 +170,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--profile", metavar="FILE", help="also profile 2 training steps and write the table to FILE")
     p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_<shape>_<device>_<time>.json)")
     a = p.parse_args(argv)
     status = 0
     try:
         res = measure(a.shape, a.batch_size, a.seqlen, a.rank, a.precision, a.base_dtype, a.steps, a.warmup,
-                      a.device)
+                      a.device, profile_path=a.profile)
     except torch.cuda.OutOfMemoryError as e:  # record the failure rather than leave no result
         status = 1
         res = {"shape": a.shape, "batch_size": a.batch_size, "seqlen": a.seqlen, "lora_rank": a.rank,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops import selective_scan_interface as _scan
+from mamba_ssm.ops.channel_first import project
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
 
@@ -90,33 +91,36 @@ class Mamba(nn.Module):
                 return out
 
         A = -torch.exp(self.A_log.float())
+        # in_proj writes xz channel-first, so x and z reach the conv and the scan without copies
+        xz = project(self.in_proj, hidden_states.transpose(1, 2))       # (B, 2*d_inner, L)
         if self.use_fast_path and inference_params is None and self._projections_are_plain():
-            xz = self.in_proj(hidden_states).transpose(1, 2)
             return _scan.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                   None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
                                   delta_softplus=True)
 
-        xz = self.in_proj(hidden_states).transpose(1, 2)          # (B, 2*d_inner, L)
+        # Adapters (LoRA) around the projections: each is called through `project`, which applies
+        # nn.Linear and PEFT's LoRA channel-first and calls any other module as itself.
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             # Keep the last d_conv inputs (left-padded with zeros) for the next step.
             conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0))[..., -self.d_conv:])
         x = self._conv(x)
-        x_dbl = self.x_proj(x.transpose(1, 2))                     # (B, L, dt_rank + 2 N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self._dt_without_bias(dt)
-        y = _scan.selective_scan_fn(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-                              z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                              return_last_state=ssm_state is not None)
+        x_dbl = project(self.x_proj, x)                                    # (B, dt_rank + 2 N, L)
+        # the scan adds dt_proj's bias itself, in fp32, before the softplus
+        dt = project(self.dt_proj, x_dbl[:, :self.dt_rank], bias=False)   # (B, d_inner, L)
+        B = x_dbl[:, self.dt_rank:self.dt_rank + self.d_state]
+        C = x_dbl[:, self.dt_rank + self.d_state:]
+        y = _scan.selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                    delta_softplus=True, return_last_state=ssm_state is not None)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))
+        return project(self.out_proj, y, channels_last_out=True).transpose(1, 2)
 
     def _dt_without_bias(self, dt):
-        # The scan adds dt_proj's bias itself, in fp32, before the softplus. A wrapped dt_proj
-        # (an adapter) is called as a module so its update applies, and the bias taken off again.
+        # The step's state update adds dt_proj's bias itself. A wrapped dt_proj (an adapter) is
+        # called as a module so its update applies, and the bias taken off again.
         if type(self.dt_proj) is nn.Linear:
             return F.linear(dt, self.dt_proj.weight)
         return self.dt_proj(dt) - self.dt_proj.bias

@@ -25,7 +25,9 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:
         out = _shifted_sum(x, weight, bias)
         return F.silu(out, inplace=True) if activation is not None else out
-    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :seqlen]
+    # causal: pad the left only, so the output is exactly seqlen long and contiguous (padding both
+    # sides and slicing costs a strided copy in the forward and a padded one in the backward)
+    out = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=dim)
     return F.silu(out) if activation is not None else out
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.backend import choose_backend
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
+from mamba_ssm.ops.channel_first import channel_first_linear
 from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
 
 MAX_DSTATE = 256
@@ -195,23 +196,21 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
                  out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus):
     w, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                              out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
-    batch, _, seqlen = xz.shape
     x, z = xz.chunk(2, dim=1)
-    x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")
-    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, dt_rank + 2*dstate)
-    delta = (x_dbl[..., :dt_rank] @ delta_proj_weight.t()).transpose(1, 2)  # (batch, dim, seqlen)
+    x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")                  # (batch, dim, seqlen)
+    # the projections read and write channel-first tensors: no transposing copies (channel_first.py)
+    x_dbl = channel_first_linear(x, x_proj_weight)                           # (batch, dt_rank + 2*dstate, seqlen)
+    delta = channel_first_linear(x_dbl[:, :dt_rank], delta_proj_weight)     # (batch, dim, seqlen)
     if B is None:
-        B = x_dbl[..., dt_rank:dt_rank + dstate]
+        B = x_dbl[:, dt_rank:dt_rank + dstate]
         if B_proj_bias is not None:
-            B = B + B_proj_bias.to(B.dtype)
-        B = B.transpose(1, 2)
+            B = B + B_proj_bias.to(B.dtype).unsqueeze(-1)
     if C is None:
-        C = x_dbl[..., x_dbl.shape[-1] - dstate:]
+        C = x_dbl[:, x_dbl.shape[1] - dstate:]
         if C_proj_bias is not None:
-            C = C + C_proj_bias.to(C.dtype)
-        C = C.transpose(1, 2)
+            C = C + C_proj_bias.to(C.dtype).unsqueeze(-1)
     y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,

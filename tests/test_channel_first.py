@@ -1,0 +1,140 @@
+"""Channel-first projections (mamba_ssm/ops/channel_first.py) against nn.Linear on transposed views:
+outputs, every gradient, memory layouts, PEFT LoRA modules, autocast."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mamba_ssm.ops.channel_first as cf
+from mamba_ssm.ops.channel_first import channel_first_linear, project
+
+
+def _inputs(batch, d_in, seqlen, d_out, layout, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "cf":
+        x = torch.randn(batch, d_in, seqlen, generator=g, dtype=dtype)
+    else:  # stored (batch, seqlen, d_in), seen through a transposed view
+        x = torch.randn(batch, seqlen, d_in, generator=g, dtype=dtype).transpose(1, 2)
+    w = torch.randn(d_out, d_in, generator=g, dtype=dtype)
+    b = torch.randn(d_out, generator=g, dtype=dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+@pytest.mark.parametrize("channels_last_out", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("grad_by_rows", [False, True])
+def test_matches_linear_on_transposed_view(layout, channels_last_out, with_bias, grad_by_rows, monkeypatch):
+    if grad_by_rows:  # the per-row weight gradient used for large (batch, out, in) products
+        monkeypatch.setattr(cf, "_BMM_GRAD_LIMIT_BYTES", 0)
+    x, w, b = _inputs(3, 5, 7, 4, layout)
+    bias = b if with_bias else None
+    out = channel_first_linear(x, w, bias, channels_last_out)
+    ref = F.linear(x.transpose(1, 2), w, bias).transpose(1, 2)
+    assert out.shape == ref.shape == (3, 4, 7)
+    torch.testing.assert_close(out, ref)
+    stored = out.transpose(1, 2) if channels_last_out else out
+    assert stored.is_contiguous(), "the output is not stored in the order asked for"
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, [x, w] + ([b] if with_bias else []), g)
+    grads_ref = torch.autograd.grad(ref, [x, w] + ([b] if with_bias else []), g)
+    for a, r in zip(grads, grads_ref):
+        torch.testing.assert_close(a, r)
+    # the input's gradient comes back in the input's memory order (no copy for the consumer)
+    assert grads[0].stride(1 if layout == "cl" else 2) == 1
+
+
+def test_empty_batch_and_sequence():
+    for shape in ((0, 5, 7), (2, 5, 0)):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        out = channel_first_linear(x, w)
+        assert out.shape == (shape[0], 4, shape[2])
+        gx, gw = torch.autograd.grad(out.sum(), [x, w])
+        assert gx.shape == x.shape and torch.count_nonzero(gw) == 0
+
+
+def test_bad_shapes_and_dtypes_are_named():
+    with pytest.raises(ValueError, match=r"x must be \(batch, 5, seqlen\).*\(2, 6, 3\)"):
+        channel_first_linear(torch.randn(2, 6, 3), torch.randn(4, 5))
+    with pytest.raises(TypeError, match="x is torch.float64 but weight is torch.float32"):
+        channel_first_linear(torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(4, 5))
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    x, w, b = _inputs(2, 8, 6, 4, "cf", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_first_linear(x, w, b)
+        ref = F.linear(x.transpose(1, 2), w, b).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+def _lora_module(dropout=0.0, **kw):
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 5, bias=True, dtype=torch.float64)
+
+    torch.manual_seed(0)
+    net = peft.get_peft_model(Net(), peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=dropout, target_modules=["proj"],
+                                                      **kw))
+    for n, p in net.named_parameters():  # B starts at zero in PEFT: make the update visible
+        if "lora_B" in n:
+            nn.init.normal_(p)
+    return net.base_model.model.proj
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last_out", [False, True])
+def test_lora_module_matches_peft_forward_and_gradients(bias, channels_last_out):
+    m = _lora_module()
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    out = project(m, x, channels_last_out=channels_last_out, bias=bias)
+    ref = m(x.transpose(1, 2))
+    if not bias:
+        ref = ref - m.base_layer.bias
+    ref = ref.transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert len(params) == 2, "expected the two LoRA matrices to be the trainable parameters"
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(a, r)
+
+
+def test_lora_merged_or_disabled_is_the_base_layer():
+    m = _lora_module()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    with_adapter = project(m, x)
+    m.merge()
+    torch.testing.assert_close(project(m, x), with_adapter)
+    m.unmerge()
+    m.enable_adapters(False)
+    torch.testing.assert_close(project(m, x), F.linear(x.transpose(1, 2), m.base_layer.weight,
+                                                       m.base_layer.bias).transpose(1, 2))
+
+
+def test_other_modules_are_called_as_themselves():
+    m = _lora_module(use_dora=True)  # a LoRA variant: PEFT's own forward
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(project(m, x), m(x.transpose(1, 2)).transpose(1, 2))
+    seq = nn.Sequential(nn.Linear(6, 5, dtype=torch.float64), nn.Tanh())
+    torch.testing.assert_close(project(seq, x), seq(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_lora_dropout_in_training_is_applied():
+    m = _lora_module(dropout=0.5)
+    m.train()
+    x = torch.randn(2, 6, 50, dtype=torch.float64)
+    torch.manual_seed(1)
+    a = project(m, x)
+    torch.manual_seed(2)
+    b = project(m, x)
+    assert not torch.allclose(a, b), "dropout on the adapter's input had no effect in training"
+    m.eval()
+    torch.testing.assert_close(project(m, x), m(x.transpose(1, 2)).transpose(1, 2))
