@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <vector>
@@ -64,13 +65,33 @@ int pick_cpb(int dpg, int cpb_max) {
   return c;
 }
 
-// Split the backward along the sequence when batch * dim alone gives less than half a wave of
-// warps (12 resident per SM; e.g. batch 1, long sequences): then about two waves. Measured on an
-// H200: (1,4096,16384,16) 9.6 -> 6.3 ms with 7 groups; (8,1536,2048,16), 0.97 waves unsplit, was
-// slower split in 3 (1.62 -> 1.77 ms), hence the half-wave threshold.
-// MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
-// The forward (16 resident warps per SM) splits the same way (run 6 in NOTES.md).
-void pick_split(ssm::ScanParams& p, int resident_warps_per_sm) {
+// A grid of one wave or more loses the idle part of its last one (1.29 waves of blocks run as
+// 2). Splitting the sequence in s groups gives s times as many blocks, each s times shorter:
+// take the s in 1..4 with the least estimated time ceil(waves * s) / s, a split charged 15% for
+// its carry pass (measured 9-11% at (8,1536,2048,16), where splitting gained no wave). Below one
+// wave the estimate does not hold (fewer warps per SM each run faster), so no split there.
+// Measured for the backward only (run 8 in NOTES.md: LoRA 1.4b at 4 x 2048, 1.29 waves, split 3).
+int64_t wave_balanced_split(int64_t warps, int64_t warps_per_wave) {
+  if (warps < warps_per_wave) return 1;
+  double best = std::ceil((double)warps / warps_per_wave);
+  int64_t n = 1;
+  for (int64_t s = 2; s <= 4; ++s) {
+    const double t = std::ceil((double)warps * s / warps_per_wave) / s * 1.15;
+    if (t < best - 1e-9) {
+      best = t;
+      n = s;
+    }
+  }
+  return n;
+}
+
+// Split along the sequence when batch * dim alone gives less than half a wave of warps (e.g.
+// batch 1, long sequences): then about two waves. Measured on an H200: (1,4096,16384,16) backward
+// 9.6 -> 6.3 ms with 7 groups; (8,1536,2048,16), 0.97 waves unsplit, was slower split in 3
+// (1.62 -> 1.77 ms), hence the half-wave threshold. The forward (16 resident warps per SM) splits
+// the same way (run 6 in NOTES.md); the backward (12) also when a split fills its last wave better
+// (balance_waves). MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
+void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_waves) {
   p.nsplit = 1;
   p.gseg = std::max(1, p.nseg);
   if (p.batch <= 0 || p.dim <= 0 || p.nseg <= 0) return;  // empty input: nothing is launched
@@ -82,6 +103,7 @@ void pick_split(ssm::ScanParams& p, int resident_warps_per_sm) {
   int64_t n = 1;
   if (const char* v = std::getenv("MAMBA_SSM_SCAN_SPLIT")) n = std::max(1L, std::atol(v));
   else if (4 * warps < want) n = (want + warps - 1) / warps;
+  else if (balance_waves) n = wave_balanced_split(warps, (int64_t)resident_warps_per_sm * sms);
   n = std::min<int64_t>({n, 64, p.nseg});
   p.gseg = (int)((p.nseg + n - 1) / n);
   p.nsplit = (p.nseg + p.gseg - 1) / p.gseg;  // no empty group
@@ -191,7 +213,7 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor ckpt;
   if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
   Tensor carry_w, carry_sdt;
-  if (p.impl != 1) pick_split(p, 16);
+  if (p.impl != 1) pick_split(p, 16, false);
   if (p.nsplit > 1) {
     carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
     carry_sdt = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
@@ -230,7 +252,7 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
     p.cpb = pick_cpb(dpg, cap);
   }
   const int P = dpg / p.cpb;
-  if (p.impl != 1) pick_split(p, 12);
+  if (p.impl != 1) pick_split(p, 12, true);
   const bool poison = poison_enabled();
   const auto st = u.scalar_type();
   const auto f32 = u.options().dtype(at::kFloat);
