@@ -159,7 +159,10 @@ def main(argv=None):
     })
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"cpu_model_{args.size}_{datetime.now(timezone.utc):%Y-%m-%d}.json"
+    now = datetime.now(timezone.utc)
+    path = out_dir / f"cpu_model_{args.size}_{now:%Y-%m-%d}.json"
+    if path.exists():  # never overwrite an earlier result of the same day
+        path = out_dir / f"cpu_model_{args.size}_{now:%Y-%m-%dT%H%M}.json"
     path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["figures"], indent=1))
     print(f"wrote {path}")
