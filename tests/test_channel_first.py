@@ -138,3 +138,35 @@ def test_lora_dropout_in_training_is_applied():
     assert not torch.allclose(a, b), "dropout on the adapter's input had no effect in training"
     m.eval()
     torch.testing.assert_close(project(m, x), m(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_autocast_detection_on_torch_before_2_4():
+    """torch < 2.4 has is_autocast_enabled() without a device argument and per-device getters."""
+    real = torch.is_autocast_enabled
+
+    def old_is_autocast_enabled(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments")
+        return real("cuda")
+
+    def patched(mp):  # torch.autocast itself calls the new API: patch only around our calls
+        mp.setattr(torch, "is_autocast_enabled", old_is_autocast_enabled)
+        mp.setattr(torch, "is_autocast_cpu_enabled", lambda: real("cpu"), raising=False)
+        mp.setattr(torch, "get_autocast_cpu_dtype", lambda: torch.get_autocast_dtype("cpu"), raising=False)
+
+    with pytest.MonkeyPatch.context() as mp:
+        patched(mp)
+        assert cf._autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.MonkeyPatch.context() as mp:
+            patched(mp)
+            assert cf._autocast_dtype("cpu") == torch.bfloat16
+            assert cf._autocast_dtype("meta") is None
+
+
+def test_float64_is_not_cast_by_autocast():
+    x, w, b = _inputs(2, 8, 6, 4, "cf", dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channel_first_linear(x, w, b)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, F.linear(x.transpose(1, 2), w, b).transpose(1, 2))

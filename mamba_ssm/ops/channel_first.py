@@ -80,6 +80,23 @@ class _ChannelFirstLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _autocast_dtype(device_type):
+    """The dtype autocast computes in on this device type, or None when autocast is off."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return None
+
+
+def _autocast(t, dtype):
+    # as autocast itself: floating tensors other than float64 are cast
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 def channel_first_linear(x, weight, bias=None, channels_last_out=False):
     """weight @ x per batch row (+ bias). x: (batch, in, seqlen); weight: (out, in); bias: (out,).
 
@@ -89,11 +106,10 @@ def channel_first_linear(x, weight, bias=None, channels_last_out=False):
     if x.dim() != 3 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"channel_first_linear: x must be (batch, {weight.shape[-1]}, seqlen) for a weight of shape "
                          f"{tuple(weight.shape)}, got x {tuple(x.shape)}")
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    dt = _autocast_dtype(x.device.type)
+    if dt is not None:
+        x, weight = _autocast(x, dt), _autocast(weight, dt)
+        bias = _autocast(bias, dt) if bias is not None else None
     elif weight.dtype != x.dtype:
         raise TypeError(f"channel_first_linear: x is {x.dtype} but weight is {weight.dtype} (outside autocast)")
     if bias is not None:
@@ -140,7 +156,7 @@ def project(module, x, channels_last_out=False, bias=True):
         return out.transpose(1, 2)
     base, adapters = parts
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast_dtype(x.device.type) is not None
     for a, b, scaling, dropout in adapters:
         xa = dropout(x)
         if not autocast:
