@@ -29,6 +29,7 @@ _CUDA_PROVIDERS = {
 }
 _TRITON_PROVIDERS = {
     "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
+    "causal_conv1d": "mamba_ssm.ops.triton.causal_conv1d",  # experimental, asked for only with MAMBA_SSM_TRITON_CONV=1
 }
 
 _state = threading.local()

@@ -5,8 +5,20 @@ out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+
+def _triton_conv_chosen() -> bool:
+    # the Triton kernel is experimental (not yet run on a GPU): the backend switch is asked only
+    # when MAMBA_SSM_TRITON_CONV=1, so without it nothing changes and nothing warns
+    if os.environ.get("MAMBA_SSM_TRITON_CONV", "0") != "1":
+        return False
+    from mamba_ssm.backend import choose_backend
+
+    return choose_backend("causal_conv1d", True) == "triton"
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
@@ -21,6 +33,15 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     seqlen = x.shape[-1]
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
+    if x.is_cuda and _triton_conv_chosen():
+        from mamba_ssm.ops.channel_first import _autocast, _autocast_dtype
+        from mamba_ssm.ops.triton.causal_conv1d import causal_conv1d_triton
+
+        dt = _autocast_dtype("cuda")  # compute where F.conv1d would under autocast
+        if dt is not None:
+            x, weight = _autocast(x, dt), _autocast(weight, dt)
+            bias = _autocast(bias, dt) if bias is not None else None
+        return causal_conv1d_triton(x, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:
         out = _shifted_sum(x, weight, bias)
