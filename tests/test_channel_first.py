@@ -170,3 +170,27 @@ def test_float64_is_not_cast_by_autocast():
         out = channel_first_linear(x, w, b)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, F.linear(x.transpose(1, 2), w, b).transpose(1, 2))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_hooks_on_projections_still_run(lora):
+    """Forward hooks (activation capture, patching) on a projection see its input and can change its
+    output, as with a module call: project() then calls the module itself."""
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    torch.manual_seed(0)
+    m = Mamba(d_model=16, layer_idx=0, dtype=torch.float64)
+    if lora:
+        peft = pytest.importorskip("peft")
+        m = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["in_proj", "out_proj"])).base_model.model
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    y0 = m(x)
+    seen = []
+    h1 = m.in_proj.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    h2 = m.out_proj.register_forward_hook(lambda mod, inp, out: out * 0)
+    y1 = m(x)
+    h1.remove()
+    h2.remove()
+    assert seen == [(2, 7, 16)], "the in_proj hook did not see the (batch, seqlen, d_model) input"
+    assert torch.count_nonzero(y1) == 0 and torch.count_nonzero(y0) > 0
+    torch.testing.assert_close(m(x), y0)  # hooks removed: the channel-first path again

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops import selective_scan_interface as _scan
-from mamba_ssm.ops.channel_first import project
+from mamba_ssm.ops.channel_first import has_hooks, project
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
 
@@ -74,8 +74,10 @@ class Mamba(nn.Module):
     # when every projection is a plain nn.Linear: wrapped ones (LoRA adapters) must be called as
     # modules or their updates would be silently lost.
     def _projections_are_plain(self):
-        return all(type(m) is nn.Linear for m in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)) \
-            and type(self.conv1d) is nn.Conv1d
+        # the fused path reads the weights directly: adapters or hooks on the layers need the module path
+        layers = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
+        return all(type(m) is nn.Linear for m in layers) and type(self.conv1d) is nn.Conv1d \
+            and not has_hooks(*layers, self.conv1d)
 
     def forward(self, hidden_states, inference_params=None):
         """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""

@@ -16,8 +16,8 @@ Here a projection is a batched matrix product that reads either memory order dir
           channels-last  (batch, seqlen, out) contiguous (a transposed view is returned)
 
 `project(module, x, ...)` does this for an nn.Linear and for a PEFT LoRA-wrapped nn.Linear
-(base + scaling * B(A(dropout(x)))); any other module is called as itself on the
-transposed view, so every adapter keeps working, if more slowly.
+(base + scaling * B(A(dropout(x)))); any other module, and any module with hooks, is called as
+itself on the transposed view, so every adapter and hook keeps working, if more slowly.
 """
 from __future__ import annotations
 
@@ -140,15 +140,29 @@ def _lora_parts(module):
     return base, adapters
 
 
+def has_hooks(*modules) -> bool:
+    """A forward or backward hook on one of these modules, or a global one (activation capture,
+    PEFT's per-request adapters): the module must then run itself, or its hooks would be skipped."""
+    import torch.nn.modules.module as mm
+
+    if any(getattr(mm, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                 "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return True
+    return any(getattr(m, name, None) for m in modules
+               for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
 def project(module, x, channels_last_out=False, bias=True):
     """`module` (nn.Linear, or PEFT's LoRA around one) applied over the channels of x (batch, in, seqlen).
 
     Returns (batch, out, seqlen), stored as `channel_first_linear` says. bias=False leaves the
     base layer's bias out (dt_proj: the scan adds it in fp32).
     """
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear and not has_hooks(module):
         return channel_first_linear(x, module.weight, module.bias if bias else None, channels_last_out)
-    parts = _lora_parts(module)
+    parts = _lora_parts(module) if type(module) is not nn.Linear else None
+    if parts is not None and has_hooks(module, parts[0], *[m for ad in parts[1] for m in ad[:2]]):
+        parts = None
     if parts is None:
         out = module(x.transpose(1, 2))
         if not bias and getattr(module, "bias", None) is not None:
