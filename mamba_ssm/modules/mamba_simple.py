@@ -71,10 +71,9 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
 
     # The fused path passes the projection weights straight to mamba_inner_fn. It is only taken
-    # when every projection is a plain nn.Linear: wrapped ones (LoRA adapters) must be called as
-    # modules or their updates would be silently lost.
+    # when every layer is a plain nn.Linear / nn.Conv1d without hooks: wrapped ones (LoRA adapters)
+    # go through `project` and hooked ones run as modules, or their updates and hooks would be lost.
     def _projections_are_plain(self):
-        # the fused path reads the weights directly: adapters or hooks on the layers need the module path
         layers = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
         return all(type(m) is nn.Linear for m in layers) and type(self.conv1d) is nn.Conv1d \
             and not has_hooks(*layers, self.conv1d)
