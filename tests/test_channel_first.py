@@ -156,12 +156,12 @@ def test_autocast_detection_on_torch_before_2_4():
 
     with pytest.MonkeyPatch.context() as mp:
         patched(mp)
-        assert cf._autocast_dtype("cpu") is None
+        assert cf.autocast_dtype("cpu") is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.MonkeyPatch.context() as mp:
             patched(mp)
-            assert cf._autocast_dtype("cpu") == torch.bfloat16
-            assert cf._autocast_dtype("meta") is None
+            assert cf.autocast_dtype("cpu") == torch.bfloat16
+            assert cf.autocast_dtype("meta") is None
 
 
 def test_float64_is_not_cast_by_autocast():

@@ -34,13 +34,12 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
     if x.is_cuda and _triton_conv_chosen():
-        from mamba_ssm.ops.channel_first import _autocast, _autocast_dtype
+        from mamba_ssm.ops.channel_first import autocast_dtype, cast_for_autocast
         from mamba_ssm.ops.triton.causal_conv1d import causal_conv1d_triton
 
-        dt = _autocast_dtype("cuda")  # compute where F.conv1d would under autocast
+        dt = autocast_dtype("cuda")  # compute where F.conv1d would under autocast
         if dt is not None:
-            x, weight = _autocast(x, dt), _autocast(weight, dt)
-            bias = _autocast(bias, dt) if bias is not None else None
+            x, weight, bias = cast_for_autocast(dt, x, weight, bias)
         return causal_conv1d_triton(x, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:

@@ -80,7 +80,7 @@ class _ChannelFirstLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def _autocast_dtype(device_type):
+def autocast_dtype(device_type):
     """The dtype autocast computes in on this device type, or None when autocast is off."""
     try:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -92,9 +92,11 @@ def _autocast_dtype(device_type):
         return None
 
 
-def _autocast(t, dtype):
-    # as autocast itself: floating tensors other than float64 are cast
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+def cast_for_autocast(dtype, *tensors):
+    """The tensors as autocast would hand them to a matmul-like op computing in `dtype`: floating
+    tensors other than float64 cast, the rest (and None) unchanged."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def channel_first_linear(x, weight, bias=None, channels_last_out=False):
@@ -106,10 +108,9 @@ def channel_first_linear(x, weight, bias=None, channels_last_out=False):
     if x.dim() != 3 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"channel_first_linear: x must be (batch, {weight.shape[-1]}, seqlen) for a weight of shape "
                          f"{tuple(weight.shape)}, got x {tuple(x.shape)}")
-    dt = _autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device.type)
     if dt is not None:
-        x, weight = _autocast(x, dt), _autocast(weight, dt)
-        bias = _autocast(bias, dt) if bias is not None else None
+        x, weight, bias = cast_for_autocast(dt, x, weight, bias)
     elif weight.dtype != x.dtype:
         raise TypeError(f"channel_first_linear: x is {x.dtype} but weight is {weight.dtype} (outside autocast)")
     if bias is not None:
@@ -170,7 +171,7 @@ def project(module, x, channels_last_out=False, bias=True):
         return out.transpose(1, 2)
     base, adapters = parts
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
-    autocast = _autocast_dtype(x.device.type) is not None
+    autocast = autocast_dtype(x.device.type) is not None
     for a, b, scaling, dropout in adapters:
         xa = dropout(x)
         if not autocast:
