@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -184,6 +185,7 @@ def main(argv=None):
                "peak_mem_GB": torch.cuda.max_memory_allocated() / 2**30, "peak_mem_kind": "cuda max_memory_allocated",
                "train_step_tok_per_s": None, "fwdbwd_tok_per_s": None, "mixer_path": None, "scan_backend": None}
     res["timestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    res["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MAMBA_SSM_")}
     res["anchor_upstream_fwdbwd_tok_per_s_1.4b_bs4x2048_h200"] = 30341
     kind = "gpu" if res["peak_mem_kind"].startswith("cuda") else "cpu"
     out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / (

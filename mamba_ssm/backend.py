@@ -8,7 +8,10 @@ installed, and can be forced:
 * environment: ``MAMBA_SSM_BACKEND=torch`` (or ``cuda``, ``triton``, ``auto``);
 * code: ``mamba_ssm.backend.set_backend("torch")`` or ``with use_backend("torch"):``.
 
-A forced backend that cannot run the call is an error. In ``auto`` mode a CUDA
+A forced ``cuda`` or ``triton`` applies to the ops that have an implementation of that kind; the
+others are chosen as in ``auto`` (the causal conv has no CUDA kernel, so forcing ``cuda`` for the
+scan does not stop a model from running). A forced backend that has an implementation of the op
+but cannot run the call (not built, not installed, inputs not on a GPU) is an error. In ``auto`` mode a CUDA
 tensor that has to fall back to PyTorch triggers one warning per op.
 """
 from __future__ import annotations
@@ -29,8 +32,9 @@ _CUDA_PROVIDERS = {
 }
 _TRITON_PROVIDERS = {
     "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
-    "causal_conv1d": "mamba_ssm.ops.triton.causal_conv1d",  # experimental, asked for only with MAMBA_SSM_TRITON_CONV=1
+    "causal_conv1d": "mamba_ssm.ops.triton.causal_conv1d",  # MAMBA_SSM_TRITON_CONV=0 turns it off
 }
+_PROVIDERS = {"cuda": _CUDA_PROVIDERS, "triton": _TRITON_PROVIDERS}
 
 _state = threading.local()
 _warned: set[str] = set()
@@ -92,7 +96,7 @@ def choose_backend(op: str, on_cuda: bool) -> str:
     requested = requested_backend()
     if requested == "torch":
         return "torch"
-    if requested in ("cuda", "triton"):
+    if requested in ("cuda", "triton") and op in _PROVIDERS[requested]:
         if not on_cuda:
             raise RuntimeError(f"{ENV_VAR}/set_backend forces '{requested}' for {op}, but the inputs are not on a CUDA device")
         if requested not in available_backends(op):

@@ -35,6 +35,19 @@ def test_forcing_an_unavailable_backend_is_an_error(monkeypatch):
             backend.choose_backend("selective_scan", on_cuda=True)
 
 
+def test_forcing_applies_to_ops_that_have_that_backend(monkeypatch):
+    """Forcing cuda does not break the causal conv, which has no CUDA kernel: it is chosen as in
+    auto mode (Triton where it runs, else PyTorch)."""
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "available_backends", lambda op: ["triton", "torch"])
+    with backend.use_backend("cuda"):
+        assert backend.choose_backend("causal_conv1d", on_cuda=True) == "triton"
+        assert backend.choose_backend("causal_conv1d", on_cuda=False) == "torch"
+    with backend.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="not on a CUDA device"):
+            backend.choose_backend("causal_conv1d", on_cuda=False)
+
+
 def test_cuda_fallback_warns_once(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     monkeypatch.setattr(backend, "available_backends", lambda op: ["torch"])

@@ -1,4 +1,4 @@
-"""The experimental Triton causal conv (mamba_ssm/ops/triton/causal_conv1d.py) against the PyTorch
+"""The Triton causal conv (mamba_ssm/ops/triton/causal_conv1d.py) against the PyTorch
 path: output and the gradients of x, weight and bias; on a GPU, and on the CPU through Triton's
 interpreter when Triton is installed."""
 import importlib.util
@@ -33,6 +33,7 @@ def _check(device, b, d, L, w, with_bias, act, dtype=torch.float32):
     grads = torch.autograd.grad(out, leaves, gout)
     grads_ref = torch.autograd.grad(ref, leaves, gout.float())
     for name, a, r in zip(("x", "weight", "bias"), grads, grads_ref):
+        r = r.float()  # the leaves' dtype: bf16 grads for bf16 leaves
         scale = r.abs().max().item() + 1
         torch.testing.assert_close(a.float(), r, rtol=tol, atol=tol * scale, msg=lambda m, n=name: f"grad {n}: {m}")
 
@@ -47,24 +48,29 @@ def test_triton_conv_on_gpu(case, dtype):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
-def test_triton_conv_in_interpreter(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_conv_in_interpreter(monkeypatch, dtype):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for case in CASES:
-        _check("cpu", *case)
+        _check("cpu", *case, dtype=dtype)
 
 
-def test_not_used_unless_asked_for(monkeypatch):
-    """Without MAMBA_SSM_TRITON_CONV=1 the kernel is never chosen (it has not run on a GPU yet)."""
+def test_turned_off_and_float64(monkeypatch):
+    """MAMBA_SSM_TRITON_CONV=0 keeps the PyTorch conv; float64 never goes to the float32 kernel."""
     from mamba_ssm.ops import causal_conv1d as cc
     from mamba_ssm.ops.triton import causal_conv1d as tc
 
-    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV", raising=False)
-    assert not cc._triton_conv_chosen() and not tc.is_available()
+    monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "0")
+    assert not tc.is_available()
+    assert not cc._triton_conv_chosen(torch.zeros(1, dtype=torch.float32))
+    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV")
+    assert not cc._triton_conv_chosen(torch.zeros(1, dtype=torch.float64))
 
 
 @pytest.mark.cuda
-def test_mixer_with_triton_conv_matches_default(monkeypatch):
-    """MAMBA_SSM_TRITON_CONV=1 in a whole Mamba mixer under bf16 autocast: same output and gradients."""
+def test_mixer_with_triton_conv_matches_pytorch_conv(monkeypatch):
+    """The Triton conv (the default on CUDA) in a whole Mamba mixer under bf16 autocast against
+    MAMBA_SSM_TRITON_CONV=0: same output and gradients."""
     pytest.importorskip("triton")
     from mamba_ssm.modules.mamba_simple import Mamba
 
@@ -79,9 +85,11 @@ def test_mixer_with_triton_conv_matches_default(monkeypatch):
         y.float().square().mean().backward()
         return y.float(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV", raising=False)
+    monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "0")
     y0, g0 = run()
-    monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "1")
+    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV")
+    from mamba_ssm.ops import causal_conv1d as cc
+    assert cc._triton_conv_chosen(x)
     y1, g1 = run()
     torch.testing.assert_close(y1, y0, rtol=2e-2, atol=2e-2)
     for n in g0:

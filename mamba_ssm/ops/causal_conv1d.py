@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _triton_conv_chosen() -> bool:
-    # the Triton kernel is experimental (not yet run on a GPU): the backend switch is asked only
-    # when MAMBA_SSM_TRITON_CONV=1, so without it nothing changes and nothing warns
-    if os.environ.get("MAMBA_SSM_TRITON_CONV", "0") != "1":
+def _triton_conv_chosen(x) -> bool:
+    # float64 stays in PyTorch (the kernel computes in float32); MAMBA_SSM_TRITON_CONV=0 opts out
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if os.environ.get("MAMBA_SSM_TRITON_CONV", "1") == "0":
         return False
     from mamba_ssm.backend import choose_backend
 
@@ -33,7 +34,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     seqlen = x.shape[-1]
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
-    if x.is_cuda and _triton_conv_chosen():
+    if x.is_cuda and _triton_conv_chosen(x):
         from mamba_ssm.ops.channel_first import autocast_dtype, cast_for_autocast
         from mamba_ssm.ops.triton.causal_conv1d import causal_conv1d_triton
 

@@ -7,8 +7,9 @@ forward and 310 us backward per layer, its separate SiLU another 200 us, about 1
 the data it moves would take ~50 us. Here the conv and the SiLU are one pass each way, in fp32
 registers; the backward recomputes the pre-activation instead of saving it.
 
-EXPERIMENTAL: checked against the PyTorch path in Triton's interpreter only, not yet on a GPU.
-It runs only when MAMBA_SSM_TRITON_CONV=1 (then the backend switch picks it on CUDA tensors).
+On an H200 (benchmarks/results/causal_conv1d_h200_2026-11-29.json) it takes the (4, 4096, 2048)
+bf16 forward from 0.488 to 0.069 ms and forward+backward from 1.047 to 0.662 ms. The backend
+switch picks it for CUDA tensors of 16- and 32-bit floats; MAMBA_SSM_TRITON_CONV=0 turns it off.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import os
 
 import torch
 
-ENV_OPT_IN = "MAMBA_SSM_TRITON_CONV"
+ENV_OPT_OUT = "MAMBA_SSM_TRITON_CONV"
 
 
 def is_available():
-    """Opted in (MAMBA_SSM_TRITON_CONV=1), Triton imports and a CUDA device is present."""
-    if os.environ.get(ENV_OPT_IN, "0") != "1" or not torch.cuda.is_available():
+    """Not turned off (MAMBA_SSM_TRITON_CONV=0), Triton imports and a CUDA device is present."""
+    if os.environ.get(ENV_OPT_OUT, "1") == "0" or not torch.cuda.is_available():
         return False
     try:
         import triton  # noqa: F401
