@@ -194,3 +194,85 @@ def test_hooks_on_projections_still_run(lora):
     assert seen == [(2, 7, 16)], "the in_proj hook did not see the (batch, seqlen, d_model) input"
     assert torch.count_nonzero(y1) == 0 and torch.count_nonzero(y0) > 0
     torch.testing.assert_close(m(x), y0)  # hooks removed: the channel-first path again
+
+
+@pytest.mark.parametrize("x_channels_last", [False, True])
+@pytest.mark.parametrize("channels_last_out", [False, True])
+@pytest.mark.parametrize("base_trainable", [False, True])
+def test_fused_lora_matches_peft_in_every_layout(x_channels_last, channels_last_out, base_trainable):
+    """One adapter without dropout runs as one fused Function (two GEMMs into one output, and the
+    input gradient summed the same way): output and every gradient against PEFT's own forward."""
+    m = _lora_module()
+    m.base_layer.weight.requires_grad_(base_trainable)
+    m.base_layer.bias.requires_grad_(base_trainable)
+    if x_channels_last:  # stored (batch, seqlen, in), as out_proj's input can be
+        x = torch.randn(2, 9, 6, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    out = project(m, x, channels_last_out=channels_last_out)
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    assert (out.stride(1) == 1) == channels_last_out
+    ref = m(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert len(params) == (4 if base_trainable else 2)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, [x] + params, g)
+    assert grads[0].stride() == x.stride(), "the input gradient should keep the input's memory order"
+    for a, r in zip(grads, torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(a, r)
+
+
+def test_fused_lora_only_where_it_is_exact():
+    """Dropout in training, or an adapter in another dtype than the base outside autocast, take the
+    general path (PEFT's semantics); dropout in eval mode is the identity and takes the fused one."""
+    m = _lora_module(dropout=0.5)
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    m.train()
+    assert "ChannelFirstLoRA" not in type(project(m, x).grad_fn).__name__
+    m.eval()
+    out = project(m, x)
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, m(x.transpose(1, 2)).transpose(1, 2))
+    m = _lora_module()
+    m.base_layer.to(torch.float32)
+    x32 = torch.randn(2, 6, 9)
+    out = project(m, x32)  # adapter in float64, as PEFT computes it, then cast back
+    assert "ChannelFirstLoRA" not in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, m(x32.transpose(1, 2)).transpose(1, 2))
+
+
+def test_fused_lora_under_autocast():
+    m = _lora_module()
+    m.to(torch.float32)
+    x = torch.randn(2, 6, 40, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = project(m, x)
+        ref = m(x.transpose(1, 2)).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.randn(ref.shape)
+    for a, r in zip(torch.autograd.grad(out, [x] + params, g.bfloat16()),
+                    torch.autograd.grad(ref, [x] + params, g.bfloat16())):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=3e-2, atol=3e-2 * (r.abs().max().item() + 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last_out", [False, True])
+def test_fused_lora_on_gpu(channels_last_out):
+    """cuBLAS accumulating into the output (beta=1) on a GPU, bf16 autocast as in training."""
+    m = _lora_module()
+    m.to("cuda", torch.float32)
+    x = torch.randn(3, 6, 300, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = project(m, x, channels_last_out=channels_last_out)
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    ref = m(x.transpose(1, 2)).transpose(1, 2)  # float32 reference
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.randn(ref.shape, device="cuda")
+    for a, r in zip(torch.autograd.grad(out, [x] + params, g.bfloat16()), torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(a.float(), r, rtol=3e-2, atol=3e-2 * (r.abs().max().item() + 1))
