@@ -11,8 +11,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
-stamp "build rc=$?"
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
+rc=$?; stamp "build rc=$rc"; [ $rc != 0 ] && tail -30 /tmp/build.log >> "$OUT/job.log"  # (at most 8 files come back)
 if ! diff -rq csrc .baseline/csrc > /dev/null; then stamp "WARNING: .baseline has other kernels; its timing uses ours"; fi
 cp mamba_ssm/_selective_scan_cuda*.so .baseline/mamba_ssm/
 TESTS=${TESTS:-tests/test_channel_first.py tests/test_causal_conv1d_triton.py tests/test_gpu_model.py}
