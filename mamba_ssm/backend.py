@@ -33,6 +33,7 @@ _CUDA_PROVIDERS = {
 _TRITON_PROVIDERS = {
     "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
     "causal_conv1d": "mamba_ssm.ops.triton.causal_conv1d",  # MAMBA_SSM_TRITON_CONV=0 turns it off
+    "layer_norm": "mamba_ssm.ops.triton.layer_norm",  # the residual add + LayerNorm/RMSNorm
 }
 _PROVIDERS = {"cuda": _CUDA_PROVIDERS, "triton": _TRITON_PROVIDERS}
 

@@ -63,15 +63,21 @@ class CausalConv1dTritonFn(torch.autograd.Function):
         gout = gout if gout.stride(-1) == 1 else gout.contiguous()
         need_w = ctx.needs_input_grad[1] or (bias is not None and ctx.needs_input_grad[2])
         n_t = triton.cdiv(seqlen, _BLOCK_T)
+        # two passes: gpre = gout * act'(pre) once per position (fp32, with the weight and bias
+        # partials), then gx as a causal conv of gpre run backwards; one pass recomputing gpre
+        # for every tap did W times the work (0.37 ms per call in a 1.4b LoRA step on an H200)
+        gpre = torch.empty(batch, dim, seqlen, device=x.device, dtype=torch.float32)
         gx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
         # per-program partial sums of the weight and bias gradients, summed below in a fixed order
         gw_part = torch.empty(batch * n_t if need_w else 1, dim, width, device=x.device, dtype=torch.float32)
         gb_part = torch.empty(batch * n_t if need_w else 1, dim, device=x.device, dtype=torch.float32)
         grid = (n_t, triton.cdiv(dim, _BLOCK_D), batch)
-        _kernels()[1][grid](
-            x, weight, bias if bias is not None else weight, gout, gx, gw_part, gb_part, dim, seqlen,
-            x.stride(0), x.stride(1), gout.stride(0), gout.stride(1), gx.stride(0), gx.stride(1),
+        k = _kernels()
+        k[1][grid](
+            x, weight, bias if bias is not None else weight, gout, gpre, gw_part, gb_part, dim, seqlen,
+            x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
             W=width, HAS_BIAS=bias is not None, SILU=ctx.silu, NEED_W=need_w, BD=_BLOCK_D, BT=_BLOCK_T)
+        k[2][grid](gpre, weight, gx, dim, seqlen, gx.stride(0), gx.stride(1), W=width, BD=_BLOCK_D, BT=_BLOCK_T)
         gw = gw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = gb_part.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
@@ -119,50 +125,57 @@ def _kernels():
                  acc.to(out_ptr.dtype.element_ty), mask=om)
 
     @triton.jit
-    def bwd(x_ptr, w_ptr, b_ptr, g_ptr, gx_ptr, gw_ptr, gb_ptr, dim, seqlen,
-            s_xb, s_xd, s_gb, s_gd, s_gxb, s_gxd,
-            W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NEED_W: tl.constexpr,
-            BD: tl.constexpr, BT: tl.constexpr):
-        # x(t) feeds the outputs s = t + (W-1) - k through tap k:
-        #   gx(t) = sum_k w_k * gpre(t + (W-1) - k),   gpre(s) = gout(s) * act'(pre(s)),
-        # pre(s) recomputed from x; gw_k = sum_t gpre(t) x(t - (W-1) + k), gbias = sum_t gpre(t).
+    def bwd_pre(x_ptr, w_ptr, b_ptr, g_ptr, gp_ptr, gw_ptr, gb_ptr, dim, seqlen, s_xb, s_xd, s_gb, s_gd,
+                W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, NEED_W: tl.constexpr,
+                BD: tl.constexpr, BT: tl.constexpr):
+        # gpre(t) = gout(t) * act'(pre(t)), pre recomputed from x as in the forward;
+        # gw_k = sum_t gpre(t) x(t - (W-1) + k), gbias = sum_t gpre(t): one partial per program
         pid_t = tl.program_id(0)
         b = tl.program_id(2).to(tl.int64)
         d = tl.program_id(1) * BD + tl.arange(0, BD)
         t = pid_t * BT + tl.arange(0, BT)
         dmask = d < dim
         xrow = x_ptr + b * s_xb + d[:, None].to(tl.int64) * s_xd
-        grow = g_ptr + b * s_gb + d[:, None].to(tl.int64) * s_gd
+        pre = tl.zeros((BD, BT), dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[:, None]
+        for j in tl.static_range(W):
+            tt = t - (W - 1) + j
+            m = dmask[:, None] & (tt[None, :] >= 0) & (tt[None, :] < seqlen)
+            wj = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+            pre += wj[:, None] * tl.load(xrow + tt[None, :], mask=m, other=0.0).to(tl.float32)
+        tm = dmask[:, None] & (t[None, :] < seqlen)
+        gpre = tl.load(g_ptr + b * s_gb + d[:, None].to(tl.int64) * s_gd + t[None, :], mask=tm, other=0.0).to(tl.float32)
+        if SILU:
+            sig = tl.sigmoid(pre)
+            gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(gp_ptr + (b * dim + d[:, None].to(tl.int64)) * seqlen + t[None, :], gpre, mask=tm)
+        if NEED_W:
+            row = b * tl.num_programs(0) + pid_t
+            tl.store(gb_ptr + row * dim + d, tl.sum(gpre, axis=1), mask=dmask)
+            for j in tl.static_range(W):
+                tt = t - (W - 1) + j
+                m = dmask[:, None] & (tt[None, :] >= 0) & (tt[None, :] < seqlen)
+                xj = tl.load(xrow + tt[None, :], mask=m, other=0.0).to(tl.float32)
+                tl.store(gw_ptr + (row * dim + d) * W + j, tl.sum(gpre * xj, axis=1), mask=dmask)
+
+    @triton.jit
+    def bwd_x(gp_ptr, w_ptr, gx_ptr, dim, seqlen, s_gxb, s_gxd, W: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+        # x(t) feeds the outputs s = t + (W-1) - k through tap k: gx(t) = sum_k w_k gpre(t + (W-1) - k)
+        b = tl.program_id(2).to(tl.int64)
+        d = tl.program_id(1) * BD + tl.arange(0, BD)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        dmask = d < dim
+        grow = gp_ptr + (b * dim + d[:, None].to(tl.int64)) * seqlen
         gx = tl.zeros((BD, BT), dtype=tl.float32)
         for k in tl.static_range(W):
             s = t + (W - 1) - k
-            pre = tl.zeros((BD, BT), dtype=tl.float32)
-            if HAS_BIAS:
-                pre += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[:, None]
-            for j in tl.static_range(W):
-                tt = s - (W - 1) + j
-                m = dmask[:, None] & (tt[None, :] >= 0) & (tt[None, :] < seqlen)
-                wj = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-                pre += wj[:, None] * tl.load(xrow + tt[None, :], mask=m, other=0.0).to(tl.float32)
-            gm = dmask[:, None] & (s[None, :] < seqlen)
-            gpre = tl.load(grow + s[None, :], mask=gm, other=0.0).to(tl.float32)
-            if SILU:
-                sig = tl.sigmoid(pre)
-                gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
+            m = dmask[:, None] & (s[None, :] < seqlen)
             wk = tl.load(w_ptr + d * W + k, mask=dmask, other=0.0).to(tl.float32)
-            gx += wk[:, None] * gpre
-            if NEED_W:
-                if k == W - 1:  # s == t: this tile's own outputs
-                    row = b * tl.num_programs(0) + pid_t
-                    tl.store(gb_ptr + row * dim + d, tl.sum(gpre, axis=1), mask=dmask)
-                    for j in tl.static_range(W):
-                        tt = t - (W - 1) + j
-                        m = dmask[:, None] & (tt[None, :] >= 0) & (tt[None, :] < seqlen)
-                        xj = tl.load(xrow + tt[None, :], mask=m, other=0.0).to(tl.float32)
-                        tl.store(gw_ptr + (row * dim + d) * W + j, tl.sum(gpre * xj, axis=1), mask=dmask)
+            gx += wk[:, None] * tl.load(grow + s[None, :], mask=m, other=0.0)
         tm = dmask[:, None] & (t[None, :] < seqlen)
         tl.store(gx_ptr + b * s_gxb + d[:, None].to(tl.int64) * s_gxd + t[None, :], gx.to(gx_ptr.dtype.element_ty),
                  mask=tm)
 
-    _KERNELS = (fwd, bwd)
+    _KERNELS = (fwd, bwd_pre, bwd_x)
     return _KERNELS
