@@ -1,5 +1,5 @@
 """GPU benchmark: the causal conv + SiLU of the Mamba mixer, the Triton kernel
-(mamba_ssm/ops/triton/causal_conv1d.py, experimental) against the PyTorch path (F.conv1d on a
+(mamba_ssm/ops/triton/causal_conv1d.py) against the PyTorch path (F.conv1d on a
 left-padded input, then SiLU), in the same run.
 
 x is the first half of a (batch, 2*dim, seqlen) bf16 tensor, as in the mixer; the weight is frozen
@@ -36,8 +36,13 @@ def measure(batch, dim, seqlen, width=4, weight_grad=False, dtype=torch.bfloat16
     weight = torch.randn(dim, width, device="cuda", dtype=dtype, generator=g).requires_grad_(weight_grad)
     bias = torch.randn(dim, device="cuda", dtype=dtype, generator=g).requires_grad_(weight_grad)
     gout = torch.randn(batch, dim, seqlen, device="cuda", dtype=dtype, generator=g)
-    impls = {"torch": lambda: causal_conv1d_fn(xz[:, :dim], weight, bias, "silu"),
-             "triton": lambda: causal_conv1d_triton(xz[:, :dim], weight, bias, "silu")}
+    from mamba_ssm.backend import use_backend
+
+    def torch_conv():  # causal_conv1d_fn picks the Triton kernel on CUDA unless told otherwise
+        with use_backend("torch"):
+            return causal_conv1d_fn(xz[:, :dim], weight, bias, "silu")
+
+    impls = {"torch": torch_conv, "triton": lambda: causal_conv1d_triton(xz[:, :dim], weight, bias, "silu")}
     res = {"shape": [batch, dim, seqlen], "width": width, "weight_grad": weight_grad, "dtype": str(dtype)}
     outs = {}
     for name, f in impls.items():

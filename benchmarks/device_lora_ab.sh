@@ -30,7 +30,7 @@ run baseline .baseline 1.4b 4 64
 run new . 1.4b 4 64
 run baseline .baseline 130m 16 16
 run new . 130m 16 16
-run new_profiled . 1.4b 4 64 --profile "$OUT/profile_1.4b.txt"
+[ "${PROFILE:-1}" = 1 ] && run new_profiled . 1.4b 4 64 --profile "$OUT/profile_1.4b.txt"
 if [ "${CONV_BENCH:-1}" = 1 ]; then
   timeout 90 python3 benchmarks/benchmark_causal_conv1d.py --out "$OUT/causal_conv1d.json" 2>&1 | grep -v '^wrote' | tee -a "$OUT/job.log"
 fi
@@ -38,5 +38,5 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -20
 for f in "$OUT"/lora_*.json; do
   python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], round(d['train_step_tok_per_s'] or 0), 'tok/s', round(d['peak_mem_GB'], 1), 'GB', d.get('final_loss'))" "$f" 2>/dev/null
 done
-head -40 "$OUT/profile_1.4b.txt" 2>/dev/null | cut -c1-100,150-200
+[ "${PROFILE:-1}" = 1 ] && head -40 "$OUT/profile_1.4b.txt" 2>/dev/null | cut -c1-100,150-200
 stamp end
