@@ -108,6 +108,10 @@ class _ChannelFirstLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, channels_last_out):
+        # the adapter matrices may be fp32 masters under autocast: cast here, and hand their
+        # gradients back summed in fp32 (no bf16 rounding, no cast nodes for autograd to run)
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         x = _bmm_ready(x)
         batch, seqlen = x.shape[0], x.shape[2]
         expand = lambda w: w.unsqueeze(0).expand(batch, -1, -1)  # noqa: E731
@@ -147,9 +151,9 @@ class _ChannelFirstLoRA(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2))
         if ctx.needs_input_grad[3]:
-            ga = _weight_grad(gh, x, lora_a.dtype)
+            ga = _weight_grad(gh, x, ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[4]:
-            gbl = _weight_grad(g, h, lora_b.dtype, alpha=s)
+            gbl = _weight_grad(g, h, ctx.adapter_dtypes[1], alpha=s)
         return gx, gw, gb, ga, gbl, None, None
 
 
@@ -250,11 +254,14 @@ def project(module, x, channels_last_out=False, bias=True):
     autocast = autocast_dtype(x.device.type)
     if len(adapters) == 1 and _is_identity(adapters[0][3]) and adapters[0][1].bias is None:
         a, b, scaling, _ = adapters[0]
-        args = (x, base.weight, base.bias if bias else None, a.weight, b.weight)
-        if autocast is not None:
+        args = (x, base.weight, base.bias if bias else None)
+        if autocast is not None:  # the adapter matrices are cast inside (see _ChannelFirstLoRA)
             args = cast_for_autocast(autocast, *args)
-        if len({t.dtype for t in args if t is not None}) == 1:  # else as PEFT: adapter in its own dtype
-            return _ChannelFirstLoRA.apply(*args, float(scaling), channels_last_out)
+        dtypes = {t.dtype for t in args if t is not None}
+        if autocast is None:
+            dtypes |= {a.weight.dtype, b.weight.dtype}
+        if len(dtypes) == 1:  # else as PEFT: outside autocast an adapter computes in its own dtype
+            return _ChannelFirstLoRA.apply(*args, a.weight, b.weight, float(scaling), channels_last_out)
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
     autocast = autocast is not None
     for a, b, scaling, dropout in adapters:
