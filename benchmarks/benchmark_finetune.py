@@ -36,7 +36,7 @@ TARGETS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build(shape: str, rank: int, base_dtype: torch.dtype, device: str, seed: int = 0):
+def build(shape: str, rank: int, base_dtype: torch.dtype, device: str, seed: int = 0, lora_dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
 
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -48,7 +48,8 @@ def build(shape: str, rank: int, base_dtype: torch.dtype, device: str, seed: int
     torch.manual_seed(seed)
     cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50277, pad_vocab_size_multiple=8)
     model = MambaLMHeadModel(cfg, device=device, dtype=base_dtype)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=lora_dropout,
+                                              target_modules=TARGETS))
     for n, p in model.named_parameters():  # adapters in fp32 whatever the base dtype
         if p.requires_grad:
             p.data = p.data.float()
@@ -67,11 +68,11 @@ def _peak_gb(device) -> float:
 
 
 def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", base_dtype="bf16", steps=5,
-            warmup=2, device=None, seed=0, profile_path=None) -> dict:
+            warmup=2, device=None, seed=0, profile_path=None, lora_dropout=0.0) -> dict:
     from mambakit.finetune import response_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(shape, rank, _DTYPES[base_dtype], device, seed)
+    model = build(shape, rank, _DTYPES[base_dtype], device, seed, lora_dropout)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
@@ -129,7 +130,8 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
     n_all = sum(p.numel() for p in model.parameters())
     return {
         "shape": shape, "d_model": SHAPES[shape][0], "n_layer": SHAPES[shape][1], "batch_size": batch_size,
-        "seqlen": seqlen, "lora_rank": rank, "lora_targets": TARGETS, "precision": precision,
+        "seqlen": seqlen, "lora_rank": rank, "lora_targets": TARGETS, "lora_dropout": lora_dropout,
+        "precision": precision,
         "base_dtype": base_dtype, "trainable_params": n_train, "total_params": n_all,
         "train_step_tok_per_s": tokens / statistics.median(step_times),
         "fwdbwd_tok_per_s": tokens / statistics.median(fb_times),
@@ -166,6 +168,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="the recipe's default is 0.05")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--base-dtype", choices=sorted(_DTYPES), default="bf16")
     p.add_argument("--steps", type=int, default=10)
@@ -177,7 +180,7 @@ def main(argv=None):
     status = 0
     try:
         res = measure(a.shape, a.batch_size, a.seqlen, a.rank, a.precision, a.base_dtype, a.steps, a.warmup,
-                      a.device, profile_path=a.profile)
+                      a.device, profile_path=a.profile, lora_dropout=a.lora_dropout)
     except torch.cuda.OutOfMemoryError as e:  # record the failure rather than leave no result
         status = 1
         res = {"shape": a.shape, "batch_size": a.batch_size, "seqlen": a.seqlen, "lora_rank": a.rank,

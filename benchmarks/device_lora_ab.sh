@@ -4,7 +4,9 @@
 #   rm -rf .baseline && mkdir .baseline && git archive <commit> | tar -x -C .baseline
 #   device run (carry .baseline): OUT=$OUT bash benchmarks/device_lora_ab.sh
 # The CUDA extension is built once, here; the baseline must have the same csrc/ (it gets a copy).
-# Also runs the GPU tests named in $TESTS, and profiles the 1.4b step of this tree.
+# Also runs the GPU tests named in $TESTS, and profiles the 1.4b step of this tree (PROFILE=0: not).
+# EXTRA_ARGS go to every benchmark_finetune.py run (e.g. "--lora-dropout 0.05"; the baseline tree
+# must know them: copy the newer benchmarks/benchmark_finetune.py into .baseline).
 set -u
 OUT=${OUT:-/tmp/lora_ab_out}
 mkdir -p "$OUT"
@@ -16,14 +18,14 @@ rc=$?; stamp "build rc=$rc"; [ $rc != 0 ] && tail -30 /tmp/build.log >> "$OUT/jo
 if ! diff -rq csrc .baseline/csrc > /dev/null; then stamp "WARNING: .baseline has other kernels; its timing uses ours"; fi
 cp mamba_ssm/_selective_scan_cuda*.so .baseline/mamba_ssm/
 TESTS=${TESTS:-tests/test_channel_first.py tests/test_causal_conv1d_triton.py tests/test_layer_norm.py tests/test_gpu_model.py}
-PYTHONPATH=$PWD timeout 200 python3 -m pytest -m cuda -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
+PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-200} python3 -m pytest -m cuda -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
 stamp "GPU tests rc=$?: $(tail -1 "$OUT/tests.log")"
 run() {  # name dir shape batch rank [extra args]
   local name=$1 dir=$2 shape=$3 bs=$4 rank=$5; shift 5
   local out="$OUT/lora_${shape}_$name.json"
   [ "$name" = new_profiled ] && out=/tmp/lora_profiled.json  # (8 files come back)
   (cd "$dir" && PYTHONPATH=$PWD timeout 120 python3 benchmarks/benchmark_finetune.py --shape "$shape" --batch-size "$bs" \
-     --seqlen 2048 --rank "$rank" --steps 6 --warmup 2 --out "$out" "$@" > /dev/null 2>&1)
+     --seqlen 2048 --rank "$rank" --steps 6 --warmup 2 --out "$out" ${EXTRA_ARGS:-} "$@" > /dev/null 2>&1)
   stamp "LoRA $shape $name rc=$?"
 }
 run baseline .baseline 1.4b 4 64

@@ -223,17 +223,47 @@ def test_fused_lora_matches_peft_in_every_layout(x_channels_last, channels_last_
         torch.testing.assert_close(a, r)
 
 
-def test_fused_lora_only_where_it_is_exact():
-    """Dropout in training, or an adapter in another dtype than the base outside autocast, take the
-    general path (PEFT's semantics); dropout in eval mode is the identity and takes the fused one."""
-    m = _lora_module(dropout=0.5)
-    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("x_channels_last", [False, True])
+def test_fused_lora_with_dropout_matches_the_masked_computation(x_channels_last, device, monkeypatch):
+    """In training, dropout on the adapter's input: the output and every gradient equal PEFT's
+    arithmetic, base(x) + scaling * B(A(x * mask / (1 - p))), with the mask the fused path drew."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = _lora_module(dropout=0.3)
+    m.to(device)
     m.train()
-    assert "ChannelFirstLoRA" not in type(project(m, x).grad_fn).__name__
-    m.eval()
+    drawn = []
+    real = torch.native_dropout
+
+    def recording(x, p, train):
+        out, mask = real(x, p, train)
+        drawn.append(mask)
+        return out, mask
+
+    monkeypatch.setattr(torch, "native_dropout", recording)
+    if x_channels_last:
+        x = torch.randn(2, 40, 6, dtype=torch.float64, device=device).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(2, 6, 40, dtype=torch.float64, device=device, requires_grad=True)
     out = project(m, x)
-    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
-    torch.testing.assert_close(out, m(x.transpose(1, 2)).transpose(1, 2))
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__ and len(drawn) == 1
+    mask = drawn[0]
+    assert 0 < mask.sum() < mask.numel(), "the mask should drop some inputs and keep others"
+    xt = x.transpose(1, 2)
+    a, b = m.lora_A["default"], m.lora_B["default"]
+    ref = m.base_layer(xt) + m.scaling["default"] * b(a(xt * mask.transpose(1, 2) / 0.7))
+    ref = ref.transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(got, want)
+
+
+def test_lora_adapter_in_another_dtype_keeps_peft_semantics():
+    """Outside autocast an adapter in another dtype than the base computes in its own dtype, as in
+    PEFT: the general path, not the fused one."""
     m = _lora_module()
     m.base_layer.to(torch.float32)
     x32 = torch.randn(2, 6, 9)

@@ -102,12 +102,13 @@ class _ChannelFirstLinear(torch.autograd.Function):
 class _ChannelFirstLoRA(torch.autograd.Function):
     """out = W x + bias + scaling * B (A x) in two GEMMs that write the same output (the second
     accumulates through cuBLAS's beta), and a backward that sums the base and adapter input
-    gradients the same way. PEFT's LoRA without dropout: the separate add of the update, its
-    scaling multiply in the backward, and the sum of the two input gradients each moved a whole
-    activation (about 7% of a 1.4b LoRA step on an H200)."""
+    gradients the same way. In PEFT's LoRA the separate add of the update, its scaling multiply in
+    the backward, and the sum of the two input gradients each moved a whole activation (about 7%
+    of a 1.4b LoRA step on an H200). With dropout_p > 0 the adapter reads dropout(x), as in PEFT,
+    and its part of the input gradient goes back through the same mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, channels_last_out):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, channels_last_out, dropout_p=0.0):
         # the adapter matrices may be fp32 masters under autocast: cast here, and hand their
         # gradients back summed in fp32 (no bf16 rounding, no cast nodes for autograd to run)
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
@@ -115,7 +116,11 @@ class _ChannelFirstLoRA(torch.autograd.Function):
         x = _bmm_ready(x)
         batch, seqlen = x.shape[0], x.shape[2]
         expand = lambda w: w.unsqueeze(0).expand(batch, -1, -1)  # noqa: E731
-        h = torch.bmm(expand(lora_a), x)                                 # (batch, r, seqlen)
+        xa, mask = x, None
+        if dropout_p > 0.0:
+            xa, mask = torch.native_dropout(x, dropout_p, True)          # keeps x's memory order
+            xa = _bmm_ready(xa)
+        h = torch.bmm(expand(lora_a), xa)                                # (batch, r, seqlen)
         out_f = weight.shape[0]
         if channels_last_out:
             out = torch.empty(batch, seqlen, out_f, device=x.device, dtype=x.dtype).transpose(1, 2)
@@ -125,13 +130,14 @@ class _ChannelFirstLoRA(torch.autograd.Function):
             out.copy_(bias.view(1, -1, 1).expand_as(out))
         _bmm_into(out, expand(weight), x, channels_last_out, beta=0.0 if bias is None else 1.0)
         _bmm_into(out, expand(lora_b), h, channels_last_out, alpha=scaling, beta=1.0)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h, xa if mask is not None else None, mask)
+        ctx.scaling, ctx.has_bias, ctx.dropout_p = scaling, bias is not None, dropout_p
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, lora_a, lora_b, h, xa, mask = ctx.saved_tensors
+        xa = x if xa is None else xa
         s = ctx.scaling
         g = _bmm_ready(g)
         batch = x.shape[0]
@@ -145,16 +151,20 @@ class _ChannelFirstLoRA(torch.autograd.Function):
             else:
                 gx = torch.empty(x.shape, device=g.device, dtype=g.dtype)
             _bmm_into(gx, expand_t(weight), g, x_channels_last)
-            _bmm_into(gx, expand_t(lora_a), gh, x_channels_last, beta=1.0)
+            if mask is None:
+                _bmm_into(gx, expand_t(lora_a), gh, x_channels_last, beta=1.0)
+            else:
+                gxa = torch.bmm(expand_t(lora_a), gh)
+                gx.add_(torch.ops.aten.native_dropout_backward(gxa, mask, 1.0 / (1.0 - ctx.dropout_p)))
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(g, x, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(dim=(0, 2))
         if ctx.needs_input_grad[3]:
-            ga = _weight_grad(gh, x, ctx.adapter_dtypes[0])
+            ga = _weight_grad(gh, xa, ctx.adapter_dtypes[0])
         if ctx.needs_input_grad[4]:
             gbl = _weight_grad(g, h, ctx.adapter_dtypes[1], alpha=s)
-        return gx, gw, gb, ga, gbl, None, None
+        return gx, gw, gb, ga, gbl, None, None, None
 
 
 def autocast_dtype(device_type):
@@ -218,8 +228,14 @@ def _lora_parts(module):
     return base, adapters
 
 
-def _is_identity(dropout):
-    return isinstance(dropout, nn.Identity) or (type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training))
+def _dropout_p(dropout):
+    """The probability a LoRA's dropout zeroes an input now (0 for Identity or eval mode), or None
+    for a module that is not plain dropout."""
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
 
 
 def has_hooks(*modules) -> bool:
@@ -252,7 +268,8 @@ def project(module, x, channels_last_out=False, bias=True):
         return out.transpose(1, 2)
     base, adapters = parts
     autocast = autocast_dtype(x.device.type)
-    if len(adapters) == 1 and _is_identity(adapters[0][3]) and adapters[0][1].bias is None:
+    p_drop = _dropout_p(adapters[0][3]) if len(adapters) == 1 else None
+    if p_drop is not None and adapters[0][1].bias is None:
         a, b, scaling, _ = adapters[0]
         args = (x, base.weight, base.bias if bias else None)
         if autocast is not None:  # the adapter matrices are cast inside (see _ChannelFirstLoRA)
@@ -261,7 +278,7 @@ def project(module, x, channels_last_out=False, bias=True):
         if autocast is None:
             dtypes |= {a.weight.dtype, b.weight.dtype}
         if len(dtypes) == 1:  # else as PEFT: outside autocast an adapter computes in its own dtype
-            return _ChannelFirstLoRA.apply(*args, a.weight, b.weight, float(scaling), channels_last_out)
+            return _ChannelFirstLoRA.apply(*args, a.weight, b.weight, float(scaling), channels_last_out, p_drop)
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
     autocast = autocast is not None
     for a, b, scaling, dropout in adapters:
