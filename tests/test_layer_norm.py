@@ -68,13 +68,13 @@ _NORM_CASES = [  # (rows, n, is_rms, with_residual, residual_in_fp32, x dtype)
 
 
 def _check_add_norm(device, rows, n, is_rms, with_residual, residual_in_fp32, dtype, prenorm=True,
-                    weight_grad=True):
+                    weight_grad=True, residual_grad=True):
     from mamba_ssm.ops.triton import layer_norm as ln
 
     g = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(2, rows, n, generator=g).to(device, dtype).requires_grad_()
     res = (torch.randn(2, rows, n, generator=g) * 3).to(device, torch.float32 if residual_in_fp32 else dtype)
-    res = res.requires_grad_() if with_residual else None
+    res = res.requires_grad_(residual_grad) if with_residual else None
     w = (torch.rand(n, generator=g) + 0.5).to(device).requires_grad_(weight_grad)
     b = None if is_rms else torch.randn(n, generator=g).to(device).requires_grad_(weight_grad)
     fp32_res = residual_in_fp32 or (res is not None and res.dtype != x.dtype)
@@ -106,7 +106,7 @@ def _check_add_norm(device, rows, n, is_rms, with_residual, residual_in_fp32, dt
 @pytest.mark.parametrize("prenorm", [True, False])
 def test_triton_add_norm_on_gpu(case, prenorm):
     pytest.importorskip("triton")
-    _check_add_norm("cuda", *case, prenorm=prenorm, weight_grad=prenorm)
+    _check_add_norm("cuda", *case, prenorm=prenorm, weight_grad=prenorm, residual_grad=prenorm)
 
 
 @pytest.mark.cuda
@@ -128,4 +128,4 @@ def test_triton_add_norm_is_chosen_and_wide_rows():
 def test_triton_add_norm_in_interpreter(monkeypatch, prenorm):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for case in _NORM_CASES:
-        _check_add_norm("cpu", *case, prenorm=prenorm, weight_grad=prenorm)
+        _check_add_norm("cpu", *case, prenorm=prenorm, weight_grad=prenorm, residual_grad=prenorm)

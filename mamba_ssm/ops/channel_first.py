@@ -234,7 +234,9 @@ def _dropout_p(dropout):
     if isinstance(dropout, nn.Identity):
         return 0.0
     if type(dropout) is nn.Dropout:
-        return float(dropout.p) if dropout.training else 0.0
+        if not dropout.training:
+            return 0.0
+        return float(dropout.p) if dropout.p < 1.0 else None  # p = 1: PEFT's path (all zeros, no 1/(1-p))
     return None
 
 

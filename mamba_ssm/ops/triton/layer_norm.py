@@ -174,7 +174,8 @@ class _AddNormTriton(torch.autograd.Function):
             dres = dres.reshape(rows, n)
             dres = dres if dres.stride(-1) == 1 else dres.contiguous()
         dx = torch.empty(rows, n, device=dy.device, dtype=ctx.x_dtype)
-        dr = torch.empty(rows, n, device=dy.device, dtype=ctx.res_dtype) if ctx.res_dtype is not None else dx
+        two_out = ctx.res_dtype is not None and ctx.needs_input_grad[1]  # the residual's own gradient
+        dr = torch.empty(rows, n, device=dy.device, dtype=ctx.res_dtype) if two_out else dx
         # the weight/bias partials: one row per program, each program taking a run of rows
         progs = min(rows, 4 * _sm_count(dy.device)) if need_w else rows
         per_prog = -(-rows // progs)
@@ -185,11 +186,11 @@ class _AddNormTriton(torch.autograd.Function):
         _kernels()[1][(progs,)](
             new_res, weight, mean, rstd, dy, dres if dres is not None else dy, dx, dr, dw, db,
             rows, n, per_prog, new_res.stride(0), dy.stride(0), dres.stride(0) if dres is not None else 0,
-            HAS_DRES=dres is not None, TWO_OUT=ctx.res_dtype is not None, HAS_BIAS=bias is not None,
+            HAS_DRES=dres is not None, TWO_OUT=two_out, HAS_BIAS=bias is not None,
             IS_RMS=ctx.is_rms, NEED_W=need_w, BLOCK=block, num_warps=warps)
         gw = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
         gb = db.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
-        dres_in = dr.view(ctx.shape) if ctx.res_dtype is not None and ctx.needs_input_grad[1] else None
+        dres_in = dr.view(ctx.shape) if two_out else None
         return dx.view(ctx.shape), dres_in, gw, gb, None, None, None, None
 
 
