@@ -117,9 +117,12 @@ class _ChannelFirstLoRA(torch.autograd.Function):
         batch, seqlen = x.shape[0], x.shape[2]
         expand = lambda w: w.unsqueeze(0).expand(batch, -1, -1)  # noqa: E731
         xa, mask = x, None
-        if dropout_p > 0.0:
-            xa, mask = torch.native_dropout(x, dropout_p, True)          # keeps x's memory order
+        if dropout_p > 0.0 and x.is_cuda:
+            xa, mask = torch.native_dropout(x, dropout_p, True)          # one kernel; a bool mask
             xa = _bmm_ready(xa)
+        elif dropout_p > 0.0:  # on a CPU native_dropout casts 16-bit inputs to fp32 and back
+            mask = torch.empty_like(x).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)  # scale folded in
+            xa = _bmm_ready(x * mask)
         h = torch.bmm(expand(lora_a), xa)                                # (batch, r, seqlen)
         out_f = weight.shape[0]
         if channels_last_out:
@@ -155,7 +158,11 @@ class _ChannelFirstLoRA(torch.autograd.Function):
                 _bmm_into(gx, expand_t(lora_a), gh, x_channels_last, beta=1.0)
             else:
                 gxa = torch.bmm(expand_t(lora_a), gh)
-                gx.add_(torch.ops.aten.native_dropout_backward(gxa, mask, 1.0 / (1.0 - ctx.dropout_p)))
+                if mask.dtype == torch.bool:
+                    gxa = torch.ops.aten.native_dropout_backward(gxa, mask, 1.0 / (1.0 - ctx.dropout_p))
+                else:
+                    gxa.mul_(mask)
+                gx.add_(gxa)
         if ctx.needs_input_grad[1]:
             gw = _weight_grad(g, x, weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
