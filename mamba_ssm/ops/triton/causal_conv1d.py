@@ -15,6 +15,7 @@ MAMBA_SSM_TRITON_CONV=0 turns it off.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,13 +25,9 @@ ENV_OPT_OUT = "MAMBA_SSM_TRITON_CONV"
 
 def is_available():
     """Not turned off (MAMBA_SSM_TRITON_CONV=0), Triton imports and a CUDA device is present."""
-    if os.environ.get(ENV_OPT_OUT, "1") == "0" or not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from mamba_ssm.ops.triton import triton_on_cuda
+
+    return os.environ.get(ENV_OPT_OUT, "1") != "0" and triton_on_cuda()
 
 
 _BLOCK_D, _BLOCK_T = 16, 128
@@ -91,14 +88,9 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None):
     return CausalConv1dTritonFn.apply(x, weight, bias, activation is not None)
 
 
-_KERNELS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels():
     """Compile on first use, so importing this module never needs Triton."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
     import triton
     import triton.language as tl
 
@@ -179,5 +171,4 @@ def _kernels():
         tl.store(gx_ptr + b * s_gxb + d[:, None].to(tl.int64) * s_gxd + t[None, :], gx.to(gx_ptr.dtype.element_ty),
                  mask=tm)
 
-    _KERNELS = (fwd, bwd_pre, bwd_x)
-    return _KERNELS
+    return fwd, bwd_pre, bwd_x

@@ -11,6 +11,8 @@ the (batch, seqlen, d_model) activations, in fp32.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,13 +41,9 @@ def _normalize(x, weight, bias, eps, is_rms_norm, zero_centered_weight=False):
 
 def is_available():
     """Triton imports and a CUDA device is present (the backend switch asks this)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from mamba_ssm.ops.triton import triton_on_cuda
+
+    return triton_on_cuda()
 
 
 _MAX_TRITON_WIDTH = 16384  # one row per program, held in registers
@@ -212,14 +210,9 @@ def _sm_count(device):
     return _SM_COUNT[device]
 
 
-_KERNELS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels():
     """Compile on first use, so importing this module never needs Triton."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
     import triton
     import triton.language as tl
 
@@ -297,8 +290,7 @@ def _kernels():
             if HAS_BIAS:
                 tl.store(DB + pid * N + cols, db, mask=m)
 
-    _KERNELS = (fwd, bwd)
-    return _KERNELS
+    return fwd, bwd
 
 
 class RMSNorm(nn.Module):

@@ -70,13 +70,9 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 
 def is_available():
     """The Triton kernel runs: Triton imports and a CUDA device is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from mamba_ssm.ops.triton import triton_on_cuda
+
+    return triton_on_cuda()
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
