@@ -56,15 +56,22 @@ def test_triton_conv_in_interpreter(monkeypatch, dtype):
 
 
 def test_turned_off_and_float64(monkeypatch):
-    """MAMBA_SSM_TRITON_CONV=0 keeps the PyTorch conv; float64 never goes to the float32 kernel."""
+    """MAMBA_SSM_TRITON_CONV=0 keeps the PyTorch conv; float64 never goes to the float32 kernel.
+    Triton on a GPU is pretended, so this also checks the choice where one is present."""
+    import mamba_ssm.ops.triton as triton_pkg
+    from mamba_ssm import backend
     from mamba_ssm.ops import causal_conv1d as cc
     from mamba_ssm.ops.triton import causal_conv1d as tc
 
+    monkeypatch.setattr(triton_pkg, "triton_on_cuda", lambda: True)
+    monkeypatch.setattr(backend, "available_backends", lambda op: ["triton", "torch"])
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV", raising=False)
+    fp32, fp64 = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.float64)
+    assert tc.is_available() and cc._triton_conv_chosen(fp32)
+    assert not cc._triton_conv_chosen(fp64)
     monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "0")
-    assert not tc.is_available()
-    assert not cc._triton_conv_chosen(torch.zeros(1, dtype=torch.float32))
-    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV")
-    assert not cc._triton_conv_chosen(torch.zeros(1, dtype=torch.float64))
+    assert not tc.is_available() and not cc._triton_conv_chosen(fp32)
 
 
 @pytest.mark.cuda

@@ -15,7 +15,9 @@ def _triton_conv_chosen(x) -> bool:
     # float64 stays in PyTorch (the kernel computes in float32); MAMBA_SSM_TRITON_CONV=0 opts out
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if os.environ.get("MAMBA_SSM_TRITON_CONV", "1") == "0":
+    from mamba_ssm.ops.triton.causal_conv1d import ENV_OPT_OUT
+
+    if os.environ.get(ENV_OPT_OUT, "1") == "0":  # asked for: no fall-back warning from the switch
         return False
     from mamba_ssm.backend import choose_backend
 

@@ -289,10 +289,9 @@ def project(module, x, channels_last_out=False, bias=True):
         if len(dtypes) == 1:  # else as PEFT: outside autocast an adapter computes in its own dtype
             return _ChannelFirstLoRA.apply(*args, a.weight, b.weight, float(scaling), channels_last_out, p_drop)
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
-    autocast = autocast is not None
     for a, b, scaling, dropout in adapters:
         xa = dropout(x)
-        if not autocast:
+        if autocast is None:
             xa = xa.to(a.weight.dtype)  # as PEFT does: the adapter computes in its own dtype
         h = channel_first_linear(xa, a.weight)                     # (batch, r, seqlen)
         upd = channel_first_linear(h, b.weight, b.bias, channels_last_out)

@@ -18,12 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _residual_dtype(x, residual, residual_in_fp32):
+    """The new residual's dtype: fp32 when asked for or when x and the residual differ, else x's."""
+    if residual_in_fp32 or (residual is not None and residual.dtype != x.dtype):
+        return torch.float32
+    return x.dtype
+
+
 def _add_residual(x, residual, residual_in_fp32):
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"layer_norm_fn: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        x = x.float() + residual.float() if residual_in_fp32 or residual.dtype != x.dtype else x + residual
-    return x.float() if residual_in_fp32 else x
+    dtype = _residual_dtype(x, residual, residual_in_fp32)
+    return x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
 
 
 def _normalize(x, weight, bias, eps, is_rms_norm, zero_centered_weight=False):
@@ -71,13 +75,12 @@ def layer_norm_fn(x, weight, bias, residual=None, x1=None, weight1=None, bias1=N
         raise NotImplementedError("layer_norm_fn: x1, weight1, rowscale and return_dropout_mask are not supported")
     if weight.shape[-1] != x.shape[-1]:
         raise ValueError(f"layer_norm_fn: weight must be ({x.shape[-1]},), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"layer_norm_fn: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     in_dtype = x.dtype
     if _use_triton(x, residual, dropout_p, zero_centered_weight, residual_in_fp32):
-        if residual is not None and residual.shape != x.shape:
-            raise ValueError(f"layer_norm_fn: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        fp32_res = residual_in_fp32 or (residual is not None and residual.dtype != x.dtype)
         y, new_residual = _AddNormTriton.apply(x, residual, weight, bias, eps, is_rms_norm,
-                                               torch.float32 if fp32_res else x.dtype, out_dtype or in_dtype)
+                                               _residual_dtype(x, residual, residual_in_fp32), out_dtype or in_dtype)
         return (y, new_residual) if prenorm else y
     if dropout_p > 0.0:
         x = F.dropout(x, p=dropout_p)
