@@ -68,7 +68,8 @@ def scan64(u, delta, A, B, C, D, z, delta_bias, softplus):
     return y, h
 
 
-def make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype=None, device="cuda"):
+def make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype=None, device="cuda",
+                wide_delta=False):
     g = torch.Generator(device="cpu").manual_seed(seed)
     wdtype = wdtype or dtype
 
@@ -76,7 +77,9 @@ def make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, s
         return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dt)
 
     u = rn(batch, dim, L)
-    if softplus:
+    if softplus and wide_delta:  # every branch of the softplus: exp series, log2, identity above 20
+        delta = (torch.rand(batch, dim, L, generator=g) * 50 - 25).to(device=device, dtype=dtype)
+    elif softplus:
         delta = rn(batch, dim, L, scale=1.0, shift=-1.0)
     else:
         delta = (torch.rand(batch, dim, L, generator=g) * 0.5 + 0.01).to(device=device, dtype=dtype)
@@ -124,8 +127,9 @@ NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
 def check_case(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype=None,
-               noncontig=False):
-    inputs = make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype)
+               noncontig=False, wide_delta=False):
+    inputs = make_inputs(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus, wdtype,
+                         wide_delta=wide_delta)
     if noncontig:
         # same values, other strides: u/delta through a transpose, B/C as slices of a wider tensor
         u, delta, A, B, C, D, z, bias = inputs
@@ -261,6 +265,16 @@ def test_sequence_split(monkeypatch, split):
     check_case(22, 2, 8, 517, 64, torch.float32, 2, True, True, False, True)
     monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "64")
     check_case(23, 1, 16, 1500, 32, torch.float16, 1, False, True, True, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("exact", ["0", "1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softplus_over_its_whole_range(monkeypatch, exact, dtype):
+    # delta + bias from -25 to 25 through the special-function-unit softplus (the default) and
+    # through log1pf (MAMBA_SSM_SCAN_EXACT_SOFTPLUS=1): outputs and every gradient against float64
+    monkeypatch.setenv("MAMBA_SSM_SCAN_EXACT_SOFTPLUS", exact)
+    check_case(31, 2, 16, 300, 16, dtype, None, True, True, True, True, wide_delta=True)
 
 
 @pytest.mark.cuda

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(256) scan_bwd_kernel(const ScanParams p) {
       float dtv = 0.f, dtu = 0.f;
       if (t < L) {
         const float x = TypeOps<T>::to_f(dp[t]) + bias;
-        dtv = p.softplus ? softplusf_(x) : x;
+        dtv = p.softplus ? softplusf_(x, p.exact_softplus) : x;
         dtu = dtv * TypeOps<T>::to_f(up[t]);
       }
       __syncwarp(mask);
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(256) scan_bwd_kernel(const ScanParams p) {
       if (tv) {
         uv = TypeOps<T>::to_f(up[t]);
         xv = TypeOps<T>::to_f(dp[t]) + bias;
-        dtv = p.softplus ? softplusf_(xv) : xv;
+        dtv = p.softplus ? softplusf_(xv, p.exact_softplus) : xv;
         dtu = dtv * uv;
         dov = TypeOps<T>::to_f(dop[t]);
         if (zp) {

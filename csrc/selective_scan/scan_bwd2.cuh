@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const float x = d4[q] + bias;
-          dt[q] = (t + q < L) ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          dt[q] = (t + q < L) ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
           du[q] = dt[q] * u4[q];
         }
         reinterpret_cast<float4*>(dtrow)[l] = make_float4(dt[0], dt[1], dt[2], dt[3]);
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
           const float x = d4[q] + bias;
-          dtv[q] = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          dtv[q] = tv ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
           du[q] = dtv[q] * u4[q];
           const float zq = zp ? z4[q] : 0.f;
           dyv[q] = tv ? (zp ? o4[q] * zq * sigmoidf_(zq) : o4[q]) : 0.f;
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         for (int q = 0; q < 4; ++q) {
           const bool tv = t + q < L;
           const float uq = u4[q], x = d4[q] + bias, dq = o4[q];
-          const float dtq = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+          const float dtq = tv ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
           const float zq = zp ? z4[q] : 0.f;
           const float szq = zp ? sigmoidf_(zq) : 0.f;
           const float dyq = tv ? (zp ? dq * zq * szq : dq) : 0.f;
@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
       for (int q = 0; q < 4; ++q) {
         const bool tv = t + q < L;
         const float x = d4[q] + bias;
-        dtv[q] = tv ? (p.softplus ? softplusf_(x) : x) : 0.f;
+        dtv[q] = tv ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
         const float zq = zp ? z4[q] : 0.f;
         dyv[q] = tv ? (zp ? o4[q] * zq * sigmoidf_(zq) : o4[q]) : 0.f;
         sdt += dtv[q];

@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(256) scan_fwd_kernel(const ScanParams p) {
     float dtv = 0.f;
     if (tv) {
       const float x = dlv + bias;
-      dtv = p.softplus ? softplusf_(x) : x;
+      dtv = p.softplus ? softplusf_(x, p.exact_softplus) : x;
     }
     __syncwarp(mask);
     s_v[lane] = dtv;

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
       u_cur[j] = st.u4[j];
       z_cur[j] = zp ? st.z4[j] : 0.f;
       const float x = st.d4[j] + bias;
-      dt[j] = (t + j < L) ? (p.softplus ? softplusf_(x) : x) : 0.f;
+      dt[j] = (t + j < L) ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
       du[j] = dt[j] * u_cur[j];
     }
     float* dtrow = sDT + ((buf * cpb + c) * 2) * 20;
@@ -157,6 +157,8 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
   }
   __syncthreads();
 
+  // checkpoint bookkeeping without a division per sub-chunk: seg = ch / R, r_in_seg = ch % R
+  int seg = ch_lo / p.R, r_in_seg = ch_lo % p.R;
   for (int ch = ch_lo; ch < ch_end; ++ch) {
     const int buf = ch & 1;
     const int t0 = ch << 4;
@@ -166,7 +168,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
     float acc[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) acc[i] = 0.f;
-    const bool ck = ckp != nullptr && (ch % p.R) == 0;
+    const bool ck = ckp != nullptr && r_in_seg == 0;
     const float* bB = sBC + (buf * 2 + 0) * 16 * BW;
     const float* bC = sBC + (buf * 2 + 1) * 16 * BW;
     const float4* dt4p = reinterpret_cast<const float4*>(sDT + ((buf * cpb + c) * 2) * 20);
@@ -177,7 +179,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
       const int s0 = 16 * k + 4 * l;
       float4 h = sH[k * nthr + tid];
       if (ck) {
-        float* dst = ckp + (int64_t)(ch / p.R) * N + s0;
+        float* dst = ckp + (int64_t)seg * N + s0;
         if (s0 + 0 < N) dst[0] = h.x;
         if (s0 + 1 < N) dst[1] = h.y;
         if (s0 + 2 < N) dst[2] = h.z;
@@ -223,6 +225,10 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
       store4(outp, t0 + 4 * l, L, p.vec_o, y);
     }
     if (ch + 1 < ch_end) commit(st, ch + 1, buf ^ 1);
+    if (++r_in_seg == p.R) {
+      r_in_seg = 0;
+      ++seg;
+    }
     __syncthreads();
   }
 
@@ -293,7 +299,7 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const float x = d4[q] + bias;
-        dtv[q] = (t + q < L) ? (p.softplus ? softplusf_(x) : x) : 0.f;
+        dtv[q] = (t + q < L) ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
         duv[q] = dtv[q] * u4[q];
         sdt += dtv[q];
       }

@@ -16,6 +16,7 @@ struct ScanParams {
   int R = 4;      // sub-chunks of 16 steps per checkpoint segment
   int nseg = 0;   // ceil(ceil(seqlen / 16) / R)
   bool softplus = false;
+  bool exact_softplus = false;  // log1pf instead of the special-function-unit softplus
   bool vec_B = false, vec_C = false;  // B / C rows 16-byte aligned
   bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
   bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
