@@ -38,7 +38,7 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf
 // softplus(x) = log(1 + e^x), relative error under ~3e-6: e^x and log2 on the special-function
 // units, and a series where 1 + e^x would lose e^x's digits (log1pf took ~40 instructions, a fifth
 // of the forward's per-step work). exact: log1pf (MAMBA_SSM_SCAN_EXACT_SOFTPLUS=1).
-__device__ __noinline__ float softplus_exact(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+static __device__ __noinline__ float softplus_exact(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 
 __device__ __forceinline__ float softplusf_(float x, bool exact) {
   if (exact) return softplus_exact(x);  // out of line: inlined, its registers crowd the hot loops
