@@ -26,10 +26,13 @@ namespace {
 
 using at::Tensor;
 
-bool poison_enabled() {
-  const char* v = std::getenv("MAMBA_SSM_POISON");
+// An on/off setting from the environment: on when it starts with '1'.
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && v[0] == '1';
 }
+
+bool poison_enabled() { return env_flag("MAMBA_SSM_POISON"); }
 
 Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
   Tensor t = at::empty(shape, opt);
@@ -54,15 +57,7 @@ bool aligned16(const Tensor& t, int64_t elem_bytes, int64_t s0, int64_t s1, int6
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ok(s0) && ok(s1) && ok(s2);
 }
 
-bool exact_softplus_from_env() {
-  const char* v = std::getenv("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
-  return v != nullptr && v[0] == '1';
-}
-
-int impl_from_env() {
-  const char* v = std::getenv("MAMBA_SSM_SCAN_IMPL");
-  return (v != nullptr && v[0] == '1') ? 1 : 2;
-}
+int impl_from_env() { return env_flag("MAMBA_SSM_SCAN_IMPL") ? 1 : 2; }
 
 int pick_cpb(int dpg, int cpb_max) {
   int c = 1;
@@ -180,7 +175,7 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
   p.vec_o = (L % 4) == 0;
   p.impl = impl_from_env();
-  p.exact_softplus = exact_softplus_from_env();
+  p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;

@@ -180,10 +180,14 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
       float4 h = sH[k * nthr + tid];
       if (ck) {
         float* dst = ckp + (int64_t)seg * N + s0;
-        if (s0 + 0 < N) dst[0] = h.x;
-        if (s0 + 1 < N) dst[1] = h.y;
-        if (s0 + 2 < N) dst[2] = h.z;
-        if (s0 + 3 < N) dst[3] = h.w;
+        if ((N & 3) == 0) {  // 16-byte aligned: one store (4 scalar ones wrote each sector 4 times)
+          if (s0 < N) *reinterpret_cast<float4*>(dst) = h;
+        } else {
+          if (s0 + 0 < N) dst[0] = h.x;
+          if (s0 + 1 < N) dst[1] = h.y;
+          if (s0 + 2 < N) dst[2] = h.z;
+          if (s0 + 3 < N) dst[3] = h.w;
+        }
       }
       const float4 A2 = spl == 1 ? A2_0 : loadA2(k);
 #pragma unroll
