@@ -90,7 +90,10 @@ int64_t wave_balanced_split(int64_t warps, int64_t warps_per_wave) {
 // 9.6 -> 6.3 ms with 7 groups; (8,1536,2048,16), 0.97 waves unsplit, was slower split in 3
 // (1.62 -> 1.77 ms), hence the half-wave threshold. The forward (16 resident warps per SM) splits
 // the same way (run 6 in NOTES.md); the backward (12) also when a split fills its last wave better
-// (balance_waves). MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
+// (balance_waves). With balance_waves the small-grid count is rounded down to whole waves: at
+// (1,4096,16384,16) the backward's 7 groups (2.26 waves, run as 3) took 4.46 ms, 6 groups (1.94
+// waves) 3.65 ms, same call (selective_scan_h200_2026-11-29_split_sweep.json; 3 and 12 groups,
+// also whole waves, 3.85 and 3.64). MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
 void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_waves) {
   p.nsplit = 1;
   p.gseg = std::max(1, p.nseg);
@@ -102,7 +105,7 @@ void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_wave
   const int64_t want = 2LL * resident_warps_per_sm * sms;
   int64_t n = 1;
   if (const char* v = std::getenv("MAMBA_SSM_SCAN_SPLIT")) n = std::max(1L, std::atol(v));
-  else if (4 * warps < want) n = (want + warps - 1) / warps;
+  else if (4 * warps < want) n = balance_waves ? want / warps : (want + warps - 1) / warps;
   else if (balance_waves) n = wave_balanced_split(warps, (int64_t)resident_warps_per_sm * sms);
   n = std::min<int64_t>({n, 64, p.nseg});
   p.gseg = (int)((p.nseg + n - 1) / n);
