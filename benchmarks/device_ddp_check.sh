@@ -9,13 +9,10 @@
 # ONE_GPU_ONLY=1 (with FSDP=0) runs the single-GPU baselines alone, e.g. to profile them.
 #   device run (kind nvidia-h200-x2): carry .whl and .devdata
 set -u
-OUT=${OUT:-/tmp/ddp_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_lib.sh" /tmp/ddp_out
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # torchrun would set 1 thread per process and the single-GPU run would take all cores: same for both
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} MAMBAKIT_PROFILE_STEPS=${MAMBAKIT_PROFILE_STEPS:-20-25}
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >> "$OUT/job.log" 2>&1
 export PYTHONPATH=$PWD:/tmp/site
 nvidia-smi -L >> "$OUT/job.log"

@@ -8,11 +8,7 @@
 # EXTRA_ARGS go to every benchmark_finetune.py run (e.g. "--lora-dropout 0.05"; the baseline tree
 # must know them: copy the newer benchmarks/benchmark_finetune.py into .baseline).
 set -u
-OUT=${OUT:-/tmp/lora_ab_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
+source "$(dirname "$0")/device_lib.sh" /tmp/lora_ab_out
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
 rc=$?; stamp "build rc=$rc"; [ $rc != 0 ] && tail -30 /tmp/build.log >> "$OUT/job.log"  # (at most 8 files come back)
 if ! diff -rq csrc .baseline/csrc > /dev/null; then stamp "WARNING: .baseline has other kernels; its timing uses ours"; fi

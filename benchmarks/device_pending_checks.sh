@@ -10,11 +10,8 @@
 #      counts (MAMBA_SSM_SCAN_SPLIT), against the automatic choice, same call.
 #   device run: OUT=$OUT bash benchmarks/device_pending_checks.sh
 set -u
-OUT=${OUT:-/tmp/pending_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
+source "$(dirname "$0")/device_lib.sh" /tmp/pending_out
+export PYTHONPATH=$PWD
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
 rc=$?; stamp "build rc=$rc"; [ $rc != 0 ] && tail -30 /tmp/build.log >> "$OUT/job.log"
 timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -m cuda -q -rfs -p no:cacheprovider --durations=5 tests > "$OUT/gpu_tests.log" 2>&1

@@ -3,11 +3,7 @@
 # (inside the tests), benchmark. Logs and the JSON go to $OUT.
 #   run: bash benchmarks/device_scan_job.sh      (carry .upstream)
 set -u
-OUT=${OUT:-/tmp/scan_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
+source "$(dirname "$0")/device_lib.sh" /tmp/scan_out
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -1; } > "$OUT/env.txt" 2>&1
 stamp "start"
 

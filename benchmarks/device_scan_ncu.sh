@@ -4,10 +4,7 @@
 # included (SourceCounters), to see where the kernels' cycles go. Everything goes to $OUT.
 #   run: bash benchmarks/device_scan_ncu.sh      env: SHAPE="8 4096 2048 16", SKIP_SUITE=1
 set -u
-OUT=${OUT:-/tmp/scan_ncu_out}
-mkdir -p "$OUT"
-T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
+source "$(dirname "$0")/device_lib.sh" /tmp/scan_ncu_out
 export TORCH_CUDA_ARCH_LIST=9.0
 MAX_JOBS=8 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 stamp "build rc=$?"

@@ -4,14 +4,11 @@
 # lm-eval requests/s vs transformers' MambaForCausalLM). Each step gets what is left of BUDGET_S.
 #   device run: carry .whl (lm-eval, datasets and their deps) and .devdata (tokenizer, GSM8K)
 set -u
-OUT=${OUT:-/tmp/study_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-T0=$(date +%s)
+source "$(dirname "$0")/device_lib.sh" /tmp/study_out
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 BUDGET_S=${BUDGET_S:-560}
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/job.log"; }
 
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
