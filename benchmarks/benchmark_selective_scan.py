@@ -11,6 +11,7 @@ the inverse softplus of a log-uniform dt in [1e-3, 1e-1].
 
 Figures, per implementation and shape:
   fwd_ms        median time of the forward (triton.testing.do_bench, return_mode="median")
+  fwd_graph_ms  the same forward replayed from a CUDA graph (no per-call host work)
   fwdbwd_ms     median time of forward + torch.autograd.grad w.r.t. u, delta, A, B, C, D, z, delta_bias
   fwd_GBps      bytes the forward must move (read u, delta, z, B, C once; write out once) / fwd time
   fwd_exp_rate  b*d*L*n exponentials / fwd time, and its fraction of the SFU ceiling
@@ -132,6 +133,21 @@ def worker(impl, shapes, with_accuracy, ref_reps):
             results[f"fwd_ms{key}"] = times[len(times) // 2]
             continue
         results[f"fwd_ms{key}"] = do_bench(run, warmup=50, rep=300, return_mode="median")
+        # the same forward replayed from a CUDA graph: GPU time without the host's per-call work
+        # (where fwd_ms is larger, the GPU waited on Python and the binding)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            results[f"fwd_graph_ms{key}"] = do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+            del graph
+        except Exception as exc:  # a graph is a diagnostic here, not a requirement
+            results[f"fwd_graph_error{key}"] = repr(exc)[:300]
         xg = _inputs(shape, requires_grad=True)
         gout = torch.randn(shape[:3], device="cuda", generator=torch.Generator("cuda").manual_seed(7)).to(torch.bfloat16)
 

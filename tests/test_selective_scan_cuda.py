@@ -278,6 +278,21 @@ def test_softplus_over_its_whole_range(monkeypatch, exact, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("perm", ["0", "1"])
+@pytest.mark.parametrize("save_y", ["0", "1"])
+def test_backward_reduction_and_saved_y(monkeypatch, perm, save_y):
+    # the backward's dB/dC sum over a warp's channels with and without the lane-permuted state
+    # order (MAMBA_SSM_SCAN_BWD_PERM), and dz from the forward's saved y or from y recomputed
+    # (MAMBA_SSM_SCAN_SAVE_Y); dstate 7 and 13 leave padded states inside a lane's 4
+    monkeypatch.setenv("MAMBA_SSM_SCAN_BWD_PERM", perm)
+    monkeypatch.setenv("MAMBA_SSM_SCAN_SAVE_Y", save_y)
+    check_case(41, 2, 32, 300, 7, torch.bfloat16, 2, True, True, True, True)
+    check_case(42, 1, 64, 129, 16, torch.float32, None, True, True, True, True)
+    check_case(43, 2, 16, 77, 13, torch.float16, None, False, True, False, True)
+    check_case(44, 2, 8, 250, 16, torch.float32, 1, True, False, True, True)  # no z: nothing to save
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("segment", ["16", "256"])
 def test_segment_lengths(monkeypatch, segment):
     monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)

@@ -32,6 +32,12 @@ bool env_flag(const char* name) {
   return v != nullptr && v[0] == '1';
 }
 
+// Default-on switches: off only when set to 0.
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '0';
+}
+
 bool poison_enabled() { return env_flag("MAMBA_SSM_POISON"); }
 
 Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
@@ -179,6 +185,8 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.vec_o = (L % 4) == 0;
   p.impl = impl_from_env();
   p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
+  p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
+  p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
@@ -205,7 +213,8 @@ void launch_bwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t 
 
 std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                         const std::optional<Tensor>& D, const std::optional<Tensor>& z,
-                        const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt) {
+                        const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt,
+                        bool save_y) {
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
@@ -216,6 +225,9 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
   Tensor ckpt;
   if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
+  // y before the z gate, for the backward's dz (impl 2 only; without z, dz does not exist)
+  Tensor y;
+  if (save_ckpt && save_y && q.z.defined() && p.impl != 1) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor carry_w, carry_sdt;
   if (p.impl != 1) pick_split(p, 16, false);
   if (p.nsplit > 1) {
@@ -227,18 +239,19 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.out = out.data_ptr();
   p.last = last.data_ptr<float>();
   p.ckpt = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
+  p.y = y.defined() ? y.data_ptr() : nullptr;
   if (p.batch > 0 && p.dim > 0 && p.seqlen > 0)
     launch_fwd(p, u.scalar_type(), q.w_f32, c10::cuda::getCurrentCUDAStream().stream());
   else
     last.zero_();
-  return {out, last, ckpt};
+  return {out, last, ckpt, y};
 }
 
 std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                        const Tensor& C, const std::optional<Tensor>& D,
                                        const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
                                        bool softplus, int64_t R, const Tensor& ckpt, const Tensor& dout_in,
-                                       const std::optional<Tensor>& dlast_in) {
+                                       const std::optional<Tensor>& dlast_in, const std::optional<Tensor>& y_in) {
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
@@ -293,6 +306,12 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
   p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
   p.ckpt_in = ckpt.data_ptr<float>();
+  // the forward's y before the z gate, if it saved one (impl 2): dz from it instead of recomputing y
+  if (y_in.has_value() && y_in->defined() && q.z.defined() && p.impl != 1) {
+    TORCH_CHECK(y_in->sizes() == u.sizes() && y_in->is_contiguous() && y_in->scalar_type() == st,
+                "selective_scan_cuda: the saved y must be a contiguous (batch, dim, seqlen) tensor of u's dtype");
+    p.y = y_in->data_ptr();
+  }
   p.du = du.data_ptr(); p.ddelta = ddelta.data_ptr();
   p.dz = dz.defined() ? dz.data_ptr() : nullptr;
   p.dBpart = dBpart.data_ptr<float>(); p.dCpart = dCpart.data_ptr<float>();

@@ -9,13 +9,19 @@
 // runs the reverse recurrence, recomputing exp(dt A). dB/dC are summed over the block's
 // channels in shared memory and written as one partial per block, layout
 // (P, batch, groups, seqlen, dstate); the binding sums the partials in a fixed order.
+// kRed (scan_bwd2_red_mode) says how the channels' dB/dC terms meet. With kRed 2 the lane of
+// channel c holds state s0 + (j ^ (c & 3)) at position j of its float4s (h, g, A, dA...), reads
+// B and C from a copy staged in that order, and so sums them over the warp almost select-free
+// (reduce8_perm); only the loads from and stores to global memory see the permutation.
+// kRecY: y (for dz) is recomputed here, as C h summed over states; otherwise it is read from the
+// forward's saved p.y (or not needed: no z).
 #pragma once
 
 #include "scan_common.cuh"
 
 namespace ssm {
 
-template <typename T, typename TW, bool kWarpRed>
+template <typename T, typename TW, int kRed, bool kRecY>
 __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
@@ -33,14 +39,26 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   const int g = d / dpg;
   const int pidx = (d0 % dpg) / cpb;
   const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
+  constexpr bool kWarpRed = kRed != 0;
+  constexpr bool kPerm = kRed == 2;
+  constexpr int kCopies = kPerm ? 4 : 1;
+  constexpr int kCopyPad = kPerm ? 16 : 0;  // see scan_bwd2_bc_floats
+  const int m = kPerm ? (c & 3) : 0;  // this lane's state order: position j holds s0 + (j ^ m)
+  const int CS = 2 * 16 * BW + kCopyPad;
 
-  float* sBC = sm;                                            // [2 B/C][16][BW]
-  float* sDT = sBC + 2 * 16 * BW;                             // [cpb][3 dt/dtu/dy][20]
+  float* sBC = sm;                                            // [kCopies][2 B/C][16][BW] (+pad)
+  const float* bcm = sBC + m * CS;                            // this lane's copy
+  float* sDT = sBC + kCopies * CS;                            // [cpb][3 dt/dtu/dy][20]
   float4* sHS = reinterpret_cast<float4*>(sDT + cpb * 3 * 20);  // [R][spl][nthr]
   float4* sG = sHS + R * spl * nthr;                          // [spl][nthr]
   float4* sDA = sG + spl * nthr;                              // [spl][nthr]
   float4* sHP = sDA + spl * nthr;                             // [16][nthr] if kBwd2HpSmem
-  float* sRed = reinterpret_cast<float*>(sHP + (kBwd2HpSmem ? 16 * nthr : 0));    // [slots][2 dB/dC][16][BW]
+  // [slots][2 dB/dC][16][BW], dC 16 floats past the end of dB: lanes c and c + 4 of a warp
+  // store dB and dC of the same state and step, which would otherwise share a bank
+  float* sRed = reinterpret_cast<float*>(sHP + (kBwd2HpSmem ? 16 * nthr : 0));
+  constexpr int kRedPad = 16;
+  const int RH = 16 * BW + kRedPad;  // dB -> dC
+  const int RS = 2 * RH;             // slot -> slot (see scan_bwd2_smem_floats)
   // dB/dC reduction slot of this thread: its warp (the warp's 8 channels are summed by shuffles)
   // or, for blocks of fewer than 8 channels, its channel.
   const int slot = kWarpRed ? (tid >> 5) : c;
@@ -57,6 +75,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   T* dup = static_cast<T*>(p.du) + row * L;
   T* ddp = static_cast<T*>(p.ddelta) + row * L;
   T* dzp = p.dz ? static_cast<T*>(p.dz) + row * L : nullptr;
+  const T* ysp = (!kRecY && zp) ? static_cast<const T*>(p.y) + row * L : nullptr;
   const float* Ap = p.A + (int64_t)d * N;
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
@@ -64,29 +83,51 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   float* dBp = p.dBpart + (((int64_t)pidx * p.batch + b) * p.groups + g) * (int64_t)L * N;
   float* dCp = p.dCpart + (((int64_t)pidx * p.batch + b) * p.groups + g) * (int64_t)L * N;
 
-  auto load4f = [&](const float* src, int k) {  // 4 states of slot k from a (.., N) row, 0 past N
+  // 4 states of slot k from a (.., N) row in this lane's order, 0 past N
+  auto load4f = [&](const float* src, int k) {
     const int s0 = 16 * k + 4 * l;
     float4 a;
-    a.x = s0 + 0 < N ? src[s0 + 0] : 0.f;
-    a.y = s0 + 1 < N ? src[s0 + 1] : 0.f;
-    a.z = s0 + 2 < N ? src[s0 + 2] : 0.f;
-    a.w = s0 + 3 < N ? src[s0 + 3] : 0.f;
+    a.x = s0 + (0 ^ m) < N ? src[s0 + (0 ^ m)] : 0.f;
+    a.y = s0 + (1 ^ m) < N ? src[s0 + (1 ^ m)] : 0.f;
+    a.z = s0 + (2 ^ m) < N ? src[s0 + (2 ^ m)] : 0.f;
+    a.w = s0 + (3 ^ m) < N ? src[s0 + (3 ^ m)] : 0.f;
     return a;
   };
-  // Stage B (and C when withC) of sub-chunk ch, transposed to [step][state].
+  // Stage B (and C when withC) of sub-chunk ch, transposed to [step][state]. A unit is 8 steps
+  // of one state row. With 4 copies (spl 1, so 16 states) copy cp holds state n in column n ^ cp;
+  // lanes 0-15 of a warp take 16 units (states 0-15 of one B/C half) into copies 0 and 2,
+  // lanes 16-31 the same units into copies 1 and 3: each store instruction is conflict-free.
+  auto bc_unit = [&](int e, int& which, int& n, int& half, int& cp0) {
+    if constexpr (kPerm) {
+      const int unit = (e >> 5) * 16 + (e & 15);
+      n = unit & 15;
+      half = (unit >> 4) & 1;
+      which = unit >> 5;
+      cp0 = (e >> 4) & 1;
+    } else {
+      which = e >= 2 * N16;
+      const int rem = e - which * 2 * N16;
+      n = rem >> 1;
+      half = rem & 1;
+      cp0 = 0;
+    }
+  };
   auto stage_bc = [&](int ch, bool withC) {
     const int t0 = ch << 4;
     const int nunits = (withC ? 4 : 2) * N16;
-    for (int e = tid; e < nunits; e += nthr) {
-      const int which = e >= 2 * N16;
-      const int rem = e - which * 2 * N16;
-      const int n = rem >> 1, half = rem & 1;
+    for (int e = tid; e < nunits * (kPerm ? 2 : 1); e += nthr) {
+      int which, n, half, cp0;
+      bc_unit(e, which, n, half, cp0);
       const TW* rowp = which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s;
       RawN<TW, 8> tmp;
       load_n(tmp, rowp, t0 + 8 * half, L, n < N, which ? p.vec_C : p.vec_B);
-      float* dst = sBC + (which * 16 + 8 * half) * BW + n;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
+      for (int cc = 0; cc < (kPerm ? 2 : 1); ++cc) {
+        const int cp = cp0 + 2 * cc;
+        float* dst = sBC + cp * CS + (which * 16 + 8 * half) * BW + (n ^ cp);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
+      }
     }
   };
 
@@ -159,7 +200,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * q + e;
-            const float4 Bv = *reinterpret_cast<const float4*>(sBC + i * BW + s0);
+            const float4 Bv = *reinterpret_cast<const float4*>(bcm + i * BW + s0);
             h.x = fmaf(fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
             h.y = fmaf(fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
             h.z = fmaf(fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
@@ -178,13 +219,14 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
       const int t = t0 + 4 * l;
       // The raw inputs stay in registers (2 words per 4 elements for 16-bit types) for the
       // epilogue, which recomputes dt, silu(z) etc. from them: fewer live registers in the scan.
-      RawN<T, 4> u4, d4, z4, o4;
+      RawN<T, 4> u4, d4, z4, o4, y4;
       __syncthreads();
       stage_bc(ch, true);
       load_n(u4, up, t, L, true, p.vec_x);
       load_n(d4, dp, t, L, true, p.vec_x);
       load_n(o4, dop, t, L, true, p.vec_x);
       if (zp) load_n(z4, zp, t, L, true, p.vec_x);
+      if (ysp) load_n(y4, ysp, t, L, true, p.vec_o);
       {
         float dtv[4], du[4], dyv[4];
 #pragma unroll
@@ -201,6 +243,22 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         reinterpret_cast<float4*>(dtrow + 40)[l] = make_float4(dyv[0], dyv[1], dyv[2], dyv[3]);
       }
       __syncthreads();
+      // The loads above wait on memory (ncu: a fifth of the stall samples at (8,4096,2048,16)):
+      // prefetch the inputs of the sub-chunk processed next, ch - 1, while this one computes.
+      if (p.bwd_prefetch && ch > 0) {
+        const int tn = t - 16;
+        prefetch_l1(up + tn);
+        prefetch_l1(dp + tn);
+        prefetch_l1(dop + tn);
+        if (zp) prefetch_l1(zp + tn);
+        if (ysp) prefetch_l1(ysp + tn);
+        for (int e = tid; e < 4 * N16 * (kPerm ? 2 : 1); e += nthr) {
+          int which, n, half, cp0;
+          bc_unit(e, which, n, half, cp0);
+          if (n < N) prefetch_l1((which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s) + tn - 4 * l + 8 * half);
+        }
+        if (r == 0 && j > 0) prefetch_l1(ckp + (int64_t)(j - 1) * N + 4 * l);
+      }
       const float4* dt4p = reinterpret_cast<const float4*>(dtrow);
       const float4* du4p = reinterpret_cast<const float4*>(dtrow + 20);
       const float4* dy4p = reinterpret_cast<const float4*>(dtrow + 40);
@@ -229,26 +287,28 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * q + e;
-            const float4 Bv = *reinterpret_cast<const float4*>(sBC + i * BW + s0);
-            const float4 Cv = *reinterpret_cast<const float4*>(sBC + (16 + i) * BW + s0);
+            const float4 Bv = *reinterpret_cast<const float4*>(bcm + i * BW + s0);
             hp[i * hps] = h;
             h.x = fmaf(fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
             h.y = fmaf(fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
             h.z = fmaf(fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
             h.w = fmaf(fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
-            float a = yacc[i];
-            a = fmaf(Cv.x, h.x, a);
-            a = fmaf(Cv.y, h.y, a);
-            a = fmaf(Cv.z, h.z, a);
-            a = fmaf(Cv.w, h.w, a);
-            yacc[i] = a;
+            if constexpr (kRecY) {
+              const float4 Cv = *reinterpret_cast<const float4*>(bcm + (16 + i) * BW + s0);
+              float a = yacc[i];
+              a = fmaf(Cv.x, h.x, a);
+              a = fmaf(Cv.y, h.y, a);
+              a = fmaf(Cv.z, h.z, a);
+              a = fmaf(Cv.w, h.w, a);
+              yacc[i] = a;
+            }
           }
         }
         float4 gc = sG[k * nthr + tid];
         float4 dA = make_float4(0.f, 0.f, 0.f, 0.f);
         float4 hn = h;  // h_t of the step being processed
-        float* redB = sRed + (slot * 2 * 16) * BW + s0;
-        float* redC = redB + 16 * BW;
+        float* redB = sRed + slot * RS + s0;
+        float* redC = redB + RH;
 #pragma unroll
         for (int q = 3; q >= 0; --q) {
           const float4 dt4 = dt4p[q];
@@ -260,8 +320,8 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
 #pragma unroll
           for (int e = 3; e >= 0; --e) {
             const int i = 4 * q + e;
-            const float4 Bv = *reinterpret_cast<const float4*>(sBC + i * BW + s0);
-            const float4 Cv = *reinterpret_cast<const float4*>(sBC + (16 + i) * BW + s0);
+            const float4 Bv = *reinterpret_cast<const float4*>(bcm + i * BW + s0);
+            const float4 Cv = *reinterpret_cast<const float4*>(bcm + (16 + i) * BW + s0);
             const float dtv_ = dts[e], duv = dus[e], dyv_ = dys[e];
             float4 gt;
             gt.x = fmaf(Cv.x, dyv_, gc.x);
@@ -274,13 +334,18 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             sv = fmaf(gt.z, Bv.z, sv);
             sv = fmaf(gt.w, Bv.w, sv);
             s1[i] = sv;
-            if constexpr (kWarpRed) {
+            if constexpr (kPerm) {
+              float vb[4] = {gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv};
+              float vc[4] = {dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w};
+              const float vs = reduce8_perm(vb, vc, tid & 31, mask);
+              redB[(cw >> 2) * RH + i * BW + (cw & 3)] = vs;
+            } else if constexpr (kWarpRed) {
               float v[8] = {gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv,
                             dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w};
               // lane 4c+l now holds entry (c & 7) of v summed over the warp's 8 channels:
               // dB (c & 4 == 0) or dC of state s0 + (c & 3), step i.
               const float vs = reduce8_over_channels(v, tid & 31, mask);
-              redB[(cw >> 2) * 16 * BW + i * BW + (cw & 3)] = vs;
+              redB[(cw >> 2) * RH + i * BW + (cw & 3)] = vs;
             } else {
               *reinterpret_cast<float4*>(redB + i * BW) = make_float4(gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv);
               *reinterpret_cast<float4*>(redC + i * BW) = make_float4(dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w);
@@ -310,7 +375,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         sDA[k * nthr + tid] = acc;
       }
 
-      reduce4x16(yacc, l, mask);
+      if constexpr (kRecY) reduce4x16(yacc, l, mask);
       reduce4x16(s1, l, mask);
       reduce4x16(s2, l, mask);
       {
@@ -323,7 +388,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
           const float zq = zp ? z4[q] : 0.f;
           const float szq = zp ? sigmoidf_(zq) : 0.f;
           const float dyq = tv ? (zp ? dq * zq * szq : dq) : 0.f;
-          const float y = fmaf(Dv, uq, yacc[q]);
+          const float y = kRecY ? fmaf(Dv, uq, yacc[q]) : (ysp ? y4[q] : 0.f);
           o_dz[q] = dq * y * szq * (1.f + zq * (1.f - szq));
           o_du[q] = fmaf(dtq, s1[q], Dv * dyq);
           float ddt = fmaf(uq, s1[q], s2[q]);
@@ -348,9 +413,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         const int i = rem / N16;
         const int n = rem - i * N16;
         if (t0 + i < L && n < N) {
-          const float* src = sRed + (which * 16 + i) * BW + n;
+          const float* src = sRed + which * RH + i * BW + n;
           float sum = 0.f;
-          for (int sl = 0; sl < nslots; ++sl) sum += src[sl * 2 * 16 * BW];
+          for (int sl = 0; sl < nslots; ++sl) sum += src[sl * RS];
           (which ? dCp : dBp)[(int64_t)(t0 + i) * N + n] = sum;
         }
       }
@@ -361,10 +426,10 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   for (int k = 0; k < spl; ++k) {
     const int s0 = 16 * k + 4 * l;
     const float4 a = sDA[k * nthr + tid];
-    if (s0 + 0 < N) dAp[s0 + 0] = a.x;
-    if (s0 + 1 < N) dAp[s0 + 1] = a.y;
-    if (s0 + 2 < N) dAp[s0 + 2] = a.z;
-    if (s0 + 3 < N) dAp[s0 + 3] = a.w;
+    if (s0 + (0 ^ m) < N) dAp[s0 + (0 ^ m)] = a.x;
+    if (s0 + (1 ^ m) < N) dAp[s0 + (1 ^ m)] = a.y;
+    if (s0 + (2 ^ m) < N) dAp[s0 + (2 ^ m)] = a.z;
+    if (s0 + (3 ^ m) < N) dAp[s0 + (3 ^ m)] = a.w;
   }
   dD_acc += __shfl_xor_sync(mask, dD_acc, 2);
   dbias_acc += __shfl_xor_sync(mask, dbias_acc, 2);
@@ -489,7 +554,16 @@ void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
     carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);
   }
   const int smem = scan_bwd2_smem_floats(p) * (int)sizeof(float);
-  auto kern = (SSM_BWD2_WARP_RED && p.cpb >= 8) ? scan_bwd2_kernel<T, TW, true> : scan_bwd2_kernel<T, TW, false>;
+  const int mode = scan_bwd2_red_mode(p);
+  auto kern = scan_bwd2_kernel<T, TW, 0, true>;
+  if (p.z != nullptr && p.y == nullptr) {  // y recomputed for dz
+    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, true>;
+    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, true>;
+  } else {
+    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, false>;
+    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, false>;
+    else kern = scan_bwd2_kernel<T, TW, 0, false>;
+  }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);

@@ -33,6 +33,9 @@ __device__ __forceinline__ float fast_lg2(float x) {
   return y;
 }
 
+// Ask for the cache line holding p to be brought into L1 (and L2); no register waits on it.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
 
 // softplus(x) = log(1 + e^x), relative error under ~3e-6: e^x and log2 on the special-function
@@ -246,6 +249,24 @@ __device__ __forceinline__ float reduce8_over_channels(float (&v)[8], int lane, 
   }
   const bool hi = (lane & 4) != 0;
   return (hi ? v[1] : v[0]) + __shfl_xor_sync(mask, hi ? v[0] : v[1], 4);
+}
+
+// The same sum when lane 4c+l holds its 4 states in the order j ^ (c & 3) and keeps the dB and
+// dC terms apart (b, d): the two lanes of each exchange then hold the states to be added at the
+// same positions, so only the last exchange (dB against dC) needs selects. On exit lane 4c+l
+// returns, summed over its warp's 8 channels, the term of state s0 + (c & 3): dB when c & 4 is 0,
+// else dC. 7 shuffles and 2 selects (reduce8_over_channels: 7 and 14).
+__device__ __forceinline__ float reduce8_perm(float (&b)[4], float (&d)[4], int lane, unsigned mask) {
+  // lanes c and c ^ 2: positions 0, 1 here are positions 2, 3 there
+  b[0] += __shfl_xor_sync(mask, b[2], 8);
+  b[1] += __shfl_xor_sync(mask, b[3], 8);
+  d[0] += __shfl_xor_sync(mask, d[2], 8);
+  d[1] += __shfl_xor_sync(mask, d[3], 8);
+  // lanes c and c ^ 1: position 0 here is position 1 there
+  b[0] += __shfl_xor_sync(mask, b[1], 4);
+  d[0] += __shfl_xor_sync(mask, d[1], 4);
+  const bool hi = (lane & 16) != 0;
+  return (hi ? d[0] : b[0]) + __shfl_xor_sync(mask, hi ? b[0] : d[0], 16);
 }
 
 // Blocks of the backward kept resident per SM (bounds its registers: 65536 / (128 * this)).

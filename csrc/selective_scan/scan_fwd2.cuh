@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
   const TW* Bb = static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g;
   const TW* Cb = static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g;
   T* outp = static_cast<T*>(p.out) + ((int64_t)b * p.dim + d) * L;
+  T* yp = p.y ? static_cast<T*>(p.y) + ((int64_t)b * p.dim + d) * L : nullptr;
   const float* Ap = p.A + (int64_t)d * N;
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
@@ -219,14 +220,14 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 
     reduce4x16(acc, l, mask);
     {
-      float y[4];
+      float y[4], o[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        float v = fmaf(Dv, u_cur[j], acc[j]);
-        if (zp) v *= z_cur[j] * sigmoidf_(z_cur[j]);
-        y[j] = v;
+        y[j] = fmaf(Dv, u_cur[j], acc[j]);
+        o[j] = zp ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store4(outp, t0 + 4 * l, L, p.vec_o, y);
+      store4(outp, t0 + 4 * l, L, p.vec_o, o);
+      if (yp) store4(yp, t0 + 4 * l, L, p.vec_o, y);
     }
     if (ch + 1 < ch_end) commit(st, ch + 1, buf ^ 1);
     if (++r_in_seg == p.R) {

@@ -21,6 +21,8 @@ struct ScanParams {
   bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
   bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
   int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
+  bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
+  bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -37,6 +39,9 @@ struct ScanParams {
   void* out = nullptr;          // (batch, dim, seqlen) contiguous, u's dtype
   float* last = nullptr;        // (batch, dim, dstate)
   float* ckpt = nullptr;        // (batch, dim, nseg, dstate) state at each segment start, or null
+  // y = C h + D u before the z gate, (batch, dim, seqlen) contiguous, u's dtype, or null: written
+  // by the impl-2 forward when set, read by the impl-2 backward for dz instead of recomputing it.
+  void* y = nullptr;
 
   // Backward.
   const void* dout = nullptr;   int64_t do_b = 0, do_d = 0;
@@ -93,6 +98,9 @@ inline int scan_fwd2_smem_floats(const ScanParams& p) {
 #ifndef SSM_BWD2_HP_SMEM    // keep the sub-chunk's h_{t-1} history in shared memory, not registers
 #define SSM_BWD2_HP_SMEM 1
 #endif
+#ifndef SSM_BWD2_PERM       // dstate <= 16: lanes hold their 4 states in a lane-permuted order (see reduce8_perm)
+#define SSM_BWD2_PERM 1
+#endif
 #ifndef SSM_FWD2_MIN_BLOCKS  // forward: resident 64-thread blocks per SM (8: up to 128 registers)
 #define SSM_FWD2_MIN_BLOCKS 8
 #endif
@@ -104,13 +112,25 @@ inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
 
-// Backward dB/dC reduction slots: one per warp when a warp holds 8 channels (summed by
-// shuffles first), else one per channel.
-inline int scan_bwd2_red_slots(const ScanParams& p) { return (SSM_BWD2_WARP_RED && p.cpb >= 8) ? p.cpb / 8 : p.cpb; }
+// Backward dB/dC reduction over a block's channels: 0 per channel in shared memory; 1 over a
+// warp's 8 channels by shuffles first; 2 the same on lane-permuted state orders (one spl only:
+// it stages 4 permuted copies of B and C).
+inline int scan_bwd2_red_mode(const ScanParams& p) {
+  if (!(SSM_BWD2_WARP_RED && p.cpb >= 8)) return 0;
+  return (SSM_BWD2_PERM && p.bwd_perm && p.spl == 1) ? 2 : 1;
+}
+// Reduction slots: one per warp when its 8 channels are summed by shuffles first, else one per channel.
+inline int scan_bwd2_red_slots(const ScanParams& p) { return scan_bwd2_red_mode(p) ? p.cpb / 8 : p.cpb; }
+// Staged B/C: one [2][16][BW] array, or (mode 2) 4 permuted copies, each 16 floats further along
+// the banks than the last (bwd2 kernel: kCopyPad) so that the two copies a quarter-warp reads
+// from do not share banks.
+inline int scan_bwd2_bc_floats(const ScanParams& p) {
+  return scan_bwd2_red_mode(p) == 2 ? 4 * (2 * 16 * scan2_bw(p) + 16) : 2 * 16 * scan2_bw(p);
+}
 inline int scan_bwd2_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
-  return 2 * 16 * scan2_bw(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr + SSM_BWD2_HP_SMEM * 4 * 16 * nthr +
-         scan_bwd2_red_slots(p) * 2 * 16 * scan2_bw(p);
+  return scan_bwd2_bc_floats(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr +
+         SSM_BWD2_HP_SMEM * 4 * 16 * nthr + scan_bwd2_red_slots(p) * 2 * (16 * scan2_bw(p) + 16);
 }
 
 }  // namespace ssm

@@ -10,7 +10,10 @@ Memory saved for the backward: the inputs plus the state at the start of every s
 input); the environment variable ``MAMBA_SSM_SCAN_SEGMENT`` sets the steps per saved state
 (rounded up to a multiple of 16, at most 1024): a longer segment saves memory and makes the
 backward recompute the states inside each segment once more (on an H200 at (8, 4096, 2048,
-16) bf16, forward+backward took 4.80 ms with 16 and 5.26 ms with 64). ``MAMBA_SSM_SCAN_IMPL=1``
+16) bf16, forward+backward took 4.80 ms with 16 and 5.26 ms with 64). With z, the output before
+the gate, y = C h + D u, is saved too (one more tensor of u's size and dtype, as upstream's
+kernel saves): the backward takes dz from it instead of recomputing y. ``MAMBA_SSM_SCAN_SAVE_Y=0``
+recomputes it instead and saves that memory. ``MAMBA_SSM_SCAN_IMPL=1``
 selects the first kernel design (16 lanes per channel; slower, kept as a cross-check).
 """
 from __future__ import annotations
@@ -32,6 +35,10 @@ def is_available() -> bool:
         return False
 
 
+def _save_y() -> bool:
+    return os.environ.get("MAMBA_SSM_SCAN_SAVE_Y", "1") != "0"
+
+
 def _segment_subchunks() -> int:
     try:
         steps = int(os.environ.get("MAMBA_SSM_SCAN_SEGMENT", "16"))
@@ -45,20 +52,22 @@ class SelectiveScanCudaFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         R = _segment_subchunks()
         save = any(ctx.needs_input_grad)
-        out, last_state, ckpt = _ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), R, save)
+        out, last_state, ckpt, y = _ext.fwd(
+            u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), R, save, save and _save_y()
+        )
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, y)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.R = R
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, ckpt, y = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias = _ext.bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.R, ckpt, dout, dlast
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, ctx.R, ckpt, dout, dlast, y
         )
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None
 
