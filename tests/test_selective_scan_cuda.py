@@ -293,6 +293,23 @@ def test_backward_reduction_and_saved_y(monkeypatch, perm, save_y):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_bounds_checks_matches(monkeypatch, dtype):
+    # whole sub-chunks, aligned rows and dstate 32 take the forward's instantiation without bounds
+    # checks (MAMBA_SSM_SCAN_FWD_FULL=0 turns it off): the same arithmetic, so the same bits, and
+    # against float64 with gradients (the backward uses its checkpoints and saved y)
+    inputs = make_inputs(51, 2, 32, 256, 32, dtype, None, True, True, True, True)
+    with torch.no_grad():
+        full = ours(*inputs, True)
+        monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
+        plain = ours(*inputs, True)
+    for a, b in zip(full, plain):
+        assert torch.equal(a, b)
+    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
+    check_case(52, 2, 32, 256, 32, dtype, None, True, True, True, True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("segment", ["16", "256"])
 def test_segment_lengths(monkeypatch, segment):
     monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)

@@ -187,6 +187,7 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
   p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
   p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
+  p.fwd_full = !env_off("MAMBA_SSM_SCAN_FWD_FULL");  // 0: the forward with bounds checks (A/B runs)
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;

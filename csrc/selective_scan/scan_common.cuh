@@ -145,11 +145,12 @@ template <typename T, int NE> struct RawN {
 };
 
 // Elements [t, t+NE) of a row; past L or for an invalid row they read as 0. `vec`: the row
-// start is 16-byte aligned (t is a multiple of NE).
-template <typename T, int NE>
+// start is 16-byte aligned (t is a multiple of NE). kFull: the caller guarantees valid, vec and
+// t + NE <= L, so only the vector load is compiled.
+template <bool kFull = false, typename T, int NE>
 __device__ __forceinline__ void load_n(RawN<T, NE>& r, const T* row, int t, int L, bool valid, bool vec) {
   constexpr int W = RawN<T, NE>::kW;
-  if (valid && vec && t + NE <= L) {
+  if (kFull || (valid && vec && t + NE <= L)) {
     if constexpr (W == 2) {
       const uint2 x = __ldg(reinterpret_cast<const uint2*>(row + t));
       r.w[0] = x.x; r.w[1] = x.y;
@@ -176,9 +177,10 @@ __device__ __forceinline__ void load_n(RawN<T, NE>& r, const T* row, int t, int 
 }
 
 // Store 4 consecutive values at [t, t+4) of a contiguous row, dropping those at or past L.
-template <typename T>
+// kFull: the caller guarantees vec and t + 4 <= L.
+template <bool kFull = false, typename T>
 __device__ __forceinline__ void store4(T* row, int t, int L, bool vec, const float (&v)[4]) {
-  if (vec && t + 4 <= L) {
+  if (kFull || (vec && t + 4 <= L)) {
     if constexpr (sizeof(T) == 4) {
       *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
     } else {

@@ -23,6 +23,7 @@ struct ScanParams {
   int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
   bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
   bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
+  bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -108,6 +109,12 @@ inline int scan_fwd2_smem_floats(const ScanParams& p) {
 #define SSM_BWD2_MIN_BLOCKS 3
 #endif
 
+// The forward's branch-free instantiation applies: whole sub-chunks, aligned rows, whole state
+// slots, z given, the default softplus on delta.
+inline bool fwd2_full(const ScanParams& p) {
+  return p.fwd_full && p.vec_x && p.vec_B && p.vec_C && p.vec_o && p.seqlen % 16 == 0 && p.dstate % 16 == 0 &&
+         p.z != nullptr && p.softplus && !p.exact_softplus;
+}
 inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
