@@ -379,7 +379,9 @@ SMALL_CASE = textwrap.dedent(
     import torch
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
-    for (b, d, L, n, g) in [(2, 5, 37, 16, None), (1, 4, 70, 64, 2), (1, 2, 17, 256, None), (2, 32, 50, 16, 1)]:
+    # the last two take the lane-permuted backward; the last the forward without bounds checks
+    for (b, d, L, n, g) in [(2, 5, 37, 16, None), (1, 4, 70, 64, 2), (1, 2, 17, 256, None), (2, 32, 50, 16, 1),
+                            (1, 16, 64, 16, None)]:
         u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)
