@@ -295,12 +295,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             h.w = fmaf(fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
             if constexpr (kRecY) {
               const float4 Cv = *reinterpret_cast<const float4*>(bcm + (16 + i) * BW + s0);
-              float a = yacc[i];
-              a = fmaf(Cv.x, h.x, a);
-              a = fmaf(Cv.y, h.y, a);
-              a = fmaf(Cv.z, h.z, a);
-              a = fmaf(Cv.w, h.w, a);
-              yacc[i] = a;
+              yacc[i] = fma4(Cv, h, yacc[i]);
             }
           }
         }
@@ -328,12 +323,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             gt.y = fmaf(Cv.y, dyv_, gc.y);
             gt.z = fmaf(Cv.z, dyv_, gc.z);
             gt.w = fmaf(Cv.w, dyv_, gc.w);
-            float sv = s1[i];
-            sv = fmaf(gt.x, Bv.x, sv);
-            sv = fmaf(gt.y, Bv.y, sv);
-            sv = fmaf(gt.z, Bv.z, sv);
-            sv = fmaf(gt.w, Bv.w, sv);
-            s1[i] = sv;
+            s1[i] = fma4(gt, Bv, s1[i]);
             if constexpr (kPerm) {
               float vb[4] = {gt.x * duv, gt.y * duv, gt.z * duv, gt.w * duv};
               float vc[4] = {dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w};
@@ -355,17 +345,12 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             gc.y = fast_exp2(dtv_ * A2.y) * gt.y;
             gc.z = fast_exp2(dtv_ * A2.z) * gt.z;
             gc.w = fast_exp2(dtv_ * A2.w) * gt.w;
-            const float qx = gc.x * hpv.x, qy = gc.y * hpv.y, qz = gc.z * hpv.z, qw = gc.w * hpv.w;
-            float s2v = s2[i];
-            s2v = fmaf(qx, Av.x, s2v);
-            s2v = fmaf(qy, Av.y, s2v);
-            s2v = fmaf(qz, Av.z, s2v);
-            s2v = fmaf(qw, Av.w, s2v);
-            s2[i] = s2v;
-            dA.x = fmaf(qx, dtv_, dA.x);
-            dA.y = fmaf(qy, dtv_, dA.y);
-            dA.z = fmaf(qz, dtv_, dA.z);
-            dA.w = fmaf(qw, dtv_, dA.w);
+            const float4 q = make_float4(gc.x * hpv.x, gc.y * hpv.y, gc.z * hpv.z, gc.w * hpv.w);
+            s2[i] = fma4(q, Av, s2[i]);
+            dA.x = fmaf(q.x, dtv_, dA.x);
+            dA.y = fmaf(q.y, dtv_, dA.y);
+            dA.z = fmaf(q.z, dtv_, dA.z);
+            dA.w = fmaf(q.w, dtv_, dA.w);
             hn = hpv;
           }
         }

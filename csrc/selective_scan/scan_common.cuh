@@ -33,6 +33,14 @@ __device__ __forceinline__ float fast_lg2(float x) {
   return y;
 }
 
+// acc + a.x b.x + a.y b.y + a.z b.z + a.w b.w, as a chain of fmas in that order.
+__device__ __forceinline__ float fma4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
 // Ask for the cache line holding p to be brought into L1 (and L2); no register waits on it.
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 

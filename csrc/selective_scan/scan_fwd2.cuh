@@ -210,12 +210,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
           h.y = fmaf(fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
           h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
           h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
-          float a = acc[i];
-          a = fmaf(Cv.x, h.x, a);
-          a = fmaf(Cv.y, h.y, a);
-          a = fmaf(Cv.z, h.z, a);
-          a = fmaf(Cv.w, h.w, a);
-          acc[i] = a;
+          acc[i] = fma4(Cv, h, acc[i]);
         }
       }
       sH[k * nthr + tid] = h;
