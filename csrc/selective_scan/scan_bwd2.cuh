@@ -408,14 +408,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   }
 
   float* dAp = p.dApart + (zg * bd + row) * N;
-  for (int k = 0; k < spl; ++k) {
-    const int s0 = 16 * k + 4 * l;
-    const float4 a = sDA[k * nthr + tid];
-    if (s0 + (0 ^ m) < N) dAp[s0 + (0 ^ m)] = a.x;
-    if (s0 + (1 ^ m) < N) dAp[s0 + (1 ^ m)] = a.y;
-    if (s0 + (2 ^ m) < N) dAp[s0 + (2 ^ m)] = a.z;
-    if (s0 + (3 ^ m) < N) dAp[s0 + (3 ^ m)] = a.w;
-  }
+  for (int k = 0; k < spl; ++k) store4f_(dAp, 16 * k + 4 * l, N, sDA[k * nthr + tid], m);
   dD_acc += __shfl_xor_sync(mask, dD_acc, 2);
   dbias_acc += __shfl_xor_sync(mask, dbias_acc, 2);
   dD_acc += __shfl_xor_sync(mask, dD_acc, 1);
@@ -514,19 +507,7 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
       sW[k * nthr + tid] = gc;
     }
   }
-  const int64_t bd = (int64_t)p.batch * p.dim;
-  float* wp = p.carry_w + (zg * bd + row) * N;
-  for (int k = 0; k < spl; ++k) {
-    const int s0 = 16 * k + 4 * l;
-    const float4 w = sW[k * nthr + tid];
-    if (s0 + 0 < N) wp[s0 + 0] = w.x;
-    if (s0 + 1 < N) wp[s0 + 1] = w.y;
-    if (s0 + 2 < N) wp[s0 + 2] = w.z;
-    if (s0 + 3 < N) wp[s0 + 3] = w.w;
-  }
-  sdt += __shfl_xor_sync(mask, sdt, 2);
-  sdt += __shfl_xor_sync(mask, sdt, 1);
-  if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
+  write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
 template <typename T, typename TW>

@@ -213,6 +213,27 @@ __device__ __forceinline__ float4 load4f_(const float* src, int s0, int N) {
   return a;
 }
 
+// Store v as the states s0..s0+3 of a (.., N) fp32 row, dropping those at or past N; with a lane
+// order m (scan_bwd2.cuh), position j of v is state s0 + (j ^ m).
+__device__ __forceinline__ void store4f_(float* dst, int s0, int N, float4 v, int m = 0) {
+  if (s0 + (0 ^ m) < N) dst[s0 + (0 ^ m)] = v.x;
+  if (s0 + (1 ^ m) < N) dst[s0 + (1 ^ m)] = v.y;
+  if (s0 + (2 ^ m) < N) dst[s0 + (2 ^ m)] = v.z;
+  if (s0 + (3 ^ m) < N) dst[s0 + (3 ^ m)] = v.w;
+}
+
+// End of a carry kernel (the first pass of a sequence split): group zg's zero-start end state,
+// held by the block in sW [spl][nthr], and its sum of dt over the channel's 4 lanes.
+__device__ __forceinline__ void write_carry(const ScanParams& p, int zg, int64_t row, const float4* sW, int spl,
+                                            int N, int nthr, int tid, int l, float sdt, unsigned mask) {
+  const int64_t bd = (int64_t)p.batch * p.dim;
+  float* wp = p.carry_w + (zg * bd + row) * N;
+  for (int k = 0; k < spl; ++k) store4f_(wp, 16 * k + 4 * l, N, sW[k * nthr + tid]);
+  sdt += __shfl_xor_sync(mask, sdt, 2);
+  sdt += __shfl_xor_sync(mask, sdt, 1);
+  if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
+}
+
 // Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..4) of
 // lane l hold the sums over the 4 lanes of the entry values v[4l .. 4l+4).
 __device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) {

@@ -237,14 +237,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 
   if (zg + 1 < p.nsplit) return;
   float* lastp = p.last + ((int64_t)b * p.dim + d) * N;
-  for (int k = 0; k < spl; ++k) {
-    const int s0 = 16 * k + 4 * l;
-    const float4 h = sH[k * nthr + tid];
-    if (s0 + 0 < N) lastp[s0 + 0] = h.x;
-    if (s0 + 1 < N) lastp[s0 + 1] = h.y;
-    if (s0 + 2 < N) lastp[s0 + 2] = h.z;
-    if (s0 + 3 < N) lastp[s0 + 3] = h.w;
-  }
+  for (int k = 0; k < spl; ++k) store4f_(lastp, 16 * k + 4 * l, N, sH[k * nthr + tid]);
 }
 
 // First pass of the sequence-split forward: for group z = blockIdx.z (all but the last), the
@@ -330,19 +323,7 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
       sW[k * nthr + tid] = h;
     }
   }
-  const int64_t bd = (int64_t)p.batch * p.dim;
-  float* wp = p.carry_w + (zg * bd + row) * N;
-  for (int k = 0; k < spl; ++k) {
-    const int s0 = 16 * k + 4 * l;
-    const float4 w = sW[k * nthr + tid];
-    if (s0 + 0 < N) wp[s0 + 0] = w.x;
-    if (s0 + 1 < N) wp[s0 + 1] = w.y;
-    if (s0 + 2 < N) wp[s0 + 2] = w.z;
-    if (s0 + 3 < N) wp[s0 + 3] = w.w;
-  }
-  sdt += __shfl_xor_sync(mask, sdt, 2);
-  sdt += __shfl_xor_sync(mask, sdt, 1);
-  if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
+  write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
 template <typename T, typename TW>
