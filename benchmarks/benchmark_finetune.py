@@ -9,6 +9,9 @@ anchor's train_fwdbwd_tok_per_s, which has no optimizer). Writes JSON to benchma
     python benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 --rank 64
     # smoke test on a CPU
     python benchmarks/benchmark_finetune.py --shape tiny --seqlen 128 --batch-size 2 --steps 3
+    # A/B of settings read at each call (e.g. the scan's MAMBA_SSM_SCAN_* switches) in one process:
+    # the steps alternate between the default environment and the variant's
+    python benchmarks/benchmark_finetune.py --ab-env "old:MAMBA_SSM_SCAN_SAVE_Y=0,MAMBA_SSM_SCAN_BWD_PERM=0"
 
 The frozen base weights are stored in --base-dtype (bf16 by default: what a LoRA user loads);
 the adapters stay fp32 under bf16 autocast. Tokens/s counts batch x seqlen per step.
@@ -16,6 +19,7 @@ the adapters stay fp32 under bf16 autocast. Tokens/s counts batch x seqlen per s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -61,6 +65,32 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def _environ(env: dict):
+    """os.environ with `env` applied inside the block, as it was after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_ab_env(spec: str) -> tuple[str, dict]:
+    """'name:VAR=value,VAR=value' -> (name, {VAR: value})."""
+    name, sep, rest = spec.partition(":")
+    pairs = [kv for kv in rest.split(",") if kv.strip()]
+    if not sep or not name.strip() or not pairs or any("=" not in kv for kv in pairs):
+        raise ValueError(f"--ab-env {spec!r}: expected 'name:VAR=value[,VAR=value...]'")
+    if name.strip() == "default":
+        raise ValueError("--ab-env: the name 'default' is taken by the unchanged environment")
+    return name.strip(), dict(kv.strip().split("=", 1) for kv in pairs)
+
+
 def _peak_gb(device) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -68,7 +98,11 @@ def _peak_gb(device) -> float:
 
 
 def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", base_dtype="bf16", steps=5,
-            warmup=2, device=None, seed=0, profile_path=None, lora_dropout=0.0) -> dict:
+            warmup=2, device=None, seed=0, profile_path=None, lora_dropout=0.0, ab=None) -> dict:
+    """Throughput and peak memory of the LoRA step. ab = (name, env): the timed steps alternate
+    between the unchanged environment ("default", the top-level figures) and `env`, one step each,
+    and the result gains ab = {variant: figures}: both see the same machine state, which separate
+    calls do not (the step's spread between calls is several percent)."""
     from mambakit.finetune import response_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,23 +133,39 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
         opt.zero_grad(set_to_none=True)
         return loss
 
-    if device.startswith("cuda"):
+    variants = [("default", {})] + ([ab] if ab else [])
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        train_step()
+    for name, env in variants:
+        with _environ(env):
+            for _ in range(warmup):
+                train_step()
     _sync(device)
-    step_times, fb_times = [], []
+    step_times = {name: [] for name, _ in variants}
+    fb_times = {name: [] for name, _ in variants}
+    peaks = {name: 0.0 for name, _ in variants}
+
+    def timed(name, env, fn, into):
+        with _environ(env):
+            if cuda and ab:  # each variant's own peak (else the whole run's, as before)
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            into[name].append(time.perf_counter() - t0)
+            peaks[name] = max(peaks[name], _peak_gb(device))
+        return out
+
     for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = train_step()
-        _sync(device)
-        step_times.append(time.perf_counter() - t0)
+        for name, env in variants:
+            loss_v = timed(name, env, train_step, step_times)
+            if name == "default":
+                loss = loss_v
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fwd_bwd()
-        _sync(device)
-        fb_times.append(time.perf_counter() - t0)
-        opt.zero_grad(set_to_none=True)
+        for name, env in variants:
+            timed(name, env, fwd_bwd, fb_times)
+            opt.zero_grad(set_to_none=True)
     if profile_path:
         _profile(train_step, device, profile_path)
     mixer = model.get_base_model().backbone.layers[0].mixer
@@ -128,7 +178,13 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
     tokens = batch_size * seqlen
     n_train = sum(p.numel() for p in params)
     n_all = sum(p.numel() for p in model.parameters())
-    return {
+    figures = {name: {"env": env, "train_step_tok_per_s": tokens / statistics.median(step_times[name]),
+                      "fwdbwd_tok_per_s": tokens / statistics.median(fb_times[name]),
+                      "step_times_s": step_times[name], "fwdbwd_times_s": fb_times[name],
+                      "peak_mem_GB": peaks[name]} for name, env in variants}
+    extra = {"ab": figures} if ab else {}
+    step_times, fb_times = step_times["default"], fb_times["default"]
+    return {**extra,
         "shape": shape, "d_model": SHAPES[shape][0], "n_layer": SHAPES[shape][1], "batch_size": batch_size,
         "seqlen": seqlen, "lora_rank": rank, "lora_targets": TARGETS, "lora_dropout": lora_dropout,
         "precision": precision,
@@ -136,7 +192,7 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
         "train_step_tok_per_s": tokens / statistics.median(step_times),
         "fwdbwd_tok_per_s": tokens / statistics.median(fb_times),
         "train_step_s_median": statistics.median(step_times), "step_times_s": step_times,
-        "peak_mem_GB": _peak_gb(device), "peak_mem_kind": "cuda max_memory_allocated" if device.startswith("cuda")
+        "peak_mem_GB": peaks["default"] if ab else _peak_gb(device), "peak_mem_kind": "cuda max_memory_allocated" if device.startswith("cuda")
         else "process max RSS", "final_loss": float(loss.detach()),
         "mixer_path": "fused mamba_inner_fn" if mixer._projections_are_plain() else
         "unfused (adapters called as modules) + selective_scan_fn",
@@ -176,11 +232,20 @@ def main(argv=None):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--profile", metavar="FILE", help="also profile 2 training steps and write the table to FILE")
     p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_<shape>_<device>_<time>.json)")
+    p.add_argument("--ab-env", metavar="NAME:VAR=V,...",
+                   help="also time a variant environment, its steps alternating with the default's (settings "
+                        "read at each call only, e.g. MAMBA_SSM_SCAN_*)")
     a = p.parse_args(argv)
+    ab = None
+    if a.ab_env:
+        try:
+            ab = parse_ab_env(a.ab_env)
+        except ValueError as e:
+            p.error(str(e))
     status = 0
     try:
         res = measure(a.shape, a.batch_size, a.seqlen, a.rank, a.precision, a.base_dtype, a.steps, a.warmup,
-                      a.device, profile_path=a.profile, lora_dropout=a.lora_dropout)
+                      a.device, profile_path=a.profile, lora_dropout=a.lora_dropout, ab=ab)
     except torch.cuda.OutOfMemoryError as e:  # record the failure rather than leave no result
         status = 1
         res = {"shape": a.shape, "batch_size": a.batch_size, "seqlen": a.seqlen, "lora_rank": a.rank,
@@ -197,6 +262,9 @@ def main(argv=None):
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("shape", "batch_size", "seqlen", "train_step_tok_per_s", "fwdbwd_tok_per_s",
                                           "peak_mem_GB", "mixer_path", "scan_backend")}, indent=2))
+    for name, f in res.get("ab", {}).items():
+        print(f"{name:>12}: step {f['train_step_tok_per_s']:.0f} tok/s, fwd+bwd {f['fwdbwd_tok_per_s']:.0f} tok/s, "
+              f"peak {f['peak_mem_GB']:.2f} GB")
     print(f"wrote {out}")
     return status
 

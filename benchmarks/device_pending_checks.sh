@@ -8,8 +8,10 @@
 #      session's switches off: no forward fast instantiation, select-based dB/dC sum, y
 #      recomputed, no prefetch);
 #   4. the LoRA step of the study's 1.4b shape (batch 4 x 2048, r 64) with the default kernels
-#      and with the same `old` switches, same call: the end-to-end effect, peak memory included
-#      (the saved y costs one activation per layer).
+#      and with the same `old` switches, their steps alternating in one process
+#      (benchmark_finetune.py --ab-env): the end-to-end effect, each one's peak memory included
+#      (the saved y costs one activation per layer). (The fifth session's figures came from the
+#      version at e11c39c, one process per setting.)
 #   device run: bash benchmarks/device_pending_checks.sh
 set -u
 source "$(dirname "$0")/device_lib.sh" /tmp/pending_out
@@ -36,16 +38,9 @@ timeout 240 python3 benchmarks/benchmark_selective_scan.py $UP_ARG --no-ref --ou
   --variants "nofull:MAMBA_SSM_SCAN_FWD_FULL=0;old:$OLD" > "$OUT/scan_bench.log" 2>&1
 stamp "scan benchmark rc=$?"
 
-lora() {  # name [VAR=value ...]: the 1.4b LoRA step under that environment
-  local name=$1; shift
-  env "$@" timeout 120 python3 benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 --rank 64 \
-    --steps 6 --warmup 2 --out "$OUT/lora_1.4b_$name.json" > /dev/null 2>&1
-  stamp "LoRA 1.4b $name rc=$?"
-}
-lora default
-lora old ${OLD//,/ }
+timeout 240 python3 benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 --rank 64 \
+  --steps 12 --warmup 2 --ab-env "old:$OLD" --out "$OUT/lora_1.4b_ab_old.json" 2>&1 | grep -E "step .* tok/s" \
+  | tee -a "$OUT/job.log"
+stamp "LoRA 1.4b A/B rc=${PIPESTATUS[0]}"
 tail -22 "$OUT/scan_bench.log" | tee -a "$OUT/job.log"
-for f in "$OUT"/lora_*.json; do
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], round(d['train_step_tok_per_s'] or 0), 'tok/s', round(d['peak_mem_GB'], 1), 'GB', d.get('final_loss'))" "$f" 2>/dev/null | tee -a "$OUT/job.log"
-done
 stamp "end"
