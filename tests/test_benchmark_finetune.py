@@ -53,6 +53,7 @@ def test_alternating_variants_on_cpu(monkeypatch):
     assert set(res["ab"]) == {"default", "probe"}
     for f in res["ab"].values():
         assert len(f["step_times_s"]) == 2 and len(f["fwdbwd_times_s"]) == 2 and f["train_step_tok_per_s"] > 0
+        assert f["train_step_tok_per_s_best"] >= f["train_step_tok_per_s"]
     assert res["train_step_tok_per_s"] == res["ab"]["default"]["train_step_tok_per_s"]
     # warmup (default, probe), 2 rounds of steps, 2 rounds of forward+backward: always alternating
     assert seen == [None, "1"] * 5
