@@ -42,9 +42,8 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   constexpr bool kWarpRed = kRed != 0;
   constexpr bool kPerm = kRed == 2;
   constexpr int kCopies = kPerm ? 4 : 1;
-  constexpr int kCopyPad = kPerm ? 16 : 0;  // see scan_bwd2_bc_floats
   const int m = kPerm ? (c & 3) : 0;  // this lane's state order: position j holds s0 + (j ^ m)
-  const int CS = 2 * 16 * BW + kCopyPad;
+  const int CS = 2 * 16 * BW + (kPerm ? kBwd2CopyPad : 0);  // copy -> copy (scan_bwd2_bc_floats)
 
   float* sBC = sm;                                            // [kCopies][2 B/C][16][BW] (+pad)
   const float* bcm = sBC + m * CS;                            // this lane's copy
@@ -53,11 +52,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   float4* sG = sHS + R * spl * nthr;                          // [spl][nthr]
   float4* sDA = sG + spl * nthr;                              // [spl][nthr]
   float4* sHP = sDA + spl * nthr;                             // [16][nthr] if kBwd2HpSmem
-  // [slots][2 dB/dC][16][BW], dC 16 floats past the end of dB: lanes c and c + 4 of a warp
-  // store dB and dC of the same state and step, which would otherwise share a bank
+  // [slots][2 dB/dC][16][BW], dC kBwd2RedPad floats past the end of dB (scan_params.h)
   float* sRed = reinterpret_cast<float*>(sHP + (kBwd2HpSmem ? 16 * nthr : 0));
-  constexpr int kRedPad = 16;
-  const int RH = 16 * BW + kRedPad;  // dB -> dC
+  const int RH = 16 * BW + kBwd2RedPad;  // dB -> dC
   const int RS = 2 * RH;             // slot -> slot (see scan_bwd2_smem_floats)
   // dB/dC reduction slot of this thread: its warp (the warp's 8 channels are summed by shuffles)
   // or, for blocks of fewer than 8 channels, its channel.

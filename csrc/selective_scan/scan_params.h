@@ -128,16 +128,20 @@ inline int scan_bwd2_red_mode(const ScanParams& p) {
 }
 // Reduction slots: one per warp when its 8 channels are summed by shuffles first, else one per channel.
 inline int scan_bwd2_red_slots(const ScanParams& p) { return scan_bwd2_red_mode(p) ? p.cpb / 8 : p.cpb; }
-// Staged B/C: one [2][16][BW] array, or (mode 2) 4 permuted copies, each 16 floats further along
-// the banks than the last (bwd2 kernel: kCopyPad) so that the two copies a quarter-warp reads
-// from do not share banks.
+// Staged B/C: one [2][16][BW] array, or (mode 2) 4 permuted copies, each kBwd2CopyPad floats
+// further along the banks than the last so that the two copies a quarter-warp reads from do not
+// share banks.
+constexpr int kBwd2CopyPad = 16;
+// dB/dC reduction rows: dC starts kBwd2RedPad floats past the end of dB (lanes c and c + 4 of a
+// warp store dB and dC of the same state and step, which would otherwise share a bank).
+constexpr int kBwd2RedPad = 16;
 inline int scan_bwd2_bc_floats(const ScanParams& p) {
-  return scan_bwd2_red_mode(p) == 2 ? 4 * (2 * 16 * scan2_bw(p) + 16) : 2 * 16 * scan2_bw(p);
+  return scan_bwd2_red_mode(p) == 2 ? 4 * (2 * 16 * scan2_bw(p) + kBwd2CopyPad) : 2 * 16 * scan2_bw(p);
 }
 inline int scan_bwd2_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
   return scan_bwd2_bc_floats(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr +
-         SSM_BWD2_HP_SMEM * 4 * 16 * nthr + scan_bwd2_red_slots(p) * 2 * (16 * scan2_bw(p) + 16);
+         SSM_BWD2_HP_SMEM * 4 * 16 * nthr + scan_bwd2_red_slots(p) * 2 * (16 * scan2_bw(p) + kBwd2RedPad);
 }
 
 }  // namespace ssm
