@@ -159,7 +159,9 @@ template <bool kFull = false, typename T, int NE>
 __device__ __forceinline__ void load_n(RawN<T, NE>& r, const T* row, int t, int L, bool valid, bool vec) {
   constexpr int W = RawN<T, NE>::kW;
   if (kFull || (valid && vec && t + NE <= L)) {
-    if constexpr (W == 2) {
+    if constexpr (W == 1) {
+      r.w[0] = __ldg(reinterpret_cast<const uint32_t*>(row + t));
+    } else if constexpr (W == 2) {
       const uint2 x = __ldg(reinterpret_cast<const uint2*>(row + t));
       r.w[0] = x.x; r.w[1] = x.y;
     } else {
@@ -203,6 +205,24 @@ __device__ __forceinline__ void store4(T* row, int t, int L, bool vec, const flo
   }
 }
 
+// Store 2 consecutive values at [t, t+2) of a contiguous row, dropping those at or past L.
+// kFull: the caller guarantees vec and t + 2 <= L (t even).
+template <bool kFull = false, typename T>
+__device__ __forceinline__ void store2(T* row, int t, int L, bool vec, const float (&v)[2]) {
+  if (kFull || (vec && t + 2 <= L)) {
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float2*>(row + t) = make_float2(v[0], v[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(row + t) =
+          TypeOps<T>::bits(TypeOps<T>::from_f(v[0])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[1])) << 16);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (t + j < L) row[t + j] = TypeOps<T>::from_f(v[j]);
+  }
+}
+
 // States s0..s0+3 of a (.., N) fp32 row, 0 at or past N.
 __device__ __forceinline__ float4 load4f_(const float* src, int s0, int N) {
   float4 a;
@@ -234,28 +254,31 @@ __device__ __forceinline__ void write_carry(const ScanParams& p, int zg, int64_t
   if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
 }
 
-// Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..4) of
-// lane l hold the sums over the 4 lanes of the entry values v[4l .. 4l+4).
-__device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) {
+// Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..M/4) of
+// lane l hold the sums over the 4 lanes of the entry values v[l M/4 .. (l+1) M/4).
+template <int M>
+__device__ __forceinline__ void reduce4_transposing(float (&v)[M], int l, unsigned mask) {
+  static_assert(M % 4 == 0, "M values per lane, a multiple of 4");
   {
     const bool hi = (l & 2) != 0;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float send = hi ? v[j] : v[j + 8];
-      const float keep = hi ? v[j + 8] : v[j];
+    for (int j = 0; j < M / 2; ++j) {
+      const float send = hi ? v[j] : v[j + M / 2];
+      const float keep = hi ? v[j + M / 2] : v[j];
       v[j] = keep + __shfl_xor_sync(mask, send, 2);
     }
   }
   {
     const bool hi = (l & 1) != 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float send = hi ? v[j] : v[j + 4];
-      const float keep = hi ? v[j + 4] : v[j];
+    for (int j = 0; j < M / 4; ++j) {
+      const float send = hi ? v[j] : v[j + M / 4];
+      const float keep = hi ? v[j + M / 4] : v[j];
       v[j] = keep + __shfl_xor_sync(mask, send, 1);
     }
   }
 }
+__device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) { reduce4_transposing<16>(v, l, mask); }
 
 // Sum over the 8 channels of a warp (lane bits 2..4) of 8 values per lane, transposing: on exit
 // lane 4c+l returns entry (c & 7) summed over the lanes 4c'+l of its warp. 7 shuffles.

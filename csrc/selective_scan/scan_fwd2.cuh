@@ -326,15 +326,19 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
   write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
+// The carry pass of a sequence split (p.nsplit > 1), in fwd2's layout (p.cpb channels per block).
+template <typename T, typename TW>
+void launch_scan_fwd2_carry(ScanParams& p, cudaStream_t stream) {
+  const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
+  auto carry = scan_fwd2_carry_kernel<T, TW>;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), scan_threads(p), smem, stream>>>(p);
+}
+
 template <typename T, typename TW>
 void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
-  if (p.nsplit > 1) {
-    const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
-    auto carry = scan_fwd2_carry_kernel<T, TW>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);
-  }
+  if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
   const int smem = scan_fwd2_smem_floats(p) * (int)sizeof(float);
   auto kern = fwd2_full(p) ? scan_fwd2_kernel<T, TW, true> : scan_fwd2_kernel<T, TW, false>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
