@@ -21,6 +21,15 @@ for p in "${pids[@]}"; do wait "$p" || rc=1; done
 if [ $rc != 0 ]; then grep -h -B2 -A5 "error" "$OUT"/*.log | head -40; echo "compile FAILED"; exit 1; fi
 # (a shared object may leave the CUDA runtime's symbols undefined: only clashes matter here)
 g++ -shared -o "$OUT/kernels.so" "$OUT"/*.o || { echo "link FAILED"; exit 1; }
-grep -h -A3 "Compiling entry function.*scan_\(fwd\|bwd\)2_kernel" "$OUT"/scan_*_bf16.log | grep -E "entry|registers|spill" \
+grep -h -A3 "Compiling entry function.*scan_\(fwd\|bwd\)\(2\|_tp\)_kernel" "$OUT"/scan_*_bf16.log | grep -E "entry|registers|spill" \
   | sed -E 's/.*entry function .(_ZN3ssm[0-9]+)?//; s/ptxas info *: //'
 echo "compile and link OK ($OUT/kernels.so)"
+# The torch binding, syntax and types only, where a torch is importable (a CPU build ships the
+# c10/cuda headers but not its generated cuda_cmake_macros.h, stubbed here).
+if TI=$(python3 -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null); then
+  mkdir -p "$OUT/stub/c10/cuda/impl" && echo "#pragma once" > "$OUT/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  PYI=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  CUI=${CUDA_HOME:-/usr/local/cuda}/include
+  g++ -std=c++17 -w -fsyntax-only -I"$OUT/stub" -I"$TI" -I"$TI/torch/csrc/api/include" -I"$PYI" -I"$CUI" -I. scan_binding.cpp \
+    && echo "binding syntax OK" || { echo "binding FAILED"; exit 1; }
+fi
