@@ -310,6 +310,61 @@ def test_forward_without_bounds_checks_matches(monkeypatch, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tp", ["0", "1"])
+@pytest.mark.parametrize("dim, L, N, groups, dtype, flags, split, segment", [
+    # lengths around the 32-step sub-chunk, dstate below a lane's 4 states and not a multiple of 4
+    (8, 1, 16, None, torch.float32, "DzbS", None, None),
+    (8, 31, 1, 2, torch.bfloat16, "zS", None, None),
+    (8, 33, 7, None, torch.float16, "DbS", None, None),
+    (12, 100, 13, 1, torch.float32, "DzS", None, "64"),
+    (4, 2048, 16, None, torch.bfloat16, "DzbS", None, None),
+    (8, 257, 16, None, torch.float32, "Db", None, "48"),
+    # sequence groups of odd sub-chunk counts (a group ends inside a 32-step sub-chunk)
+    (8, 1000, 16, 2, torch.bfloat16, "DzbS", "3", None),
+    (8, 515, 12, None, torch.float32, "DzbS", "5", "32"),
+    (4, 4097, 16, None, torch.float32, "DzbS", "2", None),
+])
+def test_time_parallel_forward(monkeypatch, tp, dim, L, N, groups, dtype, flags, split, segment):
+    # the forward's time-parallel layout (MAMBA_SSM_SCAN_FWD_TP=1; =auto on small grids) and fwd2
+    # (=0) against float64, with every gradient (the backward starts from the checkpoints and saved
+    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8: of 8 (or 4 with 2 groups)
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", tp)
+    if split:
+        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
+    if segment:
+        monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)
+    seed = zlib.crc32(f"tp{dim}-{L}-{N}-{groups}-{dtype}-{flags}-{split}".encode()) % (2**31)
+    check_case(seed, 1, dim, L, N, dtype, groups, *(ch in flags for ch in "DzbS"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
+    # whole 32-step sub-chunks, dstate 16, aligned rows: the time-parallel forward's instantiation
+    # without bounds checks gives the same bits as its general one (MAMBA_SSM_SCAN_FWD_FULL=0),
+    # also with a sequence split into groups of whole sub-chunks; and it agrees with fwd2
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+    inputs = make_inputs(61, 1, 16, 512, 16, dtype, None, True, True, True, True)
+    for split in ["1", "2"]:
+        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
+        with torch.no_grad():
+            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "1")
+            full = ours(*inputs, True)
+            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
+            plain = ours(*inputs, True)
+            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
+            fwd2 = ours(*inputs, True)
+            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+        for a, b in zip(full, plain):
+            assert torch.equal(a, b)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(full[0], fwd2[0]) < tol and rel_err(full[1], fwd2[1]) < 1e-5
+    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
+    monkeypatch.delenv("MAMBA_SSM_SCAN_SPLIT")
+    check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("segment", ["16", "256"])
 def test_segment_lengths(monkeypatch, segment):
     monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)
@@ -379,9 +434,13 @@ SMALL_CASE = textwrap.dedent(
     import torch
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
-    # the last two take the lane-permuted backward; the last the forward without bounds checks
-    for (b, d, L, n, g) in [(2, 5, 37, 16, None), (1, 4, 70, 64, 2), (1, 2, 17, 256, None), (2, 32, 50, 16, 1),
-                            (1, 16, 64, 16, None)]:
+    # the last three take the lane-permuted backward; the last two the forwards without bounds
+    # checks, fwd2's (dstate 32) and the time-parallel one (MAMBA_SSM_SCAN_FWD_TP=1, dstate 16);
+    # (2, 32, 50, 16) takes the time-parallel forward's general instantiation
+    import os
+    for (b, d, L, n, g, tp) in [(2, 5, 37, 16, None, "0"), (1, 4, 70, 64, 2, "0"), (1, 2, 17, 256, None, "0"),
+                                (2, 32, 50, 16, 1, "1"), (1, 16, 64, 32, None, "0"), (1, 16, 64, 16, None, "1")]:
+        os.environ["MAMBA_SSM_SCAN_FWD_TP"] = tp
         u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "scan_params.h"
@@ -100,22 +101,54 @@ int64_t wave_balanced_split(int64_t warps, int64_t warps_per_wave) {
 // (1,4096,16384,16) the backward's 7 groups (2.26 waves, run as 3) took 4.46 ms, 6 groups (1.94
 // waves) 3.65 ms, same call (selective_scan_h200_2026-11-29_split_sweep.json; 3 and 12 groups,
 // also whole waves, 3.85 and 3.64). MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
-void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_waves) {
-  p.nsplit = 1;
-  p.gseg = std::max(1, p.nseg);
-  if (p.batch <= 0 || p.dim <= 0 || p.nseg <= 0) return;  // empty input: nothing is launched
+int sm_count() {
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t warps = ((int64_t)p.batch * p.dim * 4 + 31) / 32;
+  return sms;
+}
+
+// Warps of a launch giving each channel `lanes` threads, and whether they fill less than half of
+// the two waves the kernels are sized for (the sequence split's threshold, below).
+int64_t grid_warps(const ssm::ScanParams& p, int lanes) { return ((int64_t)p.batch * p.dim * lanes + 31) / 32; }
+bool small_grid(const ssm::ScanParams& p, int lanes, int resident_warps_per_sm) {
+  return 4 * grid_warps(p, lanes) < 2LL * resident_warps_per_sm * sm_count();
+}
+
+void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_waves, int lanes = 4) {
+  p.nsplit = 1;
+  p.gseg = std::max(1, p.nseg);
+  if (p.batch <= 0 || p.dim <= 0 || p.nseg <= 0) return;  // empty input: nothing is launched
+  const int sms = sm_count();
+  const int64_t warps = grid_warps(p, lanes);
   const int64_t want = 2LL * resident_warps_per_sm * sms;
   int64_t n = 1;
   if (const char* v = std::getenv("MAMBA_SSM_SCAN_SPLIT")) n = std::max(1L, std::atol(v));
-  else if (4 * warps < want) n = balance_waves ? want / warps : (want + warps - 1) / warps;
+  else if (small_grid(p, lanes, resident_warps_per_sm)) n = balance_waves ? want / warps : (want + warps - 1) / warps;
   else if (balance_waves) n = wave_balanced_split(warps, (int64_t)resident_warps_per_sm * sms);
   n = std::min<int64_t>({n, 64, p.nseg});
   p.gseg = (int)((p.nseg + n - 1) / n);
   p.nsplit = (p.nseg + p.gseg - 1) / p.gseg;  // no empty group
+}
+
+// The forward's time-parallel layout (scan_fwd_tp.cuh: 16 lanes per channel, dstate <= 16, no
+// exponential computed twice). MAMBA_SSM_SCAN_FWD_TP=1: wherever it applies; =auto: where fwd2's 4
+// lanes per channel leave the GPU mostly idle and would split the sequence (batch 1: prefill);
+// unset or 0: never. Opt-in until its current build has passed the GPU tests (NOTES.md, run 23).
+// Blocks of 16 channels (they share the staging of B and C) where 16 divides dim / groups, else 8
+// or 4; MAMBA_SSM_SCAN_TP_CPB=4 or 8 caps it (A/B runs).
+bool use_fwd_tp(ssm::ScanParams& p) {
+  const int dpg = p.dim / p.groups;
+  if (p.impl == 1 || p.dstate > 16 || dpg % 4 != 0) return false;
+  const char* cap_env = std::getenv("MAMBA_SSM_SCAN_TP_CPB");
+  const int cap = cap_env ? std::atoi(cap_env) : 16;
+  p.tp_cpb = 4;
+  for (int c : {16, 8})
+    if (p.tp_cpb == 4 && c <= cap && dpg % c == 0) p.tp_cpb = c;
+  const char* mode = std::getenv("MAMBA_SSM_SCAN_FWD_TP");
+  if (mode == nullptr) return false;
+  if (std::string(mode) == "auto") return small_grid(p, 4, 16);
+  return env_flag("MAMBA_SSM_SCAN_FWD_TP");
 }
 
 struct Prepared {
@@ -230,7 +263,8 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor y;
   if (save_ckpt && save_y && q.z.defined() && p.impl != 1) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor carry_w, carry_sdt;
-  if (p.impl != 1) pick_split(p, 16, false);
+  p.fwd_tp = use_fwd_tp(p);
+  if (p.impl != 1) pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
   if (p.nsplit > 1) {
     carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
     carry_sdt = new_out({p.nsplit, p.batch, p.dim}, f32, poison);

@@ -24,6 +24,8 @@ struct ScanParams {
   bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
   bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
   bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
+  bool fwd_tp = false;       // impl 2 forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
+  int tp_cpb = 4;            // its channels per block: 4, 8 or 16 (dividing dim / groups)
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -114,6 +116,11 @@ inline int scan_fwd2_smem_floats(const ScanParams& p) {
 inline bool fwd2_full(const ScanParams& p) {
   return p.fwd_full && p.vec_x && p.vec_B && p.vec_C && p.vec_o && p.seqlen % 16 == 0 && p.dstate % 16 == 0 &&
          p.z != nullptr && p.softplus && !p.exact_softplus;
+}
+// The time-parallel forward's (scan_fwd_tp.cuh) branch-free instantiation: fwd2_full's conditions,
+// dstate 16 exactly, and every sequence group a whole number of its 32-step sub-chunks.
+inline bool fwd_tp_full(const ScanParams& p) {
+  return fwd2_full(p) && p.dstate == 16 && p.seqlen % 32 == 0 && (p.nsplit == 1 || (p.gseg * p.R) % 2 == 0);
 }
 inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);

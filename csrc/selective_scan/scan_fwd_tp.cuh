@@ -1,0 +1,291 @@
+// Selective scan forward, time-parallel layout, for dstate <= 16 on grids of few channels
+// (batch 1: prefill, long sequences).
+//
+// fwd2 gives a channel 4 lanes and walks its time serially, so batch 1 x 4096 channels fills
+// a quarter of an H200's warp slots; splitting the sequence there costs a second pass of
+// exponentials (NOTES.md). Here a channel gets 16 lanes, tid = 16c + 4k + l:
+//   l (0..3): the states 4l..4l+3;
+//   k (0..3): the slice of steps 8k..8k+7 of each 32-step sub-chunk.
+// Slice 0 starts from the true state, slices 1-3 from zero. Each slice keeps, per step e, the
+// decay product P_e = prod_{e' <= e} exp(dt A) (one multiply per state and step: the
+// exponentials are those of its own scan) and q_e = C_e P_e. A 4-slice scan over the slices'
+// (P, h) ends (2 shuffle rounds) gives every slice its true start state h_in, and its outputs
+// are corrected by q_e . h_in, which is C_e . (h_e - h_e^zero-start). No exponential is
+// computed twice. The end of slice 3 is the next sub-chunk's start state of slice 0.
+// Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
+// its channel; B and C are staged as fp32 [step][state] for the block's kCpb channels, double
+// buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
+// kFull: as fwd2_full, plus dstate == 16 and whole 32-step sub-chunks.
+#pragma once
+
+#include <type_traits>
+
+#include "scan_common.cuh"
+
+namespace ssm {
+
+constexpr int kTpSteps = 32;  // steps per sub-chunk
+// Staged B (or C) of one sub-chunk: step i at tp_row(i), 4 floats of padding per row and 16
+// more before each slice, so that the 8 lanes of a quarter-warp (2 slices x 4 state lanes) read
+// 8 different 16-byte bank groups (slice k starts at 176 k floats: banks 0, 16, 0, 16).
+constexpr int kTpBuf = kTpSteps * 20 + 16 * (kTpSteps / 8 - 1);
+__device__ __forceinline__ int tp_row(int i) { return 20 * i + 16 * (i >> 3); }
+
+// B/C staging (2 x 16 states x 32 steps) is shared by the block's kCpb channels: a thread stages
+// 16 values per sub-chunk in blocks of 4 channels (2 units of 8 steps), 8 in blocks of 8 (1 unit
+// of 8), 4 in blocks of 16 (1 unit of 4).
+template <int kCpb> struct TpLayout {
+  static constexpr int kThreads = 16 * kCpb;
+  static constexpr int kPerThread = 2 * 16 * kTpSteps / kThreads;
+  static constexpr int kUnit = kPerThread < 8 ? kPerThread : 8;  // steps per unit
+  static constexpr int kUnits = kPerThread / kUnit;              // units per thread
+  static_assert(kCpb == 4 || kCpb == 8 || kCpb == 16, "4, 8 or 16 channels per block");
+};
+
+template <typename T, typename TW, int kUnit, int kUnits>
+struct TpStage {
+  RawN<TW, kUnit> bc[kUnits];  // unit tid + r nthreads: B or C, state & 15, steps kUnit * sj + 0..
+  RawN<T, 2> u2, d2, z2;
+};
+
+__device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
+  v.x = __shfl_up_sync(mask, v.x, delta, 16);
+  v.y = __shfl_up_sync(mask, v.y, delta, 16);
+  v.z = __shfl_up_sync(mask, v.z, delta, 16);
+  v.w = __shfl_up_sync(mask, v.w, delta, 16);
+  return v;
+}
+
+template <typename T, typename TW, bool kFull, int kCpb>
+__global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_tp_kernel(const ScanParams p) {
+  using Lay = TpLayout<kCpb>;
+  constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
+  using Stage = TpStage<T, TW, kUnit, kUnits>;
+  __shared__ __align__(16) float sBC[2][2][kTpBuf];          // [buf][B/C]
+  __shared__ __align__(16) float sDT[2][kCpb][2][kTpSteps];  // [buf][channel][dt/dt*u][step]
+  const unsigned mask = 0xffffffffu;
+  const int tid = threadIdx.x;
+  const int l = tid & 3;
+  const int k = (tid >> 2) & 3;
+  const int m = tid & 15;
+  const int c = tid >> 4;
+  const int b = blockIdx.y;
+  const int d = blockIdx.x * kCpb + c;
+  const int zg = blockIdx.z;
+  const int L = p.seqlen, N = p.dstate;
+  const int g = d / (p.dim / p.groups);
+
+  // Rows of u, delta, z and the outputs start at this lane's steps (2m): step t0 + 2m is p[t0].
+  const int m2 = 2 * m;
+  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + m2;
+  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + m2;
+  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d + m2 : nullptr;
+  const TW* Bb = static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g;
+  const TW* Cb = static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g;
+  // staging unit r of this thread: e = tid + r nthreads -> B or C (e < 16 kTpSteps / kUnit: B),
+  // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1
+  auto unit = [&](int r, bool& isC, int& sn, int& sj) {
+    const int e = tid + r * Lay::kThreads;
+    isC = e >= 16 * (kTpSteps / kUnit);
+    sn = e & 15;
+    sj = (e >> 4) % (kTpSteps / kUnit);
+  };
+  const int64_t row = (int64_t)b * p.dim + d;
+  T* outp = static_cast<T*>(p.out) + row * L + m2;
+  T* yp = p.y ? static_cast<T*>(p.y) + row * L + m2 : nullptr;
+  const float bias = p.bias ? p.bias[d] : 0.f;
+  const float Dv = p.D ? p.D[d] : 0.f;
+  float* ckp = p.ckpt ? p.ckpt + row * p.nseg * N : nullptr;
+  float4 A2 = load4f_(p.A + (int64_t)d * N, 4 * l, N);
+  A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+
+  // This block's steps [t_lo, t_hi): sequence group zg (see ScanParams::nsplit).
+  const int nch = (L + 15) >> 4;
+  const int ch_lo = zg * p.gseg * p.R;
+  const int ch_end = min(nch, ch_lo + p.gseg * p.R);
+  const int t_lo = ch_lo << 4;
+  const int t_hi = min(L, ch_end << 4);
+
+  auto prefetch = [&](Stage& st, int t0) {
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      bool isC;
+      int sn, sj;
+      unit(r, isC, sn, sj);
+      const TW* rowp = isC ? Cb + (int64_t)sn * p.C_s : Bb + (int64_t)sn * p.B_s;
+      load_n<kFull>(st.bc[r], rowp, t0 + kUnit * sj, L, sn < N, isC ? p.vec_C : p.vec_B);
+    }
+    load_n<kFull>(st.u2, up, t0, L - m2, true, p.vec_x);
+    load_n<kFull>(st.d2, dp, t0, L - m2, true, p.vec_x);
+    if (kFull || zp) load_n<kFull>(st.z2, zp, t0, L - m2, true, p.vec_x);
+  };
+  float u_cur[2], z_cur[2];
+  auto commit = [&](const Stage& st, int t0, int buf) {
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      bool isC;
+      int sn, sj;
+      unit(r, isC, sn, sj);
+      float* dst = &sBC[buf][isC][tp_row(kUnit * sj) + sn];  // a unit stays within one slice
+#pragma unroll
+      for (int i = 0; i < kUnit; ++i) dst[20 * i] = st.bc[r][i];
+    }
+    const int t = t0 + m2;
+    float dt[2], du[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      u_cur[j] = st.u2[j];
+      z_cur[j] = (kFull || zp) ? st.z2[j] : 0.f;
+      const float x = st.d2[j] + bias;
+      // past the group's end dt = 0: the state passes unchanged (exp(0) = 1, no input)
+      dt[j] = (kFull || t + j < t_hi) ? ((kFull || p.softplus) ? softplusf_(x, !kFull && p.exact_softplus) : x) : 0.f;
+      du[j] = dt[j] * u_cur[j];
+    }
+    reinterpret_cast<float2*>(sDT[buf][c][0])[m] = make_float2(dt[0], dt[1]);
+    reinterpret_cast<float2*>(sDT[buf][c][1])[m] = make_float2(du[0], du[1]);
+  };
+
+  // Start state of the group (slice 0 only): composed from the zero-start end states of the
+  // groups before it, as in fwd2.
+  float4 h = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (zg > 0 && k == 0) {
+    const int64_t bd = (int64_t)p.batch * p.dim;
+    for (int zz = 0; zz < zg; ++zz) {
+      const float sdt = p.carry_sdt[zz * bd + row];
+      const float4 w = load4f_(p.carry_w + (zz * bd + row) * N, 4 * l, N);
+      h.x = fmaf(fast_exp2(sdt * A2.x), h.x, w.x);
+      h.y = fmaf(fast_exp2(sdt * A2.y), h.y, w.y);
+      h.z = fmaf(fast_exp2(sdt * A2.z), h.z, w.z);
+      h.w = fmaf(fast_exp2(sdt * A2.w), h.w, w.w);
+    }
+  }
+  const int nw = (t_hi - t_lo + kTpSteps - 1) / kTpSteps;
+  {
+    Stage st;
+    prefetch(st, t_lo);
+    commit(st, t_lo, 0);
+  }
+  __syncthreads();
+
+  // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
+  // holds chunks ch0 (start: slice 0's start state) and ch0 + 1 (start: slice 2's h_in).
+  int ch0 = ch_lo, seg0 = ch_lo / p.R, r0 = ch_lo % p.R;
+  auto store_ckpt = [&](int seg, float4 v) {
+    float* dst = ckp + (int64_t)seg * N + 4 * l;
+    if (kFull || (N & 3) == 0) {
+      if (kFull || 4 * l < N) *reinterpret_cast<float4*>(dst) = v;
+    } else {
+      store4f_(ckp + (int64_t)seg * N, 4 * l, N, v);
+    }
+  };
+
+  for (int w = 0; w < nw; ++w) {
+    const int buf = w & 1;
+    const int t0 = t_lo + w * kTpSteps;
+    Stage st;
+    if (w + 1 < nw) prefetch(st, t0 + kTpSteps);
+    if (ckp && k == 0 && r0 == 0) store_ckpt(seg0, h);
+
+    const float* bB = &sBC[buf][0][tp_row(8 * k) + 4 * l];
+    const float* bC = &sBC[buf][1][tp_row(8 * k) + 4 * l];
+    const float4* dt4p = reinterpret_cast<const float4*>(sDT[buf][c][0]) + 2 * k;
+    const float4* du4p = reinterpret_cast<const float4*>(sDT[buf][c][1]) + 2 * k;
+    float4 P = make_float4(1.f, 1.f, 1.f, 1.f);
+    float4 q[8];
+    float yacc[8];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const float4 dt4 = dt4p[hh];
+      const float4 du4 = du4p[hh];
+      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
+      const float dus[4] = {du4.x, du4.y, du4.z, du4.w};
+#pragma unroll
+      for (int e4 = 0; e4 < 4; ++e4) {
+        const int e = 4 * hh + e4;
+        const float4 Bv = *reinterpret_cast<const float4*>(bB + 20 * e);
+        const float4 Cv = *reinterpret_cast<const float4*>(bC + 20 * e);
+        const float dtv = dts[e4], duv = dus[e4];
+        float4 a;
+        a.x = fast_exp2(dtv * A2.x);
+        a.y = fast_exp2(dtv * A2.y);
+        a.z = fast_exp2(dtv * A2.z);
+        a.w = fast_exp2(dtv * A2.w);
+        h.x = fmaf(a.x, h.x, duv * Bv.x);
+        h.y = fmaf(a.y, h.y, duv * Bv.y);
+        h.z = fmaf(a.z, h.z, duv * Bv.z);
+        h.w = fmaf(a.w, h.w, duv * Bv.w);
+        P.x *= a.x; P.y *= a.y; P.z *= a.z; P.w *= a.w;
+        q[e] = make_float4(Cv.x * P.x, Cv.y * P.y, Cv.z * P.z, Cv.w * P.w);
+        yacc[e] = fma4(Cv, h, 0.f);
+      }
+    }
+
+    // Inclusive scan over the 4 slices of (P, h): (P1, h1) then (P2, h2) is (P1 P2, P2 h1 + h2).
+    {
+      const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
+      if (k >= 1) {
+        h = make_float4(fmaf(P.x, hp.x, h.x), fmaf(P.y, hp.y, h.y), fmaf(P.z, hp.z, h.z), fmaf(P.w, hp.w, h.w));
+        P = make_float4(P.x * Pp.x, P.y * Pp.y, P.z * Pp.z, P.w * Pp.w);
+      }
+      const float4 hq = shfl_up4(h, 8, mask);
+      if (k >= 2)
+        h = make_float4(fmaf(P.x, hq.x, h.x), fmaf(P.y, hq.y, h.y), fmaf(P.z, hq.z, h.z), fmaf(P.w, hq.w, h.w));
+    }
+    // h: the true state at the end of slice k. h_in: at its start (slice 0 began from it already).
+    float4 hin = shfl_up4(h, 4, mask);
+    if (k == 0) hin = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) yacc[e] = fma4(q[e], hin, yacc[e]);
+    {
+      const int r1 = r0 + 1 == p.R ? 0 : r0 + 1;
+      if (ckp && k == 2 && r1 == 0 && ch0 + 1 < ch_end) store_ckpt(seg0 + (r0 + 1 == p.R), hin);
+    }
+    {
+      float4 hend;
+      hend.x = __shfl_sync(mask, h.x, 12 + l, 16);
+      hend.y = __shfl_sync(mask, h.y, 12 + l, 16);
+      hend.z = __shfl_sync(mask, h.z, 12 + l, 16);
+      hend.w = __shfl_sync(mask, h.w, 12 + l, 16);
+      h = k == 0 ? hend : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+
+    reduce4_transposing<8>(yacc, l, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
+    {
+      float y[2], o[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        y[j] = fmaf(Dv, u_cur[j], yacc[j]);
+        o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
+      }
+      store2<kFull>(outp, t0, t_hi - m2, p.vec_o, o);
+      if (yp) store2<kFull>(yp, t0, t_hi - m2, p.vec_o, y);
+    }
+    if (w + 1 < nw) commit(st, t0 + kTpSteps, buf ^ 1);
+    ch0 += 2;
+    r0 += 2;
+    while (r0 >= p.R) {
+      r0 -= p.R;
+      ++seg0;
+    }
+    __syncthreads();
+  }
+
+  if (zg + 1 < p.nsplit || k != 0) return;
+  store4f_(p.last + row * N, 4 * l, N, h);
+}
+
+template <typename T, typename TW>
+void launch_scan_fwd_tp(ScanParams& p, cudaStream_t stream) {
+  if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
+  const bool full = fwd_tp_full(p);
+  auto launch = [&](auto cpb_tag) {
+    constexpr int kCpb = decltype(cpb_tag)::value;
+    auto kern = full ? scan_fwd_tp_kernel<T, TW, true, kCpb> : scan_fwd_tp_kernel<T, TW, false, kCpb>;
+    kern<<<dim3(p.dim / kCpb, p.batch, p.nsplit), TpLayout<kCpb>::kThreads, 0, stream>>>(p);
+  };
+  if (p.tp_cpb == 16) launch(std::integral_constant<int, 16>{});
+  else if (p.tp_cpb == 8) launch(std::integral_constant<int, 8>{});
+  else launch(std::integral_constant<int, 4>{});
+}
+
+}  // namespace ssm
