@@ -318,6 +318,7 @@ def test_forward_without_bounds_checks_matches(monkeypatch, dtype):
     (8, 33, 7, None, torch.float16, "DbS", None, None),
     (12, 100, 13, 1, torch.float32, "DzS", None, "64"),
     (4, 2048, 16, None, torch.bfloat16, "DzbS", None, None),
+    (32, 100, 16, None, torch.bfloat16, "DzbS", None, None),
     (8, 257, 16, None, torch.float32, "Db", None, "48"),
     # sequence groups of odd sub-chunk counts (a group ends inside a 32-step sub-chunk)
     (8, 1000, 16, 2, torch.bfloat16, "DzbS", "3", None),
@@ -327,7 +328,7 @@ def test_forward_without_bounds_checks_matches(monkeypatch, dtype):
 def test_time_parallel_forward(monkeypatch, tp, dim, L, N, groups, dtype, flags, split, segment):
     # the forward's time-parallel layout (MAMBA_SSM_SCAN_FWD_TP=1; =auto on small grids) and fwd2
     # (=0) against float64, with every gradient (the backward starts from the checkpoints and saved
-    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8: of 8 (or 4 with 2 groups)
+    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8: of 8 (or 4 with 2 groups), 32: of 16
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", tp)
     if split:
         monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
@@ -434,9 +435,9 @@ SMALL_CASE = textwrap.dedent(
     import torch
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
-    # the last three take the lane-permuted backward; the last two the forwards without bounds
-    # checks, fwd2's (dstate 32) and the time-parallel one (MAMBA_SSM_SCAN_FWD_TP=1, dstate 16);
-    # (2, 32, 50, 16) takes the time-parallel forward's general instantiation
+    # (2, 32, 50, 16) and (1, 16, 64, 16) take the lane-permuted backward; (1, 16, 64, 32) fwd2's
+    # forward without bounds checks, (1, 16, 64, 16) the time-parallel one's (MAMBA_SSM_SCAN_FWD_TP=1)
+    # and (2, 32, 50, 16) its general instantiation
     import os
     for (b, d, L, n, g, tp) in [(2, 5, 37, 16, None, "0"), (1, 4, 70, 64, 2, "0"), (1, 2, 17, 256, None, "0"),
                                 (2, 32, 50, 16, 1, "1"), (1, 16, 64, 32, None, "0"), (1, 16, 64, 16, None, "1")]:
