@@ -29,7 +29,15 @@ constexpr int kTpSteps = 32;  // steps per sub-chunk
 // more before each slice, so that the 8 lanes of a quarter-warp (2 slices x 4 state lanes) read
 // 8 different 16-byte bank groups (slice k starts at 176 k floats: banks 0, 16, 0, 16).
 constexpr int kTpBuf = kTpSteps * 20 + 16 * (kTpSteps / 8 - 1);
-__device__ __forceinline__ int tp_row(int i) { return 20 * i + 16 * (i >> 3); }
+__host__ __device__ constexpr int tp_row(int i) { return 20 * i + 16 * (i >> 3); }
+// Each row holds 16 states: no row may reach into the next or past the buffer (the first build
+// padded only the odd slices, and the rows of steps 15 and 16 overlapped).
+constexpr bool tp_rows_disjoint() {
+  for (int i = 0; i + 1 < kTpSteps; ++i)
+    if (tp_row(i) + 16 > tp_row(i + 1)) return false;
+  return tp_row(kTpSteps - 1) + 16 <= kTpBuf && tp_row(8) % 32 == 16;
+}
+static_assert(tp_rows_disjoint(), "staged B/C rows overlap, overrun the buffer, or lose the bank spread");
 
 // B/C staging (2 x 16 states x 32 steps) is shared by the block's kCpb channels: a thread stages
 // 16 values per sub-chunk in blocks of 4 channels (2 units of 8 steps), 8 in blocks of 8 (1 unit
