@@ -119,6 +119,11 @@ def ours(u, delta, A, B, C, D, z, bias, softplus):
     return ssc.selective_scan_cuda(u, delta, A, B, C, D, z, bias, softplus, True)
 
 
+def plan(u, delta, A, B, C, D, z, bias, softplus):
+    """What the forward launches for these inputs under the present environment."""
+    return ssc._ext.fwd_plan(u, delta, A, B, C, D, z, bias, softplus, ssc._segment_subchunks())
+
+
 def ref_low(u, delta, A, B, C, D, z, bias, softplus):
     return selective_scan_ref(u, delta, A, B, C, D, z, bias, softplus, True)
 
@@ -234,10 +239,23 @@ def _id(c):
     return f"{str(dtype)[6:]}-L{L}-N{N}-g{groups}-{flags}-b{batch}d{dim}"
 
 
+def _layouts(c):
+    # the grid's grids are small, so by default the forward takes the time-parallel layout wherever
+    # it applies (dstate <= 16, channels per group a multiple of 4); those cases run with fwd2 too
+    dtype, L, N, groups, *_, batch, dim = c
+    return ["default", "fwd2"] if N <= 16 and (dim // (groups or 1)) % 4 == 0 else ["default"]
+
+
+GRID_LAYOUTS = [(c, lay) for c in GRID for lay in _layouts(c)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
-def test_against_float64(case):
+@pytest.mark.parametrize("case, layout", GRID_LAYOUTS, ids=[f"{_id(c)}-{lay}" for c, lay in GRID_LAYOUTS])
+def test_against_float64(monkeypatch, case, layout):
     dtype, L, N, groups, has_D, has_z, has_bias, softplus, batch, dim = case
+    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_TP", raising=False)
+    if layout == "fwd2":
+        monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
     seed = zlib.crc32(_id(case).encode()) % (2**31)
     check_case(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus)
 
@@ -294,19 +312,26 @@ def test_backward_reduction_and_saved_y(monkeypatch, perm, save_y):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_without_bounds_checks_matches(monkeypatch, dtype):
-    # whole sub-chunks, aligned rows and dstate 32 take the forward's instantiation without bounds
-    # checks (MAMBA_SSM_SCAN_FWD_FULL=0 turns it off): the same arithmetic, so the same bits, and
-    # against float64 with gradients (the backward uses its checkpoints and saved y)
-    inputs = make_inputs(51, 2, 32, 256, 32, dtype, None, True, True, True, True)
+@pytest.mark.parametrize("N, switch", [(32, "MAMBA_SSM_SCAN_FWD_FULL"), (16, "MAMBA_SSM_SCAN_FWD_D16")])
+def test_forward_without_bounds_checks_matches(monkeypatch, dtype, N, switch):
+    # whole sub-chunks, aligned rows and dstate 32 take fwd2's instantiation without bounds checks
+    # (MAMBA_SSM_SCAN_FWD_FULL=0 turns it off), dstate 16 with 16-channel blocks its dstate-16 one
+    # (MAMBA_SSM_SCAN_FWD_D16=0): the same arithmetic, so the same bits, and against float64 with
+    # gradients (the backward uses its checkpoints and saved y)
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
+    inputs = make_inputs(51, 2, 32, 256, N, dtype, None, True, True, True, True)
     with torch.no_grad():
-        full = ours(*inputs, True)
-        monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
+        assert plan(*inputs, True) == {"kernel": "fwd2", "full": True, "d16": N == 16, "channels_per_block": 16,
+                                       "nsplit": plan(*inputs, True)["nsplit"]}
+        fast = ours(*inputs, True)
+        monkeypatch.setenv(switch, "0")
+        got = plan(*inputs, True)
+        assert not got["d16"] and got["full"] == (switch != "MAMBA_SSM_SCAN_FWD_FULL")
         plain = ours(*inputs, True)
-    for a, b in zip(full, plain):
+    for a, b in zip(fast, plain):
         assert torch.equal(a, b)
-    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
-    check_case(52, 2, 32, 256, 32, dtype, None, True, True, True, True)
+    monkeypatch.delenv(switch)
+    check_case(52, 2, 32, 256, N, dtype, None, True, True, True, True)
 
 
 @pytest.mark.cuda
@@ -350,8 +375,11 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
         monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
         with torch.no_grad():
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "1")
+            assert plan(*inputs, True) == {"kernel": "fwd_tp", "full": True, "d16": False, "channels_per_block": 16,
+                                           "nsplit": int(split)}
             full = ours(*inputs, True)
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
+            assert plan(*inputs, True)["full"] is False
             plain = ours(*inputs, True)
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
             fwd2 = ours(*inputs, True)
@@ -363,6 +391,29 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
     monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
     monkeypatch.delenv("MAMBA_SSM_SCAN_SPLIT")
     check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape, kernel, cpb", [
+    ((1, 4096, 16384, 16), "fwd_tp", 16),  # batch 1 prefill: fwd2 would fill a quarter of the GPU
+    ((8, 4096, 2048, 16), "fwd2", 16),
+    ((8, 1536, 2048, 16), "fwd2", 16),
+    ((1, 4096, 2048, 64), "fwd2", 16),     # dstate above the time-parallel layout's 16
+    ((1, 24, 2048, 16), "fwd_tp", 8),      # 24 channels: blocks of 8
+])
+def test_forward_plan_at_benchmark_shapes(monkeypatch, shape, kernel, cpb):
+    # the default choice of layout at the benchmark's shapes (bf16, z, D, delta_bias, softplus), in
+    # the instantiation without bounds checks; MAMBA_SSM_SCAN_FWD_TP=0 and =1 override it
+    batch, dim, L, N = shape
+    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_TP", raising=False)
+    inputs = make_inputs(7, batch, dim, L, N, torch.bfloat16, None, True, True, True, True)
+    got = plan(*inputs, True)
+    assert (got["kernel"], got["full"], got["channels_per_block"]) == (kernel, True, cpb)
+    assert got["d16"] == (kernel == "fwd2" and N == 16)  # Mamba's shape: fwd2's dstate-16 instantiation
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
+    assert plan(*inputs, True)["kernel"] == "fwd2"
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+    assert plan(*inputs, True)["kernel"] == ("fwd_tp" if N <= 16 else "fwd2")
 
 
 @pytest.mark.cuda
@@ -436,11 +487,12 @@ SMALL_CASE = textwrap.dedent(
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
     # (2, 32, 50, 16) and (1, 16, 64, 16) take the lane-permuted backward; (1, 16, 64, 32) fwd2's
-    # forward without bounds checks, (1, 16, 64, 16) the time-parallel one's (MAMBA_SSM_SCAN_FWD_TP=1)
-    # and (2, 32, 50, 16) its general instantiation
+    # forward without bounds checks, (1, 16, 64, 16) with tp "0" its dstate-16 instantiation, with
+    # "1" the time-parallel forward's without bounds checks, and (2, 32, 50, 16) its general one
     import os
     for (b, d, L, n, g, tp) in [(2, 5, 37, 16, None, "0"), (1, 4, 70, 64, 2, "0"), (1, 2, 17, 256, None, "0"),
-                                (2, 32, 50, 16, 1, "1"), (1, 16, 64, 32, None, "0"), (1, 16, 64, 16, None, "1")]:
+                                (2, 32, 50, 16, 1, "1"), (1, 16, 64, 32, None, "0"), (1, 16, 64, 16, None, "1"),
+                                (1, 16, 64, 16, None, "0")]:
         os.environ["MAMBA_SSM_SCAN_FWD_TP"] = tp
         u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)

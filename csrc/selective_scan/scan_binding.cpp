@@ -1,8 +1,10 @@
 // Torch binding of the selective scan kernels: module mamba_ssm._selective_scan_cuda.
 //
-//   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt) -> [out, last_state, ckpt]
-//   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?)
+//   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt, save_y)
+//       -> [out, last_state, ckpt, y]
+//   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?, y?)
 //       -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
+//   fwd_plan(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R) -> {kernel, full, d16, ...}
 //
 // u, delta, z, dout share one dtype (fp32/fp16/bf16); B and C are that dtype or fp32 (if
 // either is fp32 both are read as fp32); A, D, delta_bias fp32. Any strides are accepted:
@@ -132,11 +134,11 @@ void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_wave
 }
 
 // The forward's time-parallel layout (scan_fwd_tp.cuh: 16 lanes per channel, dstate <= 16, no
-// exponential computed twice). MAMBA_SSM_SCAN_FWD_TP=1: wherever it applies; =auto: where fwd2's 4
-// lanes per channel leave the GPU mostly idle and would split the sequence (batch 1: prefill);
-// unset or 0: never. Opt-in until its current build has passed the GPU tests (NOTES.md, run 23).
-// Blocks of 16 channels (they share the staging of B and C) where 16 divides dim / groups, else 8
-// or 4; MAMBA_SSM_SCAN_TP_CPB=4 or 8 caps it (A/B runs).
+// exponential computed twice). By default (or MAMBA_SSM_SCAN_FWD_TP=auto) where fwd2's 4 lanes per
+// channel would leave the GPU mostly idle and split the sequence (batch 1: prefill); where both fill
+// the GPU fwd2 is faster (tp took 1.54x its time at (8,4096,2048,16), run 23). =1: wherever it applies
+// (tests); =0: never. Blocks of 16 channels (they share the staging of B and C) where 16 divides
+// dim / groups, else 8 or 4; MAMBA_SSM_SCAN_TP_CPB=4 or 8 caps it (A/B runs).
 bool use_fwd_tp(ssm::ScanParams& p) {
   const int dpg = p.dim / p.groups;
   if (p.impl == 1 || p.dstate > 16 || dpg % 4 != 0) return false;
@@ -146,8 +148,7 @@ bool use_fwd_tp(ssm::ScanParams& p) {
   for (int c : {16, 8})
     if (p.tp_cpb == 4 && c <= cap && dpg % c == 0) p.tp_cpb = c;
   const char* mode = std::getenv("MAMBA_SSM_SCAN_FWD_TP");
-  if (mode == nullptr) return false;
-  if (std::string(mode) == "auto") return small_grid(p, 4, 16);
+  if (mode == nullptr || std::string(mode) == "auto") return small_grid(p, 4, 16);
   return env_flag("MAMBA_SSM_SCAN_FWD_TP");
 }
 
@@ -221,6 +222,7 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
   p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
   p.fwd_full = !env_off("MAMBA_SSM_SCAN_FWD_FULL");  // 0: the forward with bounds checks (A/B runs)
+  p.fwd_d16 = !env_off("MAMBA_SSM_SCAN_FWD_D16");    // 0: fwd2 without its dstate-16 instantiation
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
@@ -245,6 +247,31 @@ void launch_bwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The forward's launch choices: kernel layout, channels per block, sequence split.
+void plan_fwd(ssm::ScanParams& p) {
+  p.cpb = pick_cpb(p.dim / p.groups, p.impl == 1 ? 8 : 16);
+  p.fwd_tp = use_fwd_tp(p);
+  if (p.impl != 1) pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
+}
+
+// What fwd would launch for these inputs and the present environment, without launching it
+// (tests and benchmarks: which kernel, whether its bounds-check-free instantiation, the split).
+py::dict fwd_plan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                  const std::optional<Tensor>& D, const std::optional<Tensor>& z,
+                  const std::optional<Tensor>& delta_bias, bool softplus, int64_t R) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  auto& p = q.p;
+  plan_fwd(p);
+  py::dict d;
+  d["kernel"] = p.impl == 1 ? "fwd" : (p.fwd_tp ? "fwd_tp" : "fwd2");
+  d["full"] = p.impl != 1 && (p.fwd_tp ? ssm::fwd_tp_full(p) : ssm::fwd2_full(p));
+  d["d16"] = p.impl != 1 && !p.fwd_tp && ssm::fwd2_d16(p);
+  d["channels_per_block"] = p.fwd_tp ? p.tp_cpb : p.cpb;
+  d["nsplit"] = p.nsplit;
+  return d;
+}
+
 std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                         const std::optional<Tensor>& D, const std::optional<Tensor>& z,
                         const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt,
@@ -252,7 +279,7 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
-  p.cpb = pick_cpb(p.dim / p.groups, p.impl == 1 ? 8 : 16);
+  plan_fwd(p);
   const bool poison = poison_enabled();
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
@@ -263,8 +290,6 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor y;
   if (save_ckpt && save_y && q.z.defined() && p.impl != 1) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor carry_w, carry_sdt;
-  p.fwd_tp = use_fwd_tp(p);
-  if (p.impl != 1) pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
   if (p.nsplit > 1) {
     carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
     carry_sdt = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
@@ -383,4 +408,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mamba_ssm selective scan CUDA kernels (forward, backward)";
   m.def("fwd", &fwd, "selective scan forward");
   m.def("bwd", &bwd, "selective scan backward");
+  m.def("fwd_plan", &fwd_plan, "the forward's launch plan for these inputs (kernel, full, channels_per_block, nsplit)");
 }

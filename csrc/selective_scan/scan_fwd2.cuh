@@ -12,6 +12,9 @@
 // kFull (fwd2_full), Mamba's case: every sub-chunk whole, every row 16-byte aligned, dstate a
 // multiple of 16, z given, delta through the default softplus. No load, store or step then needs
 // a bounds check or a branch on the options (forward 6-11% faster on an H200, NOTES runs 20-21).
+// kD16 (fwd2_d16), Mamba's shape on top of kFull: dstate 16 and 16-channel blocks, so the state
+// slot count, shared-memory layout and block size are constants and the state stays in registers
+// between sub-chunks.
 #pragma once
 
 #include "scan_common.cuh"
@@ -25,18 +28,19 @@ struct Fwd2Stage {
   RawN<T, 4> u4, d4, z4;
 };
 
-template <typename T, typename TW, bool kFull>
+template <typename T, typename TW, bool kFull, bool kD16>
 __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(const ScanParams p) {
+  static_assert(kFull || !kD16, "kD16 specializes kFull");
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
-  const int nthr = blockDim.x;
+  const int nthr = kD16 ? 64 : blockDim.x;
   const int tid = threadIdx.x;
   const int l = tid & 3;
   const int c = tid >> 2;
-  const int cpb = p.cpb;
+  const int cpb = kD16 ? 16 : p.cpb;
   const int b = blockIdx.y;
   const int d = blockIdx.x * cpb + c;
-  const int L = p.seqlen, N = p.dstate, spl = p.spl;
+  const int L = p.seqlen, N = kD16 ? 16 : p.dstate, spl = kD16 ? 1 : p.spl;
   const int N16 = spl * 16, BW = N16 + 4;
   const int g = d / (p.dim / p.groups);
   const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
@@ -78,7 +82,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 #pragma unroll
     for (int r = 0; r < Fwd2Stage<T, TW>::kPre; ++r) {
       const int e = tid + r * nthr;
-      if (e < nunits) {
+      if (kD16 || e < nunits) {  // kD16: one unit per thread exactly
         int which, n, half;
         unit_row(e, which, n, half);
         const TW* row = (which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s);
@@ -97,7 +101,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 #pragma unroll
     for (int r = 0; r < Fwd2Stage<T, TW>::kPre; ++r) {
       const int e = tid + r * nthr;
-      if (e < nunits) {
+      if (kD16 || e < nunits) {
         int which, n, half;
         unit_row(e, which, n, half);
         float* dst = bcb + (which * 16 + 8 * half) * BW + n;
@@ -105,7 +109,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
         for (int i = 0; i < 8; ++i) dst[i * BW] = st.bc[r][i];
       }
     }
-    for (int e = tid + Fwd2Stage<T, TW>::kPre * nthr; e < nunits; e += nthr) {  // large dstate
+    for (int e = tid + Fwd2Stage<T, TW>::kPre * nthr; !kD16 && e < nunits; e += nthr) {  // large dstate
       int which, n, half;
       unit_row(e, which, n, half);
       const TW* row = (which ? Cb + (int64_t)n * p.C_s : Bb + (int64_t)n * p.B_s);
@@ -150,6 +154,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
     }
     sH[k * nthr + tid] = h;
   }
+  float4 h_d16 = kD16 ? sH[tid] : make_float4(0.f, 0.f, 0.f, 0.f);  // kD16: the state, instead of sH
   const float4 A2_0 = loadA2(0);
   const int nch = (L + 15) >> 4;
   const int ch_lo = zg * p.gseg * p.R;
@@ -181,7 +186,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 #pragma unroll 1
     for (int k = 0; k < spl; ++k) {
       const int s0 = 16 * k + 4 * l;
-      float4 h = sH[k * nthr + tid];
+      float4 h = kD16 ? h_d16 : sH[k * nthr + tid];
       if (ck) {
         float* dst = ckp + (int64_t)seg * N + s0;
         if ((N & 3) == 0) {  // 16-byte aligned: one store (4 scalar ones wrote each sector 4 times)
@@ -213,7 +218,8 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
           acc[i] = fma4(Cv, h, acc[i]);
         }
       }
-      sH[k * nthr + tid] = h;
+      if (kD16) h_d16 = h;
+      else sH[k * nthr + tid] = h;
     }
 
     reduce4x16(acc, l, mask);
@@ -237,30 +243,32 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
 
   if (zg + 1 < p.nsplit) return;
   float* lastp = p.last + ((int64_t)b * p.dim + d) * N;
-  for (int k = 0; k < spl; ++k) store4f_(lastp, 16 * k + 4 * l, N, sH[k * nthr + tid]);
+  for (int k = 0; k < spl; ++k) store4f_(lastp, 16 * k + 4 * l, N, kD16 ? h_d16 : sH[k * nthr + tid]);
 }
 
 // First pass of the sequence-split forward: for group z = blockIdx.z (all but the last), the
 // end state of its steps from a zero start, and its sum of dt. Same thread layout as above.
-template <typename T, typename TW>
+// kD16: fwd2_d16's conditions (constant layout, no bounds checks, the state in registers).
+template <typename T, typename TW, bool kD16>
 __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
-  const int nthr = blockDim.x;
+  const int nthr = kD16 ? 64 : blockDim.x;
   const int tid = threadIdx.x;
   const int l = tid & 3;
   const int c = tid >> 2;
+  const int cpb = kD16 ? 16 : p.cpb;
   const int b = blockIdx.y;
-  const int d = blockIdx.x * p.cpb + c;
+  const int d = blockIdx.x * cpb + c;
   const int zg = blockIdx.z;
-  const int L = p.seqlen, N = p.dstate, spl = p.spl;
+  const int L = p.seqlen, N = kD16 ? 16 : p.dstate, spl = kD16 ? 1 : p.spl;
   const int N16 = spl * 16, BW = N16 + 4;
   const int g = d / (p.dim / p.groups);
   const unsigned mask = nthr >= 32 ? 0xffffffffu : ((1u << nthr) - 1u);
 
-  float* sB = sm;                                               // [16][BW]
-  float* sDT = sB + 16 * BW;                                    // [cpb][2 dt/dtu][20]
-  float4* sW = reinterpret_cast<float4*>(sDT + p.cpb * 2 * 20);  // [spl][nthr]
+  float* sB = sm;                                             // [16][BW]
+  float* sDT = sB + 16 * BW;                                  // [cpb][2 dt/dtu][20]
+  float4* sW = reinterpret_cast<float4*>(sDT + cpb * 2 * 20);  // [spl][nthr]
 
   const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d;
   const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d;
@@ -270,6 +278,12 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
   const float bias = p.bias ? p.bias[d] : 0.f;
 
   for (int k = 0; k < spl; ++k) sW[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4 w_d16 = make_float4(0.f, 0.f, 0.f, 0.f);  // kD16: the state, instead of sW
+  float4 A2_d16 = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (kD16) {
+    A2_d16 = load4f_(Ap, 4 * l, N);
+    A2_d16.x *= kLog2e; A2_d16.y *= kLog2e; A2_d16.z *= kLog2e; A2_d16.w *= kLog2e;
+  }
   float sdt = 0.f;
   const int nch = (L + 15) >> 4;
   const int ch_lo = zg * p.gseg * p.R;
@@ -282,20 +296,20 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
     for (int e = tid; e < 2 * N16; e += nthr) {
       const int n = e >> 1, half = e & 1;
       RawN<TW, 8> tmp;
-      load_n(tmp, Bb + (int64_t)n * p.B_s, t0 + 8 * half, L, n < N, p.vec_B);
+      load_n<kD16>(tmp, Bb + (int64_t)n * p.B_s, t0 + 8 * half, L, n < N, p.vec_B);
       float* dst = sB + (8 * half) * BW + n;
 #pragma unroll
       for (int i = 0; i < 8; ++i) dst[i * BW] = tmp[i];
     }
     {
       RawN<T, 4> u4, d4;
-      load_n(u4, up, t, L, true, p.vec_x);
-      load_n(d4, dp, t, L, true, p.vec_x);
+      load_n<kD16>(u4, up, t, L, true, p.vec_x);
+      load_n<kD16>(d4, dp, t, L, true, p.vec_x);
       float dtv[4], duv[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const float x = d4[q] + bias;
-        dtv[q] = (t + q < L) ? (p.softplus ? softplusf_(x, p.exact_softplus) : x) : 0.f;
+        dtv[q] = (kD16 || t + q < L) ? ((kD16 || p.softplus) ? softplusf_(x, !kD16 && p.exact_softplus) : x) : 0.f;
         duv[q] = dtv[q] * u4[q];
         sdt += dtv[q];
       }
@@ -308,9 +322,12 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
 #pragma unroll 1
     for (int k = 0; k < spl; ++k) {
       const int s0 = 16 * k + 4 * l;
-      float4 A2 = load4f_(Ap, s0, N);
-      A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
-      float4 h = sW[k * nthr + tid];
+      float4 A2 = A2_d16;
+      if (!kD16) {
+        A2 = load4f_(Ap, s0, N);
+        A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+      }
+      float4 h = kD16 ? w_d16 : sW[k * nthr + tid];
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const float4 Bv = *reinterpret_cast<const float4*>(sB + i * BW + s0);
@@ -320,9 +337,11 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
         h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
         h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
       }
-      sW[k * nthr + tid] = h;
+      if (kD16) w_d16 = h;
+      else sW[k * nthr + tid] = h;
     }
   }
+  if (kD16) sW[tid] = w_d16;
   write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
@@ -330,7 +349,7 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
 template <typename T, typename TW>
 void launch_scan_fwd2_carry(ScanParams& p, cudaStream_t stream) {
   const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
-  auto carry = scan_fwd2_carry_kernel<T, TW>;
+  auto carry = fwd2_d16(p) ? scan_fwd2_carry_kernel<T, TW, true> : scan_fwd2_carry_kernel<T, TW, false>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), scan_threads(p), smem, stream>>>(p);
 }
@@ -340,7 +359,8 @@ void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
   if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
   const int smem = scan_fwd2_smem_floats(p) * (int)sizeof(float);
-  auto kern = fwd2_full(p) ? scan_fwd2_kernel<T, TW, true> : scan_fwd2_kernel<T, TW, false>;
+  auto kern = fwd2_d16(p) ? scan_fwd2_kernel<T, TW, true, true>
+              : fwd2_full(p) ? scan_fwd2_kernel<T, TW, true, false> : scan_fwd2_kernel<T, TW, false, false>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);

@@ -24,6 +24,7 @@ struct ScanParams {
   bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
   bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
   bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
+  bool fwd_d16 = true;       // and, where it applies, its instantiation for dstate 16 (fwd2_d16)
   bool fwd_tp = false;       // impl 2 forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
   int tp_cpb = 4;            // its channels per block: 4, 8 or 16 (dividing dim / groups)
 
@@ -117,6 +118,8 @@ inline bool fwd2_full(const ScanParams& p) {
   return p.fwd_full && p.vec_x && p.vec_B && p.vec_C && p.vec_o && p.seqlen % 16 == 0 && p.dstate % 16 == 0 &&
          p.z != nullptr && p.softplus && !p.exact_softplus;
 }
+// fwd2's instantiation for Mamba's shape on top of fwd2_full: dstate 16 and 16-channel blocks.
+inline bool fwd2_d16(const ScanParams& p) { return p.fwd_d16 && fwd2_full(p) && p.dstate == 16 && p.cpb == 16; }
 // The time-parallel forward's (scan_fwd_tp.cuh) branch-free instantiation: fwd2_full's conditions,
 // dstate 16 exactly, and every sequence group a whole number of its 32-step sub-chunks.
 inline bool fwd_tp_full(const ScanParams& p) {
