@@ -4,7 +4,9 @@
 #   run: bash benchmarks/device_scan_job.sh      (carry .upstream)
 # Knobs (environment): SKIP_UPSTREAM=1, SKIP_TESTS=1, TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS (e.g.
 # "--no-ref --variants name:VAR=v,VAR=v;..."), NCU=0 (no profile), NCU_SHAPE="1 4096 16384 16"
-# (the profiled shape), NCU_ENV="MAMBA_SSM_SCAN_FWD_TP=1" (settings for the profiled run only).
+# (the profiled shape), NCU_ENV="MAMBA_SSM_SCAN_FWD_TP=1" (settings for the profiled run only),
+# NCU_KERNELS (a regex, default scan_), NCU_METRICS (more metrics, e.g. the stall reasons:
+# "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio").
 set -u
 source "$(dirname "$0")/device_lib.sh" /tmp/scan_out
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -1; } > "$OUT/env.txt" 2>&1
@@ -50,13 +52,14 @@ timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/benchmark_selective_scan.py $UP
 stamp "bench rc=$?"
 NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "${NCU:-1}" = 1 ] && [ -n "$NCU_BIN" ]; then
-  env PYTHONPATH=$PWD ${NCU_ENV:-} timeout ${NCU_TIMEOUT:-90} "$NCU_BIN" --clock-control none -k regex:scan_ --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+  env PYTHONPATH=$PWD ${NCU_ENV:-} timeout ${NCU_TIMEOUT:-90} "$NCU_BIN" --clock-control none -k regex:${NCU_KERNELS:-scan_} \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+    ${NCU_METRICS:+--metrics $NCU_METRICS} \
     python3 benchmarks/profile_scan_once.py ${NCU_SHAPE:-8 1536 2048 16} > "$OUT/ncu.txt" 2>&1
   stamp "ncu rc=$?"
 fi
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-400 | head -40
 tail -25 "$OUT/bench.log"
-[ -f "$OUT/ncu.txt" ] && grep -E "scan_(fwd|bwd)(2|_tp)?_kernel|^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Issued Ipc Active|Warp Cycles Per Issued Instruction|Block Limit (Registers|Shared Mem))" "$OUT/ncu.txt" | cut -c1-110 | head -40
+[ -f "$OUT/ncu.txt" ] && grep -E "scan_(fwd|bwd)(2|_tp)?_kernel|^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Issued Ipc Active|Warp Cycles Per Issued Instruction|Block Limit (Registers|Shared Mem)|smsp__average_warps_issue_stalled)" "$OUT/ncu.txt" | cut -c1-110 | head -70
 stamp "end"
