@@ -15,8 +15,7 @@
 // Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
 // its channel; B and C are staged as fp32 [step][state] for the block's kCpb channels, double
 // buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
-// kFull: as fwd2_full, plus dstate == 16, whole 32-step sub-chunks and a checkpoint every 16 steps
-// (R == 1, the default).
+// kFull: as fwd2_full, plus dstate == 16 and whole 32-step sub-chunks.
 #pragma once
 
 #include <type_traits>
@@ -81,7 +80,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int b = blockIdx.y;
   const int d = blockIdx.x * kCpb + c;
   const int zg = blockIdx.z;
-  const int L = p.seqlen, N = kFull ? 16 : p.dstate;
+  const int L = p.seqlen, N = p.dstate;
   const int g = d / (p.dim / p.groups);
 
   // Rows of u, delta, z and the outputs start at this lane's steps (2m): step t0 + 2m is p[t0].
@@ -100,7 +99,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     sj = (e >> 4) % (kTpSteps / kUnit);
   };
   const int64_t row = (int64_t)b * p.dim + d;
-  T* outp = static_cast<T*>(p.out) + row * L + m2;  // moved to each sub-chunk's start in turn
+  T* outp = static_cast<T*>(p.out) + row * L + m2;
   T* yp = p.y ? static_cast<T*>(p.y) + row * L + m2 : nullptr;
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
@@ -114,31 +113,15 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int ch_end = min(nch, ch_lo + p.gseg * p.R);
   const int t_lo = ch_lo << 4;
   const int t_hi = min(L, ch_end << 4);
-  outp += t_lo;
-  if (yp) yp += t_lo;
 
-  // each staging unit's B or C row, from its first step (kUnit sj), set once
-  const TW* unit_row[kUnits];
-  bool unit_ok[kUnits];
-#pragma unroll
-  for (int r = 0; r < kUnits; ++r) {
-    bool isC;
-    int sn, sj;
-    unit(r, isC, sn, sj);
-    unit_row[r] = (isC ? Cb + (int64_t)sn * p.C_s : Bb + (int64_t)sn * p.B_s) + kUnit * sj;
-    unit_ok[r] = sn < N && (isC ? p.vec_C : p.vec_B);
-  }
   auto prefetch = [&](Stage& st, int t0) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r) {
       bool isC;
       int sn, sj;
       unit(r, isC, sn, sj);
-      if (kFull || unit_ok[r]) {
-        load_n<kFull>(st.bc[r], unit_row[r], t0, L - kUnit * sj, true, true);
-      } else {  // past dstate (zeros) or unaligned rows
-        load_n<false>(st.bc[r], unit_row[r], t0, L - kUnit * sj, sn < N, false);
-      }
+      const TW* rowp = isC ? Cb + (int64_t)sn * p.C_s : Bb + (int64_t)sn * p.B_s;
+      load_n<kFull>(st.bc[r], rowp, t0 + kUnit * sj, L, sn < N, isC ? p.vec_C : p.vec_B);
     }
     load_n<kFull>(st.u2, up, t0, L - m2, true, p.vec_x);
     load_n<kFull>(st.d2, dp, t0, L - m2, true, p.vec_x);
@@ -195,8 +178,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
   // holds chunks ch0 (start: slice 0's start state) and ch0 + 1 (start: slice 2's h_in).
   int ch0 = ch_lo, seg0 = ch_lo / p.R, r0 = ch_lo % p.R;
-  // kFull (R == 1, whole sub-chunks): the two checkpoints of a sub-chunk are consecutive rows
-  float* ckw = kFull && ckp ? ckp + (int64_t)ch_lo * 16 + 4 * l : nullptr;
   auto store_ckpt = [&](int seg, float4 v) {
     float* dst = ckp + (int64_t)seg * N + 4 * l;
     if (kFull || (N & 3) == 0) {
@@ -211,11 +192,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     const int t0 = t_lo + w * kTpSteps;
     Stage st;
     if (w + 1 < nw) prefetch(st, t0 + kTpSteps);
-    if (kFull) {
-      if (ckp && k == 0) *reinterpret_cast<float4*>(ckw) = h;
-    } else if (ckp && k == 0 && r0 == 0) {
-      store_ckpt(seg0, h);
-    }
+    if (ckp && k == 0 && r0 == 0) store_ckpt(seg0, h);
 
     const float* bB = &sBC[buf][0][tp_row(8 * k) + 4 * l];
     const float* bC = &sBC[buf][1][tp_row(8 * k) + 4 * l];
@@ -252,33 +229,22 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     }
 
     // Inclusive scan over the 4 slices of (P, h): (P1, h1) then (P2, h2) is (P1 P2, P2 h1 + h2).
-    // (Slices without a predecessor at that distance combine with (P, h) = (1, 0): selects of the
-    // factors, not branches, which the compiler would turn into register copies.)
     {
-      const bool k1 = k >= 1, k2 = k >= 2;
       const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
-      h.x = fmaf(k1 ? P.x : 0.f, hp.x, h.x);
-      h.y = fmaf(k1 ? P.y : 0.f, hp.y, h.y);
-      h.z = fmaf(k1 ? P.z : 0.f, hp.z, h.z);
-      h.w = fmaf(k1 ? P.w : 0.f, hp.w, h.w);
-      P.x *= k1 ? Pp.x : 1.f;
-      P.y *= k1 ? Pp.y : 1.f;
-      P.z *= k1 ? Pp.z : 1.f;
-      P.w *= k1 ? Pp.w : 1.f;
+      if (k >= 1) {
+        h = make_float4(fmaf(P.x, hp.x, h.x), fmaf(P.y, hp.y, h.y), fmaf(P.z, hp.z, h.z), fmaf(P.w, hp.w, h.w));
+        P = make_float4(P.x * Pp.x, P.y * Pp.y, P.z * Pp.z, P.w * Pp.w);
+      }
       const float4 hq = shfl_up4(h, 8, mask);
-      h.x = fmaf(k2 ? P.x : 0.f, hq.x, h.x);
-      h.y = fmaf(k2 ? P.y : 0.f, hq.y, h.y);
-      h.z = fmaf(k2 ? P.z : 0.f, hq.z, h.z);
-      h.w = fmaf(k2 ? P.w : 0.f, hq.w, h.w);
+      if (k >= 2)
+        h = make_float4(fmaf(P.x, hq.x, h.x), fmaf(P.y, hq.y, h.y), fmaf(P.z, hq.z, h.z), fmaf(P.w, hq.w, h.w));
     }
     // h: the true state at the end of slice k. h_in: at its start (slice 0 began from it already).
     float4 hin = shfl_up4(h, 4, mask);
     if (k == 0) hin = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) yacc[e] = fma4(q[e], hin, yacc[e]);
-    if (kFull) {
-      if (ckp && k == 2) *reinterpret_cast<float4*>(ckw + 16) = hin;
-    } else {
+    {
       const int r1 = r0 + 1 == p.R ? 0 : r0 + 1;
       if (ckp && k == 2 && r1 == 0 && ch0 + 1 < ch_end) store_ckpt(seg0 + (r0 + 1 == p.R), hin);
     }
@@ -299,21 +265,15 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         y[j] = fmaf(Dv, u_cur[j], yacc[j]);
         o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store2<kFull>(outp, 0, t_hi - m2 - t0, p.vec_o, o);
-      if (yp) store2<kFull>(yp, 0, t_hi - m2 - t0, p.vec_o, y);
-      outp += kTpSteps;  // (running pointers: the compiler recomputed row * L + t0 each time)
-      if (yp) yp += kTpSteps;
+      store2<kFull>(outp, t0, t_hi - m2, p.vec_o, o);
+      if (yp) store2<kFull>(yp, t0, t_hi - m2, p.vec_o, y);
     }
     if (w + 1 < nw) commit(st, t0 + kTpSteps, buf ^ 1);
-    if (kFull) {
-      ckw += 32;
-    } else {
-      ch0 += 2;
-      r0 += 2;
-      while (r0 >= p.R) {
-        r0 -= p.R;
-        ++seg0;
-      }
+    ch0 += 2;
+    r0 += 2;
+    while (r0 >= p.R) {
+      r0 -= p.R;
+      ++seg0;
     }
     __syncthreads();
   }
