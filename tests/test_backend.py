@@ -64,3 +64,18 @@ def test_forced_torch_backend_runs_the_scan(monkeypatch):
     u = torch.randn(1, 4, 5)
     out = selective_scan_fn(u, torch.rand(1, 4, 5), -torch.rand(4, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
     assert out.shape == (1, 4, 5)
+
+
+def test_cuda_scan_entry_points_say_when_the_extension_is_missing(monkeypatch):
+    # without the compiled extension (any CPU-only install) the CUDA scan's entry points raise an
+    # error that names the missing module instead of an AttributeError on None
+    from mamba_ssm.ops import selective_scan_cuda as ssc
+
+    monkeypatch.setattr(ssc, "_ext", None)
+    assert not ssc.is_available()
+    x = torch.zeros(1, 4, 8)
+    args = (x, x, torch.zeros(4, 16), torch.zeros(1, 16, 8), torch.zeros(1, 16, 8))
+    with pytest.raises(RuntimeError, match="_selective_scan_cuda is not built"):
+        ssc.forward_plan(*args)
+    with pytest.raises(RuntimeError, match="_selective_scan_cuda is not built"):
+        ssc.selective_scan_cuda(*args)

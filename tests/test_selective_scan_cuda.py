@@ -121,7 +121,7 @@ def ours(u, delta, A, B, C, D, z, bias, softplus):
 
 def plan(u, delta, A, B, C, D, z, bias, softplus):
     """What the forward launches for these inputs under the present environment."""
-    return ssc._ext.fwd_plan(u, delta, A, B, C, D, z, bias, softplus, ssc._segment_subchunks())
+    return ssc.forward_plan(u, delta, A, B, C, D, z, bias, softplus)
 
 
 def ref_low(u, delta, A, B, C, D, z, bias, softplus):

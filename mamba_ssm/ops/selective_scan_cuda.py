@@ -72,6 +72,18 @@ class SelectiveScanCudaFn(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None
 
 
+def forward_plan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> dict:
+    """What the CUDA forward would launch for these inputs under the present environment, without
+    launching it: ``kernel`` ("fwd2", "fwd_tp": the time-parallel layout, or "fwd": impl 1),
+    ``full`` (its instantiation without bounds checks), ``d16`` (fwd2's dstate-16 one),
+    ``channels_per_block`` and ``nsplit`` (sequence groups). For performance questions: a shape
+    that misses ``full`` pays for bounds checks (misaligned rows, seqlen not a multiple of 16 or
+    32, no z, ...)."""
+    if _ext is None:
+        raise RuntimeError("mamba_ssm._selective_scan_cuda is not built; forward_plan needs it")
+    return dict(_ext.fwd_plan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), _segment_subchunks()))
+
+
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False):
     """Selective scan on our CUDA kernels; same contract as ``selective_scan_ref``."""
