@@ -503,13 +503,19 @@ SMALL_CASE = textwrap.dedent(
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
     # (2, 32, 50, 16) and (1, 16, 64, 16) take the lane-permuted backward; (1, 16, 64, 32) fwd2's
-    # forward without bounds checks, (1, 16, 64, 16) with tp "0" its dstate-16 instantiation, with
-    # "1" the time-parallel forward's without bounds checks, and (2, 32, 50, 16) its general one
+    # forward without bounds checks, (1, 16, 64, 16) with tp "0" its dstate-16 instantiation (and
+    # carry pass: split in 4), with tp "1" and no split the time-parallel forward's without bounds
+    # checks (a split in groups of one 16-step chunk would take the general one), and
+    # (2, 32, 50, 16) its general one
     import os
-    for (b, d, L, n, g, tp) in [(2, 5, 37, 16, None, "0"), (1, 4, 70, 64, 2, "0"), (1, 2, 17, 256, None, "0"),
-                                (2, 32, 50, 16, 1, "1"), (1, 16, 64, 32, None, "0"), (1, 16, 64, 16, None, "1"),
-                                (1, 16, 64, 16, None, "0")]:
+    for (b, d, L, n, g, tp, split) in [
+            (2, 5, 37, 16, None, "0", None), (1, 4, 70, 64, 2, "0", None), (1, 2, 17, 256, None, "0", None),
+            (2, 32, 50, 16, 1, "1", None), (1, 16, 64, 32, None, "0", None), (1, 16, 64, 16, None, "1", "1"),
+            (1, 16, 64, 16, None, "0", None)]:
         os.environ["MAMBA_SSM_SCAN_FWD_TP"] = tp
+        os.environ.pop("MAMBA_SSM_SCAN_SPLIT", None)
+        if split:
+            os.environ["MAMBA_SSM_SCAN_SPLIT"] = split
         u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)
