@@ -411,5 +411,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mamba_ssm selective scan CUDA kernels (forward, backward)";
   m.def("fwd", &fwd, "selective scan forward");
   m.def("bwd", &bwd, "selective scan backward");
-  m.def("fwd_plan", &fwd_plan, "the forward's launch plan for these inputs (kernel, full, channels_per_block, nsplit)");
+  m.def("fwd_plan", &fwd_plan, "the forward's launch plan for these inputs (kernel, full, d16, channels_per_block, nsplit)");
 }
