@@ -321,8 +321,9 @@ def test_forward_without_bounds_checks_matches(monkeypatch, dtype, N, switch):
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
     inputs = make_inputs(51, 2, 32, 256, N, dtype, None, True, True, True, True)
     with torch.no_grad():
-        assert plan(*inputs, True) == {"kernel": "fwd2", "full": True, "d16": N == 16, "channels_per_block": 16,
-                                       "nsplit": plan(*inputs, True)["nsplit"]}
+        got = plan(*inputs, True)
+        del got["nsplit"]  # (a small grid: split by the usual rule)
+        assert got == {"kernel": "fwd2", "full": True, "d16": N == 16, "channels_per_block": 16}
         fast = ours(*inputs, True)
         monkeypatch.setenv(switch, "0")
         got = plan(*inputs, True)
