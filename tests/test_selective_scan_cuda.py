@@ -354,7 +354,7 @@ def test_forward_without_bounds_checks_matches(monkeypatch, dtype, N, switch):
 def test_time_parallel_forward(monkeypatch, tp, dim, L, N, groups, dtype, flags, split, segment):
     # the forward's time-parallel layout (MAMBA_SSM_SCAN_FWD_TP=1; =auto on small grids) and fwd2
     # (=0) against float64, with every gradient (the backward starts from the checkpoints and saved
-    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8: of 8 (or 4 with 2 groups), 32: of 16
+    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8 and 32: of 8 (or 4 with 2 groups)
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", tp)
     if split:
         monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
@@ -368,8 +368,8 @@ def test_time_parallel_forward(monkeypatch, tp, dim, L, N, groups, dtype, flags,
 @pytest.mark.parametrize("cap, cpb", [("4", 4), ("8", 8), ("16", 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_time_parallel_forward_block_sizes(monkeypatch, cap, cpb, dtype):
-    # the time-parallel forward in blocks of 4, 8 and 16 channels (MAMBA_SSM_SCAN_TP_CPB caps it;
-    # 16 by default), each against float64 with gradients, in both instantiations
+    # the time-parallel forward in blocks of 4, 8 and 16 channels (MAMBA_SSM_SCAN_TP_CPB; 8 by
+    # default, 16 only when asked for), each against float64 with gradients, in both instantiations
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
     monkeypatch.setenv("MAMBA_SSM_SCAN_TP_CPB", cap)
     monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", "1")  # (splits of odd sub-chunk counts take the general one)
@@ -392,7 +392,7 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
         monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
         with torch.no_grad():
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "1")
-            assert plan(*inputs, True) == {"kernel": "fwd_tp", "full": True, "d16": False, "channels_per_block": 16,
+            assert plan(*inputs, True) == {"kernel": "fwd_tp", "full": True, "d16": False, "channels_per_block": 8,
                                            "nsplit": int(split)}
             full = ours(*inputs, True)
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
@@ -406,13 +406,20 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert rel_err(full[0], fwd2[0]) < tol and rel_err(full[1], fwd2[1]) < 1e-5
     monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
+    # a checkpoint every other chunk (R = 2): its checkpoints take the general instantiation
+    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "32")
+    assert plan(*inputs, True)["full"] is False
+    monkeypatch.delenv("MAMBA_SSM_SCAN_SEGMENT")
+    # with gradients: the backward starts from the checkpoints the branch-free instantiation wrote
+    # (split in 2: also those of the second group)
+    check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
     monkeypatch.delenv("MAMBA_SSM_SCAN_SPLIT")
     check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape, kernel, cpb", [
-    ((1, 4096, 16384, 16), "fwd_tp", 16),  # batch 1 prefill: fwd2 would fill a quarter of the GPU
+    ((1, 4096, 16384, 16), "fwd_tp", 8),   # batch 1 prefill: fwd2 would fill a quarter of the GPU
     ((8, 4096, 2048, 16), "fwd2", 16),
     ((8, 1536, 2048, 16), "fwd2", 16),
     ((1, 4096, 2048, 64), "fwd2", 16),     # dstate above the time-parallel layout's 16

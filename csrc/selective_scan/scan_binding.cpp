@@ -137,16 +137,14 @@ void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_wave
 // exponential computed twice). By default (or MAMBA_SSM_SCAN_FWD_TP=auto) where fwd2's 4 lanes per
 // channel would leave the GPU mostly idle and split the sequence (batch 1: prefill); where both fill
 // the GPU fwd2 is faster (tp took 1.54x its time at (8,4096,2048,16), run 23). =1: wherever it applies
-// (tests); =0: never. Blocks of 16 channels where 16 divides dim / groups, else 8 or 4.
-// MAMBA_SSM_SCAN_TP_CPB=8 or 4 caps it. At (1,4096,16384,16) 8-channel blocks (4 warps at each
-// barrier) took 0.825 ms against 0.881 for 16 (run 24, H100), but run 24's tests did not cover the
-// branch-free instantiation in 8-channel blocks (test_time_parallel_forward_block_sizes does; it has
-// not run yet), so 16 stays the default until it has.
+// (tests); =0: never. Blocks of 8 channels where 8 divides dim / groups, else 4;
+// MAMBA_SSM_SCAN_TP_CPB=16 allows blocks of 16, =4 caps them at 4. At (1,4096,16384,16) 8-channel
+// blocks (4 warps at each barrier) took 0.825 ms against 0.881 for 16 (run 24, H100).
 bool use_fwd_tp(ssm::ScanParams& p) {
   const int dpg = p.dim / p.groups;
   if (p.impl == 1 || p.dstate > 16 || dpg % 4 != 0) return false;
   const char* cap_env = std::getenv("MAMBA_SSM_SCAN_TP_CPB");
-  const int cap = cap_env ? std::atoi(cap_env) : 16;
+  const int cap = cap_env ? std::atoi(cap_env) : 8;
   p.tp_cpb = 4;
   for (int c : {16, 8})
     if (p.tp_cpb == 4 && c <= cap && dpg % c == 0) p.tp_cpb = c;

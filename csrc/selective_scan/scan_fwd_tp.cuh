@@ -15,7 +15,8 @@
 // Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
 // its channel; B and C are staged as fp32 [step][state] for the block's kCpb channels, double
 // buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
-// kFull: as fwd2_full, plus dstate == 16 and whole 32-step sub-chunks.
+// kFull: as fwd2_full, plus dstate == 16, whole 32-step sub-chunks and a checkpoint at every
+// 16-step chunk (R == 1, the default).
 #pragma once
 
 #include <type_traits>
@@ -69,8 +70,12 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   using Lay = TpLayout<kCpb>;
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
   using Stage = TpStage<T, TW, kUnit, kUnits>;
-  __shared__ __align__(16) float sBC[2][2][kTpBuf];          // [buf][B/C]
-  __shared__ __align__(16) float sDT[2][kCpb][2][kTpSteps];  // [buf][channel][dt/dt*u][step]
+  // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_row layout) and then
+  // [channel][dt / dt*u][step]. The loop carries the current buffer's offset `bo`.
+  constexpr int kDtOff = 2 * kTpBuf;
+  constexpr int kStage = kDtOff + kCpb * 2 * kTpSteps;
+  static_assert(kStage % 32 == 0, "both staging buffers must map onto the banks alike");
+  __shared__ __align__(16) float sbuf[2 * kStage];
   const unsigned mask = 0xffffffffu;
   const int tid = threadIdx.x;
   const int l = tid & 3;
@@ -83,30 +88,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int L = p.seqlen, N = p.dstate;
   const int g = d / (p.dim / p.groups);
 
-  // Rows of u, delta, z and the outputs start at this lane's steps (2m): step t0 + 2m is p[t0].
-  const int m2 = 2 * m;
-  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + m2;
-  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + m2;
-  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d + m2 : nullptr;
-  const TW* Bb = static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g;
-  const TW* Cb = static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g;
-  // staging unit r of this thread: e = tid + r nthreads -> B or C (e < 16 kTpSteps / kUnit: B),
-  // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1
-  auto unit = [&](int r, bool& isC, int& sn, int& sj) {
-    const int e = tid + r * Lay::kThreads;
-    isC = e >= 16 * (kTpSteps / kUnit);
-    sn = e & 15;
-    sj = (e >> 4) % (kTpSteps / kUnit);
-  };
-  const int64_t row = (int64_t)b * p.dim + d;
-  T* outp = static_cast<T*>(p.out) + row * L + m2;
-  T* yp = p.y ? static_cast<T*>(p.y) + row * L + m2 : nullptr;
-  const float bias = p.bias ? p.bias[d] : 0.f;
-  const float Dv = p.D ? p.D[d] : 0.f;
-  float* ckp = p.ckpt ? p.ckpt + row * p.nseg * N : nullptr;
-  float4 A2 = load4f_(p.A + (int64_t)d * N, 4 * l, N);
-  A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
-
   // This block's steps [t_lo, t_hi): sequence group zg (see ScanParams::nsplit).
   const int nch = (L + 15) >> 4;
   const int ch_lo = zg * p.gseg * p.R;
@@ -114,29 +95,64 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int t_lo = ch_lo << 4;
   const int t_hi = min(L, ch_end << 4);
 
+  // Running pointers, advanced by a sub-chunk per iteration: u, delta, z and the outputs at this
+  // lane's steps (2m) of the sub-chunk being staged (inputs) or written (outputs).
+  const int m2 = 2 * m;
+  const int64_t row = (int64_t)b * p.dim + d;
+  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + t_lo + m2;
+  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + t_lo + m2;
+  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d + t_lo + m2 : nullptr;
+  T* outp = static_cast<T*>(p.out) + row * L + t_lo + m2;
+  // (y and the checkpoints are optional: their running pointers move even when null, as integers,
+  // so that no null test is repeated per sub-chunk)
+  const bool has_y = p.y != nullptr;
+  uintptr_t ya = has_y ? reinterpret_cast<uintptr_t>(static_cast<T*>(p.y) + row * L + t_lo + m2) : 0;
+  // Staging unit r of this thread: e = tid + r nthreads -> B or C (e < 16 kTpSteps / kUnit: B),
+  // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1: its source row
+  // (running), its first step within a sub-chunk and its place in a staging buffer.
+  const TW* bc_src[kUnits];
+  int bc_t[kUnits], bc_dst[kUnits];
+  bool bc_ok[kUnits], bc_vec[kUnits];
+#pragma unroll
+  for (int r = 0; r < kUnits; ++r) {
+    const int e = tid + r * Lay::kThreads;
+    const bool isC = e >= 16 * (kTpSteps / kUnit);
+    const int sn = e & 15;
+    const int sj = (e >> 4) % (kTpSteps / kUnit);
+    bc_t[r] = kUnit * sj;
+    bc_ok[r] = sn < N;
+    bc_vec[r] = isC ? p.vec_C : p.vec_B;
+    bc_src[r] = isC ? static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g + (int64_t)sn * p.C_s + t_lo + bc_t[r]
+                    : static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g + (int64_t)sn * p.B_s + t_lo + bc_t[r];
+    bc_dst[r] = isC * kTpBuf + tp_row(bc_t[r]) + sn;  // a unit stays within one slice
+  }
+  const float bias = p.bias ? p.bias[d] : 0.f;
+  const float Dv = p.D ? p.D[d] : 0.f;
+  float4 A2 = load4f_(p.A + (int64_t)d * N, 4 * l, N);
+  A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+
+  // Loads the sub-chunk starting at step t0 (the running pointers point at it).
   auto prefetch = [&](Stage& st, int t0) {
 #pragma unroll
-    for (int r = 0; r < kUnits; ++r) {
-      bool isC;
-      int sn, sj;
-      unit(r, isC, sn, sj);
-      const TW* rowp = isC ? Cb + (int64_t)sn * p.C_s : Bb + (int64_t)sn * p.B_s;
-      load_n<kFull>(st.bc[r], rowp, t0 + kUnit * sj, L, sn < N, isC ? p.vec_C : p.vec_B);
-    }
-    load_n<kFull>(st.u2, up, t0, L - m2, true, p.vec_x);
-    load_n<kFull>(st.d2, dp, t0, L - m2, true, p.vec_x);
-    if (kFull || zp) load_n<kFull>(st.z2, zp, t0, L - m2, true, p.vec_x);
+    for (int r = 0; r < kUnits; ++r)
+      load_n<kFull>(st.bc[r], bc_src[r], 0, L - t0 - bc_t[r], bc_ok[r], bc_vec[r]);
+    load_n<kFull>(st.u2, up, 0, L - t0 - m2, true, p.vec_x);
+    load_n<kFull>(st.d2, dp, 0, L - t0 - m2, true, p.vec_x);
+    if (kFull || zp) load_n<kFull>(st.z2, zp, 0, L - t0 - m2, true, p.vec_x);
+  };
+  auto advance_inputs = [&]() {
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) bc_src[r] += kTpSteps;
+    up += kTpSteps;
+    dp += kTpSteps;
+    if (kFull || zp) zp += kTpSteps;
   };
   float u_cur[2], z_cur[2];
-  auto commit = [&](const Stage& st, int t0, int buf) {
+  auto commit = [&](const Stage& st, int t0, float* buf) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r) {
-      bool isC;
-      int sn, sj;
-      unit(r, isC, sn, sj);
-      float* dst = &sBC[buf][isC][tp_row(kUnit * sj) + sn];  // a unit stays within one slice
 #pragma unroll
-      for (int i = 0; i < kUnit; ++i) dst[20 * i] = st.bc[r][i];
+      for (int i = 0; i < kUnit; ++i) buf[bc_dst[r] + 20 * i] = st.bc[r][i];
     }
     const int t = t0 + m2;
     float dt[2], du[2];
@@ -149,8 +165,9 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       dt[j] = (kFull || t + j < t_hi) ? ((kFull || p.softplus) ? softplusf_(x, !kFull && p.exact_softplus) : x) : 0.f;
       du[j] = dt[j] * u_cur[j];
     }
-    reinterpret_cast<float2*>(sDT[buf][c][0])[m] = make_float2(dt[0], dt[1]);
-    reinterpret_cast<float2*>(sDT[buf][c][1])[m] = make_float2(du[0], du[1]);
+    float* dtw = buf + kDtOff + c * 2 * kTpSteps;
+    reinterpret_cast<float2*>(dtw)[m] = make_float2(dt[0], dt[1]);
+    reinterpret_cast<float2*>(dtw + kTpSteps)[m] = make_float2(du[0], du[1]);
   };
 
   // Start state of the group (slice 0 only): composed from the zero-start end states of the
@@ -171,33 +188,56 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   {
     Stage st;
     prefetch(st, t_lo);
-    commit(st, t_lo, 0);
+    advance_inputs();
+    commit(st, t_lo, sbuf);
   }
   __syncthreads();
 
   // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
-  // holds chunks ch0 (start: slice 0's start state) and ch0 + 1 (start: slice 2's h_in).
+  // holds chunks ch0 (start: slice 0's start state) and ch0 + 1 (start: slice 2's h_in). kFull
+  // (R == 1, whole sub-chunks): both are stored, at a running pointer.
+  float* ckp = p.ckpt ? p.ckpt + row * p.nseg * N : nullptr;
+  const bool has_ckpt = ckp != nullptr;
+  uintptr_t ckw = has_ckpt ? reinterpret_cast<uintptr_t>(ckp + (int64_t)ch_lo * N + 4 * l) : 0;
   int ch0 = ch_lo, seg0 = ch_lo / p.R, r0 = ch_lo % p.R;
   auto store_ckpt = [&](int seg, float4 v) {
     float* dst = ckp + (int64_t)seg * N + 4 * l;
-    if (kFull || (N & 3) == 0) {
-      if (kFull || 4 * l < N) *reinterpret_cast<float4*>(dst) = v;
+    if ((N & 3) == 0) {
+      if (4 * l < N) *reinterpret_cast<float4*>(dst) = v;
     } else {
       store4f_(ckp + (int64_t)seg * N, 4 * l, N, v);
     }
   };
+  // This thread's reads of a staging buffer: B and C of its slice's steps and states, dt and dt*u
+  // of its slice's steps.
+  const int rd_bc = tp_row(8 * k) + 4 * l;
+  const int rd_dt = kDtOff + c * 2 * kTpSteps + 8 * k;
+  // Slices k >= 1 take the previous slice's (P, h) in the slice scan, slices k >= 2 also the one
+  // two back; slice 0 keeps its own start state (its h_in is 0). Selects of the operands (0 or 1
+  // in place of the neighbour's value), not branches, which the compiler turned into register
+  // copies; selecting the results instead cost 7 more instructions per sub-chunk. (A decay
+  // product that overflows to inf, possible only for A > 0, turns slice 0's state into NaN rather
+  // than inf: its outputs are not finite either way.)
+  const bool k_ge1 = k >= 1, k_ge2 = k >= 2;
+  int bo = 0;
 
   for (int w = 0; w < nw; ++w) {
-    const int buf = w & 1;
     const int t0 = t_lo + w * kTpSteps;
     Stage st;
-    if (w + 1 < nw) prefetch(st, t0 + kTpSteps);
-    if (ckp && k == 0 && r0 == 0) store_ckpt(seg0, h);
+    if (w + 1 < nw) {
+      prefetch(st, t0 + kTpSteps);
+      advance_inputs();
+    }
+    if (kFull) {
+      if (has_ckpt && k == 0) *reinterpret_cast<float4*>(ckw) = h;
+    } else if (ckp && k == 0 && r0 == 0) {
+      store_ckpt(seg0, h);
+    }
 
-    const float* bB = &sBC[buf][0][tp_row(8 * k) + 4 * l];
-    const float* bC = &sBC[buf][1][tp_row(8 * k) + 4 * l];
-    const float4* dt4p = reinterpret_cast<const float4*>(sDT[buf][c][0]) + 2 * k;
-    const float4* du4p = reinterpret_cast<const float4*>(sDT[buf][c][1]) + 2 * k;
+    const float* bB = sbuf + bo + rd_bc;
+    const float* bC = bB + kTpBuf;
+    const float4* dt4p = reinterpret_cast<const float4*>(sbuf + bo + rd_dt);
+    const float4* du4p = reinterpret_cast<const float4*>(sbuf + bo + rd_dt + kTpSteps);
     float4 P = make_float4(1.f, 1.f, 1.f, 1.f);
     float4 q[8];
     float yacc[8];
@@ -231,30 +271,34 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     // Inclusive scan over the 4 slices of (P, h): (P1, h1) then (P2, h2) is (P1 P2, P2 h1 + h2).
     {
       const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
-      if (k >= 1) {
-        h = make_float4(fmaf(P.x, hp.x, h.x), fmaf(P.y, hp.y, h.y), fmaf(P.z, hp.z, h.z), fmaf(P.w, hp.w, h.w));
-        P = make_float4(P.x * Pp.x, P.y * Pp.y, P.z * Pp.z, P.w * Pp.w);
-      }
+      h = make_float4(fmaf(P.x, k_ge1 ? hp.x : 0.f, h.x), fmaf(P.y, k_ge1 ? hp.y : 0.f, h.y),
+                      fmaf(P.z, k_ge1 ? hp.z : 0.f, h.z), fmaf(P.w, k_ge1 ? hp.w : 0.f, h.w));
+      P = make_float4(P.x * (k_ge1 ? Pp.x : 1.f), P.y * (k_ge1 ? Pp.y : 1.f), P.z * (k_ge1 ? Pp.z : 1.f),
+                      P.w * (k_ge1 ? Pp.w : 1.f));
       const float4 hq = shfl_up4(h, 8, mask);
-      if (k >= 2)
-        h = make_float4(fmaf(P.x, hq.x, h.x), fmaf(P.y, hq.y, h.y), fmaf(P.z, hq.z, h.z), fmaf(P.w, hq.w, h.w));
+      h = make_float4(fmaf(P.x, k_ge2 ? hq.x : 0.f, h.x), fmaf(P.y, k_ge2 ? hq.y : 0.f, h.y),
+                      fmaf(P.z, k_ge2 ? hq.z : 0.f, h.z), fmaf(P.w, k_ge2 ? hq.w : 0.f, h.w));
     }
     // h: the true state at the end of slice k. h_in: at its start (slice 0 began from it already).
     float4 hin = shfl_up4(h, 4, mask);
-    if (k == 0) hin = make_float4(0.f, 0.f, 0.f, 0.f);
+    hin = k_ge1 ? hin : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) yacc[e] = fma4(q[e], hin, yacc[e]);
-    {
+    if (kFull) {
+      if (has_ckpt && k == 2) reinterpret_cast<float4*>(ckw)[4] = hin;
+      ckw += 32 * sizeof(float);
+    } else {
       const int r1 = r0 + 1 == p.R ? 0 : r0 + 1;
       if (ckp && k == 2 && r1 == 0 && ch0 + 1 < ch_end) store_ckpt(seg0 + (r0 + 1 == p.R), hin);
     }
     {
+      // the end of slice 3 is the next sub-chunk's start state of slice 0; the other slices restart from 0
       float4 hend;
       hend.x = __shfl_sync(mask, h.x, 12 + l, 16);
       hend.y = __shfl_sync(mask, h.y, 12 + l, 16);
       hend.z = __shfl_sync(mask, h.z, 12 + l, 16);
       hend.w = __shfl_sync(mask, h.w, 12 + l, 16);
-      h = k == 0 ? hend : make_float4(0.f, 0.f, 0.f, 0.f);
+      h = k_ge1 ? make_float4(0.f, 0.f, 0.f, 0.f) : hend;
     }
 
     reduce4_transposing<8>(yacc, l, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
@@ -265,15 +309,20 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         y[j] = fmaf(Dv, u_cur[j], yacc[j]);
         o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store2<kFull>(outp, t0, t_hi - m2, p.vec_o, o);
-      if (yp) store2<kFull>(yp, t0, t_hi - m2, p.vec_o, y);
+      store2<kFull>(outp, 0, t_hi - t0 - m2, p.vec_o, o);
+      if (has_y) store2<kFull>(reinterpret_cast<T*>(ya), 0, t_hi - t0 - m2, p.vec_o, y);
+      outp += kTpSteps;
+      ya += kTpSteps * sizeof(T);
     }
-    if (w + 1 < nw) commit(st, t0 + kTpSteps, buf ^ 1);
-    ch0 += 2;
-    r0 += 2;
-    while (r0 >= p.R) {
-      r0 -= p.R;
-      ++seg0;
+    bo = kStage - bo;
+    if (w + 1 < nw) commit(st, t0 + kTpSteps, sbuf + bo);
+    if (!kFull) {
+      ch0 += 2;
+      r0 += 2;
+      while (r0 >= p.R) {
+        r0 -= p.R;
+        ++seg0;
+      }
     }
     __syncthreads();
   }

@@ -121,9 +121,10 @@ inline bool fwd2_full(const ScanParams& p) {
 // fwd2's instantiation for Mamba's shape on top of fwd2_full: dstate 16 and 16-channel blocks.
 inline bool fwd2_d16(const ScanParams& p) { return p.fwd_d16 && fwd2_full(p) && p.dstate == 16 && p.cpb == 16; }
 // The time-parallel forward's (scan_fwd_tp.cuh) branch-free instantiation: fwd2_full's conditions,
-// dstate 16 exactly, and every sequence group a whole number of its 32-step sub-chunks.
+// dstate 16 exactly, a checkpoint every 16-step chunk (R == 1: two per sub-chunk, stored without
+// tests), and every sequence group a whole number of its 32-step sub-chunks.
 inline bool fwd_tp_full(const ScanParams& p) {
-  return fwd2_full(p) && p.dstate == 16 && p.seqlen % 32 == 0 && (p.nsplit == 1 || (p.gseg * p.R) % 2 == 0);
+  return fwd2_full(p) && p.dstate == 16 && p.R == 1 && p.seqlen % 32 == 0 && (p.nsplit == 1 || p.gseg % 2 == 0);
 }
 inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
