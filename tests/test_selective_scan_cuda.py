@@ -381,26 +381,6 @@ def test_time_parallel_forward_block_sizes(monkeypatch, cap, cpb, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("L", [512, 300])
-def test_time_parallel_forward_packed_staging(monkeypatch, dtype, L):
-    # 16-bit B and C staged packed (B, C) in one word (the default) give the same bits as staged in
-    # fp32 (MAMBA_SSM_SCAN_TP_PACK=0), in both instantiations, with gradients from the checkpoints
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
-    inputs = [x.requires_grad_(True) for x in make_inputs(65, 1, 32, L, 16, dtype, 2, True, True, True, True)]
-    got = {}
-    for pack in ["1", "0"]:
-        monkeypatch.setenv("MAMBA_SSM_SCAN_TP_PACK", pack)
-        assert plan(*inputs, True)["full"] == (L % 32 == 0)
-        out, last = ours(*inputs, True)
-        got[pack] = (out, last, *torch.autograd.grad(out.float().sum() + last.sum(), inputs))
-    for a, b in zip(got["1"], got["0"]):
-        assert torch.equal(a, b)
-    monkeypatch.delenv("MAMBA_SSM_SCAN_TP_PACK")
-    check_case(66 + L, 1, 32, L, 16, dtype, 2, True, True, True, True)
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
     # whole 32-step sub-chunks, dstate 16, aligned rows: the time-parallel forward's instantiation

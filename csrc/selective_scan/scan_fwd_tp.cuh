@@ -65,17 +65,14 @@ __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
   return v;
 }
 
-template <typename T, typename TW, bool kFull, int kCpb, bool kPack>
+template <typename T, typename TW, bool kFull, int kCpb>
 __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_tp_kernel(const ScanParams p) {
   using Lay = TpLayout<kCpb>;
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
   using Stage = TpStage<T, TW, kUnit, kUnits>;
-  static_assert(!kPack || sizeof(TW) == 2, "packed staging holds 16-bit B and C");
-  // One double-buffered staging array: per buffer B, C (kTpBuf words each, tp_row layout; kPack:
-  // one kTpBuf of words holding B in the low and C in the high 16 bits, so that a lane reads both
-  // with one 16-byte load and the shared-memory pipe carries half the bytes) and then
+  // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_row layout) and then
   // [channel][dt / dt*u][step]. The loop carries the current buffer's offset `bo`.
-  constexpr int kDtOff = kPack ? (kTpBuf + 31) / 32 * 32 : 2 * kTpBuf;
+  constexpr int kDtOff = 2 * kTpBuf;
   constexpr int kStage = kDtOff + kCpb * 2 * kTpSteps;
   static_assert(kStage % 32 == 0, "both staging buffers must map onto the banks alike");
   __shared__ __align__(16) float sbuf[2 * kStage];
@@ -114,7 +111,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1: its source row
   // (running), its first step within a sub-chunk and its place in a staging buffer.
   const TW* bc_src[kUnits];
-  int bc_t[kUnits], bc_dst[kUnits];  // (kPack: bc_dst counts 16-bit halves)
+  int bc_t[kUnits], bc_dst[kUnits];
   bool bc_ok[kUnits], bc_vec[kUnits];
 #pragma unroll
   for (int r = 0; r < kUnits; ++r) {
@@ -127,7 +124,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     bc_vec[r] = isC ? p.vec_C : p.vec_B;
     bc_src[r] = isC ? static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g + (int64_t)sn * p.C_s + t_lo + bc_t[r]
                     : static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g + (int64_t)sn * p.B_s + t_lo + bc_t[r];
-    bc_dst[r] = kPack ? 2 * (tp_row(bc_t[r]) + sn) + isC : isC * kTpBuf + tp_row(bc_t[r]) + sn;  // a unit stays within one slice
+    bc_dst[r] = isC * kTpBuf + tp_row(bc_t[r]) + sn;  // a unit stays within one slice
   }
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
@@ -154,14 +151,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   auto commit = [&](const Stage& st, int t0, float* buf) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r) {
-      if constexpr (kPack) {
-        uint16_t* half = reinterpret_cast<uint16_t*>(buf);
 #pragma unroll
-        for (int i = 0; i < kUnit; ++i) half[bc_dst[r] + 40 * i] = (uint16_t)(st.bc[r].w[i >> 1] >> (16 * (i & 1)));
-      } else {
-#pragma unroll
-        for (int i = 0; i < kUnit; ++i) buf[bc_dst[r] + 20 * i] = st.bc[r][i];
-      }
+      for (int i = 0; i < kUnit; ++i) buf[bc_dst[r] + 20 * i] = st.bc[r][i];
     }
     const int t = t0 + m2;
     float dt[2], du[2];
@@ -259,17 +250,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
 #pragma unroll
       for (int e4 = 0; e4 < 4; ++e4) {
         const int e = 4 * hh + e4;
-        float4 Bv, Cv;
-        if constexpr (kPack) {
-          const uint4 bc = *reinterpret_cast<const uint4*>(bB + 20 * e);
-          Bv = make_float4(TypeOps<TW>::word_elem(&bc.x, 0), TypeOps<TW>::word_elem(&bc.y, 0),
-                           TypeOps<TW>::word_elem(&bc.z, 0), TypeOps<TW>::word_elem(&bc.w, 0));
-          Cv = make_float4(TypeOps<TW>::word_elem(&bc.x, 1), TypeOps<TW>::word_elem(&bc.y, 1),
-                           TypeOps<TW>::word_elem(&bc.z, 1), TypeOps<TW>::word_elem(&bc.w, 1));
-        } else {
-          Bv = *reinterpret_cast<const float4*>(bB + 20 * e);
-          Cv = *reinterpret_cast<const float4*>(bC + 20 * e);
-        }
+        const float4 Bv = *reinterpret_cast<const float4*>(bB + 20 * e);
+        const float4 Cv = *reinterpret_cast<const float4*>(bC + 20 * e);
         const float dtv = dts[e4], duv = dus[e4];
         float4 a;
         a.x = fast_exp2(dtv * A2.x);
@@ -353,12 +335,9 @@ template <typename T, typename TW>
 void launch_scan_fwd_tp(ScanParams& p, cudaStream_t stream) {
   if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
   const bool full = fwd_tp_full(p);
-  constexpr bool kCanPack = sizeof(TW) == 2;
-  const bool pack = kCanPack && p.tp_pack;
   auto launch = [&](auto cpb_tag) {
     constexpr int kCpb = decltype(cpb_tag)::value;
-    auto kern = full ? (pack ? scan_fwd_tp_kernel<T, TW, true, kCpb, kCanPack> : scan_fwd_tp_kernel<T, TW, true, kCpb, false>)
-                     : (pack ? scan_fwd_tp_kernel<T, TW, false, kCpb, kCanPack> : scan_fwd_tp_kernel<T, TW, false, kCpb, false>);
+    auto kern = full ? scan_fwd_tp_kernel<T, TW, true, kCpb> : scan_fwd_tp_kernel<T, TW, false, kCpb>;
     kern<<<dim3(p.dim / kCpb, p.batch, p.nsplit), TpLayout<kCpb>::kThreads, 0, stream>>>(p);
   };
   if (p.tp_cpb == 16) launch(std::integral_constant<int, 16>{});
