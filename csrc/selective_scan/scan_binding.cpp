@@ -224,7 +224,6 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
   p.fwd_full = !env_off("MAMBA_SSM_SCAN_FWD_FULL");  // 0: the forward with bounds checks (A/B runs)
   p.fwd_d16 = !env_off("MAMBA_SSM_SCAN_FWD_D16");    // 0: fwd2 without its dstate-16 instantiation
-  p.tp_early = !env_off("MAMBA_SSM_SCAN_TP_EARLY");  // 0: time-parallel forward with a __syncthreads per sub-chunk
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;

@@ -57,25 +57,6 @@ struct TpStage {
   RawN<T, 2> u2, d2, z2;
 };
 
-// CTA-scope mbarriers in shared memory (PTX, sm_80+), addressed by their shared-window address:
-// `mbar_arrive` returns the phase it arrived in, `mbar_wait` spins until that phase has completed
-// (every expected thread arrived). Shared-memory writes made before an arrive are visible to a
-// thread once its wait returns.
-__device__ __forceinline__ void mbar_init(uint32_t bar, unsigned count) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ uint64_t mbar_arrive(uint32_t bar) {
-  uint64_t phase;
-  asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(phase) : "r"(bar) : "memory");
-  return phase;
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint64_t phase) {
-  uint32_t done = 0;
-  while (!done)
-    asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-                 : "=r"(done) : "r"(bar), "l"(phase) : "memory");
-}
-
 __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
   v.x = __shfl_up_sync(mask, v.x, delta, 16);
   v.y = __shfl_up_sync(mask, v.y, delta, 16);
@@ -84,12 +65,7 @@ __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
   return v;
 }
 
-// kEarly: each thread stages the next sub-chunk right after its steps of this one and arrives on
-// that buffer's mbarrier; it waits for the buffer only when it starts the next sub-chunk. In
-// between lie its slice scan, corrections, sums and stores, so threads of a block drift apart
-// by up to that much without waiting for each other (a block-wide __syncthreads per sub-chunk
-// otherwise).
-template <typename T, typename TW, bool kFull, int kCpb, bool kEarly>
+template <typename T, typename TW, bool kFull, int kCpb>
 __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_tp_kernel(const ScanParams p) {
   using Lay = TpLayout<kCpb>;
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
@@ -100,7 +76,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   constexpr int kStage = kDtOff + kCpb * 2 * kTpSteps;
   static_assert(kStage % 32 == 0, "both staging buffers must map onto the banks alike");
   __shared__ __align__(16) float sbuf[2 * kStage];
-  __shared__ __align__(16) uint64_t staged[2];  // kEarly: mbarriers, buffer 0 / 1 holds a whole sub-chunk
   const unsigned mask = 0xffffffffu;
   const int tid = threadIdx.x;
   const int l = tid & 3;
@@ -216,14 +191,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     advance_inputs();
     commit(st, t_lo, sbuf);
   }
-  // kEarly: the current buffer's mbarrier (the other's address differs in bit 3) and the phase
-  // in which this thread arrived on the next buffer's
-  uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(&staged[0]));
-  uint64_t staged_phase = 0;
-  if (kEarly && tid == 0) {
-    mbar_init(bar, Lay::kThreads);
-    mbar_init(bar ^ 8, Lay::kThreads);
-  }
   __syncthreads();
 
   // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
@@ -256,7 +223,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
 
   for (int w = 0; w < nw; ++w) {
     const int t0 = t_lo + w * kTpSteps;
-    if (kEarly && w > 0) mbar_wait(bar, staged_phase);
     Stage st;
     if (w + 1 < nw) {
       prefetch(st, t0 + kTpSteps);
@@ -302,13 +268,6 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       }
     }
 
-    // This sub-chunk's u and z for the outputs (kEarly stages the next one's now).
-    const float u_now[2] = {u_cur[0], u_cur[1]}, z_now[2] = {z_cur[0], z_cur[1]};
-    if (kEarly && w + 1 < nw) {
-      commit(st, t0 + kTpSteps, sbuf + (kStage - bo));
-      staged_phase = mbar_arrive(bar ^ 8);
-    }
-
     // Inclusive scan over the 4 slices of (P, h): (P1, h1) then (P2, h2) is (P1 P2, P2 h1 + h2).
     {
       const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
@@ -347,8 +306,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       float y[2], o[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        y[j] = fmaf(Dv, u_now[j], yacc[j]);
-        o[j] = (kFull || zp) ? y[j] * z_now[j] * sigmoidf_(z_now[j]) : y[j];
+        y[j] = fmaf(Dv, u_cur[j], yacc[j]);
+        o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
       store2<kFull>(outp, 0, t_hi - t0 - m2, p.vec_o, o);
       if (has_y) store2<kFull>(reinterpret_cast<T*>(ya), 0, t_hi - t0 - m2, p.vec_o, y);
@@ -356,8 +315,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       ya += kTpSteps * sizeof(T);
     }
     bo = kStage - bo;
-    bar ^= 8;
-    if (!kEarly && w + 1 < nw) commit(st, t0 + kTpSteps, sbuf + bo);
+    if (w + 1 < nw) commit(st, t0 + kTpSteps, sbuf + bo);
     if (!kFull) {
       ch0 += 2;
       r0 += 2;
@@ -366,7 +324,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         ++seg0;
       }
     }
-    if (!kEarly) __syncthreads();
+    __syncthreads();
   }
 
   if (zg + 1 < p.nsplit || k != 0) return;
@@ -379,8 +337,7 @@ void launch_scan_fwd_tp(ScanParams& p, cudaStream_t stream) {
   const bool full = fwd_tp_full(p);
   auto launch = [&](auto cpb_tag) {
     constexpr int kCpb = decltype(cpb_tag)::value;
-    auto kern = full ? (p.tp_early ? scan_fwd_tp_kernel<T, TW, true, kCpb, true> : scan_fwd_tp_kernel<T, TW, true, kCpb, false>)
-                     : (p.tp_early ? scan_fwd_tp_kernel<T, TW, false, kCpb, true> : scan_fwd_tp_kernel<T, TW, false, kCpb, false>);
+    auto kern = full ? scan_fwd_tp_kernel<T, TW, true, kCpb> : scan_fwd_tp_kernel<T, TW, false, kCpb>;
     kern<<<dim3(p.dim / kCpb, p.batch, p.nsplit), TpLayout<kCpb>::kThreads, 0, stream>>>(p);
   };
   if (p.tp_cpb == 16) launch(std::integral_constant<int, 16>{});

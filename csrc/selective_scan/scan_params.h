@@ -25,7 +25,6 @@ struct ScanParams {
   bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
   bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
   bool fwd_d16 = true;       // and, where it applies, its instantiation for dstate 16 (fwd2_d16)
-  bool tp_early = true;      // time-parallel forward: stage the next sub-chunk early, mbarriers (kEarly)
   bool fwd_tp = false;       // impl 2 forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
   int tp_cpb = 4;            // its channels per block: 4, 8 or 16 (dividing dim / groups)
 
