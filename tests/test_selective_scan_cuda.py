@@ -565,21 +565,26 @@ TP_FORWARD_CASE = textwrap.dedent(
 )
 
 
+def run_sanitizer(tool, case, tmp_path):
+    """Runs the script `case` under compute-sanitizer's `tool`; returns its exit code and output."""
+    script = tmp_path / "case.py"
+    script.write_text(case)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
+    proc = subprocess.run(
+        ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not found")
 def test_compute_sanitizer_racecheck_time_parallel_forward(tmp_path):
     # the time-parallel forward's double-buffered staging (one __syncthreads per sub-chunk): racecheck
     # finds no shared-memory hazard
-    script = tmp_path / "tp_case.py"
-    script.write_text(TP_FORWARD_CASE)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
-    proc = subprocess.run(
-        ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "3", sys.executable, str(script)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    rc, log = run_sanitizer("racecheck", TP_FORWARD_CASE, tmp_path)
+    assert rc == 0, log[-4000:]
     # (racecheck's summary reads "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)")
     assert "tp case done" in log and ("(0 errors" in log or "ERROR SUMMARY: 0 errors" in log), log[-4000:]
 
@@ -587,14 +592,6 @@ def test_compute_sanitizer_racecheck_time_parallel_forward(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not found")
 def test_compute_sanitizer_memcheck(tmp_path):
-    script = tmp_path / "small_case.py"
-    script.write_text(SMALL_CASE)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
-    proc = subprocess.run(
-        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    rc, log = run_sanitizer("memcheck", SMALL_CASE, tmp_path)
+    assert rc == 0, log[-4000:]
     assert "small case done" in log and "ERROR SUMMARY: 0 errors" in log, log[-4000:]
