@@ -357,9 +357,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         sDA[k * nthr + tid] = acc;
       }
 
-      if constexpr (kRecY) reduce4x16(yacc, l, mask);
-      reduce4x16(s1, l, mask);
-      reduce4x16(s2, l, mask);
+      if constexpr (kRecY) reduce4_transposing<16>(yacc, l, mask);
+      reduce4_transposing<16>(s1, l, mask);
+      reduce4_transposing<16>(s2, l, mask);
       {
         float o_du[4], o_dd[4], o_dz[4];
 #pragma unroll
@@ -381,9 +381,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             dbias_acc += ddt;
           }
         }
-        store4(dup, t, L, p.vec_o, o_du);
-        store4(ddp, t, L, p.vec_o, o_dd);
-        if (dzp) store4(dzp, t, L, p.vec_o, o_dz);
+        store_n(dup, t, L, p.vec_o, o_du);
+        store_n(ddp, t, L, p.vec_o, o_dd);
+        if (dzp) store_n(dzp, t, L, p.vec_o, o_dz);
       }
 
       // Sum the channels' dB/dC partials of steps [t0, t0+16) and write this block's partial.

@@ -186,39 +186,29 @@ __device__ __forceinline__ void load_n(RawN<T, NE>& r, const T* row, int t, int 
   }
 }
 
-// Store 4 consecutive values at [t, t+4) of a contiguous row, dropping those at or past L.
-// kFull: the caller guarantees vec and t + 4 <= L.
-template <bool kFull = false, typename T>
-__device__ __forceinline__ void store4(T* row, int t, int L, bool vec, const float (&v)[4]) {
-  if (kFull || (vec && t + 4 <= L)) {
-    if constexpr (sizeof(T) == 4) {
+// Store NE (2 or 4) consecutive values at [t, t+NE) of a contiguous row, dropping those at or
+// past L. kFull: the caller guarantees vec and t + NE <= L (t a multiple of NE).
+template <bool kFull = false, typename T, int NE>
+__device__ __forceinline__ void store_n(T* row, int t, int L, bool vec, const float (&v)[NE]) {
+  static_assert(NE == 2 || NE == 4, "2 or 4 values");
+  if (kFull || (vec && t + NE <= L)) {
+    if constexpr (sizeof(T) == 4 && NE == 4) {
       *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-      const uint32_t lo = TypeOps<T>::bits(TypeOps<T>::from_f(v[0])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[1])) << 16);
-      const uint32_t hi = TypeOps<T>::bits(TypeOps<T>::from_f(v[2])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[3])) << 16);
-      *reinterpret_cast<uint2*>(row + t) = make_uint2(lo, hi);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (t + j < L) row[t + j] = TypeOps<T>::from_f(v[j]);
-  }
-}
-
-// Store 2 consecutive values at [t, t+2) of a contiguous row, dropping those at or past L.
-// kFull: the caller guarantees vec and t + 2 <= L (t even).
-template <bool kFull = false, typename T>
-__device__ __forceinline__ void store2(T* row, int t, int L, bool vec, const float (&v)[2]) {
-  if (kFull || (vec && t + 2 <= L)) {
-    if constexpr (sizeof(T) == 4) {
+    } else if constexpr (sizeof(T) == 4) {
       *reinterpret_cast<float2*>(row + t) = make_float2(v[0], v[1]);
     } else {
-      *reinterpret_cast<uint32_t*>(row + t) =
-          TypeOps<T>::bits(TypeOps<T>::from_f(v[0])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[1])) << 16);
+      // 16-bit values, two to a word
+      const uint32_t lo = TypeOps<T>::bits(TypeOps<T>::from_f(v[0])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[1])) << 16);
+      if constexpr (NE == 4) {
+        const uint32_t hi = TypeOps<T>::bits(TypeOps<T>::from_f(v[2])) | (TypeOps<T>::bits(TypeOps<T>::from_f(v[3])) << 16);
+        *reinterpret_cast<uint2*>(row + t) = make_uint2(lo, hi);
+      } else {
+        *reinterpret_cast<uint32_t*>(row + t) = lo;
+      }
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < NE; ++j)
       if (t + j < L) row[t + j] = TypeOps<T>::from_f(v[j]);
   }
 }
@@ -278,7 +268,6 @@ __device__ __forceinline__ void reduce4_transposing(float (&v)[M], int l, unsign
     }
   }
 }
-__device__ __forceinline__ void reduce4x16(float (&v)[16], int l, unsigned mask) { reduce4_transposing<16>(v, l, mask); }
 
 // Sum over the 8 channels of a warp (lane bits 2..4) of 8 values per lane, transposing: on exit
 // lane 4c+l returns entry (c & 7) summed over the lanes 4c'+l of its warp. 7 shuffles.

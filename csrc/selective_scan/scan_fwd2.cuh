@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
       else sH[k * nthr + tid] = h;
     }
 
-    reduce4x16(acc, l, mask);
+    reduce4_transposing<16>(acc, l, mask);
     {
       float y[4], o[4];
 #pragma unroll
@@ -230,8 +230,8 @@ __global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(cons
         y[j] = fmaf(Dv, u_cur[j], acc[j]);
         o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store4<kFull>(outp, t0 + 4 * l, L, p.vec_o, o);
-      if (yp) store4<kFull>(yp, t0 + 4 * l, L, p.vec_o, y);
+      store_n<kFull>(outp, t0 + 4 * l, L, p.vec_o, o);
+      if (yp) store_n<kFull>(yp, t0 + 4 * l, L, p.vec_o, y);
     }
     if (ch + 1 < ch_end) commit(st, ch + 1, buf ^ 1);
     if (++r_in_seg == p.R) {

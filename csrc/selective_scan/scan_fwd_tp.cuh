@@ -309,8 +309,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         y[j] = fmaf(Dv, u_cur[j], yacc[j]);
         o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store2<kFull>(outp, 0, t_hi - t0 - m2, p.vec_o, o);
-      if (has_y) store2<kFull>(reinterpret_cast<T*>(ya), 0, t_hi - t0 - m2, p.vec_o, y);
+      store_n<kFull>(outp, 0, t_hi - t0 - m2, p.vec_o, o);
+      if (has_y) store_n<kFull>(reinterpret_cast<T*>(ya), 0, t_hi - t0 - m2, p.vec_o, y);
       outp += kTpSteps;
       ya += kTpSteps * sizeof(T);
     }
