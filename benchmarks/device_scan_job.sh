@@ -6,7 +6,10 @@
 # "--no-ref --variants name:VAR=v,VAR=v;..."), NCU=0 (no profile), NCU_SHAPE="1 4096 16384 16"
 # (the profiled shape), NCU_ENV="MAMBA_SSM_SCAN_FWD_TP=1" (settings for the profiled run only),
 # NCU_KERNELS (a regex, default scan_), NCU_METRICS (more metrics, e.g. the stall reasons:
-# "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio").
+# "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"), NCU_SOURCE=1 (also ncu's
+# source counters: where the warp-stall samples fall).
+# A baseline of ours: .upstream/baseline_tree.tar.gz (`git archive` of an earlier commit's setup.py,
+# csrc and mamba_ssm) is built beside ours and benchmarked as the variant "base".
 set -u
 source "$(dirname "$0")/device_lib.sh" /tmp/scan_out
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; nvcc --version | tail -1; } > "$OUT/env.txt" 2>&1
@@ -20,6 +23,12 @@ if [ -f "$UP_SDIST" ] && [ "${SKIP_UPSTREAM:-0}" != 1 ]; then
 fi
 
 export TORCH_CUDA_ARCH_LIST=9.0
+BASE_TREE=.upstream/baseline_tree.tar.gz
+if [ -f "$BASE_TREE" ]; then
+  rm -rf /tmp/base_tree && mkdir -p /tmp/base_tree && tar xzf "$BASE_TREE" -C /tmp/base_tree
+  ( cd /tmp/base_tree && MAX_JOBS=4 python3 setup.py build_ext --inplace > "$OUT/base_build.log" 2>&1; echo $? > /tmp/base_rc ) &
+  BASE_PID=$!
+fi
 MAX_JOBS=6 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 stamp "our build rc=$? ($(ls mamba_ssm/_selective_scan_cuda*.so 2>/dev/null))"
 
@@ -45,6 +54,12 @@ if [ -z "${PREBUILT:-}" ]; then  # hand the built extension back, to carry into 
     [ -f "$so" ] && gzip -c "$so" > "$OUT/$(basename "$so").gz"
   done
 fi
+if [ -n "${BASE_PID:-}" ]; then
+  wait $BASE_PID; stamp "baseline build rc=$(cat /tmp/base_rc)"
+  [ "$(cat /tmp/base_rc)" = 0 ] && BENCH_ARGS="${BENCH_ARGS:-} --variants base:PYTHONPATH=/tmp/base_tree${BENCH_VARIANTS:+;$BENCH_VARIANTS}"
+elif [ -n "${BENCH_VARIANTS:-}" ]; then
+  BENCH_ARGS="${BENCH_ARGS:-} --variants $BENCH_VARIANTS"
+fi
 UP_ARG=""
 [ -f /tmp/upstream_rc ] && [ "$(cat /tmp/upstream_rc)" = 0 ] && UP_ARG="--upstream-path /tmp/upstream_build/mamba_ssm-2.3.2.post1"
 timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/benchmark_selective_scan.py $UP_ARG --out-dir "$OUT" ${BENCH_ARGS:-} \
@@ -54,7 +69,7 @@ NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | he
 if [ "${NCU:-1}" = 1 ] && [ -n "$NCU_BIN" ]; then
   env PYTHONPATH=$PWD ${NCU_ENV:-} timeout ${NCU_TIMEOUT:-90} "$NCU_BIN" --clock-control none -k regex:${NCU_KERNELS:-scan_} \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-    ${NCU_METRICS:+--metrics $NCU_METRICS} \
+    ${NCU_METRICS:+--metrics $NCU_METRICS} ${NCU_SOURCE:+--section SourceCounters} \
     python3 benchmarks/profile_scan_once.py ${NCU_SHAPE:-8 1536 2048 16} > "$OUT/ncu.txt" 2>&1
   stamp "ncu rc=$?"
 fi

@@ -381,6 +381,22 @@ def test_time_parallel_forward_block_sizes(monkeypatch, cap, cpb, dtype):
 
 
 @pytest.mark.cuda
+def test_time_parallel_forward_sub_chunk_counts(monkeypatch):
+    # the time-parallel forward against float64 with gradients over 1 to 5 whole 32-step
+    # sub-chunks (the branch-free instantiation's last sub-chunk reloads itself instead of reading
+    # past the end; the carry into slice 0 goes through shared memory), a general instantiation,
+    # and sequence splits
+    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+    for L, split in [(32, "1"), (64, "1"), (96, "1"), (128, "1"), (160, "1"), (300, "1"), (320, "2"), (1000, "3")]:
+        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
+        inputs = make_inputs(5, 1, 16, L, 16, torch.bfloat16, None, True, True, True, True)
+        got = plan(*inputs, True)
+        assert (got["kernel"], got["full"]) == ("fwd_tp", L % 32 == 0 and (split == "1" or L == 320)), (L, split, got)
+        check_case(zlib.crc32(f"tpopt{L}-{split}".encode()) % (2**31), 1, 16, L, 16, torch.bfloat16, None,
+                   True, True, True, True)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
     # whole 32-step sub-chunks, dstate 16, aligned rows: the time-parallel forward's instantiation
@@ -548,10 +564,11 @@ TP_FORWARD_CASE = textwrap.dedent(
     from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
     torch.manual_seed(0)
     # the time-parallel forward alone: branch-free (64 steps, unsplit), general (50 steps, groups),
-    # and in 3 sequence groups (with fwd2's carry pass), in blocks of 8 and 4 channels
+    # and in 3 sequence groups (with fwd2's carry pass), in blocks of 8, 4 and 16 channels
     os.environ["MAMBA_SSM_SCAN_FWD_TP"] = "1"
+    os.environ["MAMBA_SSM_SCAN_TP_CPB"] = "16"
     for (b, d, L, g, split) in [(1, 16, 64, None, "1"), (2, 32, 50, 1, "1"), (1, 16, 200, None, "3"),
-                                (1, 4, 96, None, "1")]:
+                                (1, 4, 96, None, "1"), (1, 8, 160, None, "1")]:
         os.environ["MAMBA_SSM_SCAN_SPLIT"] = split
         u, dt, z = (torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         A = -torch.rand(d, 16, device="cuda") - 0.1

@@ -8,10 +8,11 @@
 //   k (0..3): the slice of steps 8k..8k+7 of each 32-step sub-chunk.
 // Slice 0 starts from the true state, slices 1-3 from zero. Each slice keeps, per step e, the
 // decay product P_e = prod_{e' <= e} exp(dt A) (one multiply per state and step: the
-// exponentials are those of its own scan) and q_e = C_e P_e. A 4-slice scan over the slices'
+// exponentials are those of its own scan) and q_e = C_e P_e. An exclusive scan over the slices'
 // (P, h) ends (2 shuffle rounds) gives every slice its true start state h_in, and its outputs
 // are corrected by q_e . h_in, which is C_e . (h_e - h_e^zero-start). No exponential is
-// computed twice. The end of slice 3 is the next sub-chunk's start state of slice 0.
+// computed twice. The true end of slice 3 is the next sub-chunk's start state of slice 0,
+// handed over in shared memory.
 // Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
 // its channel; B and C are staged as fp32 [step][state] for the block's kCpb channels, double
 // buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
@@ -26,19 +27,12 @@
 namespace ssm {
 
 constexpr int kTpSteps = 32;  // steps per sub-chunk
-// Staged B (or C) of one sub-chunk: step i at tp_row(i), 4 floats of padding per row and 16
-// more before each slice, so that the 8 lanes of a quarter-warp (2 slices x 4 state lanes) read
-// 8 different 16-byte bank groups (slice k starts at 176 k floats: banks 0, 16, 0, 16).
-constexpr int kTpBuf = kTpSteps * 20 + 16 * (kTpSteps / 8 - 1);
-__host__ __device__ constexpr int tp_row(int i) { return 20 * i + 16 * (i >> 3); }
-// Each row holds 16 states: no row may reach into the next or past the buffer (the first build
-// padded only the odd slices, and the rows of steps 15 and 16 overlapped).
-constexpr bool tp_rows_disjoint() {
-  for (int i = 0; i + 1 < kTpSteps; ++i)
-    if (tp_row(i) + 16 > tp_row(i + 1)) return false;
-  return tp_row(kTpSteps - 1) + 16 <= kTpBuf && tp_row(8) % 32 == 16;
-}
-static_assert(tp_rows_disjoint(), "staged B/C rows overlap, overrun the buffer, or lose the bank spread");
+// Staged B (or C) of one sub-chunk: step 8k + e (slice k, its step e) at 64 e + 16 k, 16 states.
+// A lane (slice k, states 4l..4l+3) reads float4s at 64 e + 4 (4k + l): the 8 lanes of a
+// quarter-warp read 32 consecutive floats (no bank conflict), and every read of a sub-chunk is
+// the lane's one base plus a constant.
+constexpr int kTpBuf = 16 * kTpSteps;
+__host__ __device__ constexpr int tp_at(int step) { return 64 * (step & 7) + 16 * (step >> 3); }
 
 // B/C staging (2 x 16 states x 32 steps) is shared by the block's kCpb channels: a thread stages
 // 16 values per sub-chunk in blocks of 4 channels (2 units of 8 steps), 8 in blocks of 8 (1 unit
@@ -57,6 +51,15 @@ struct TpStage {
   RawN<T, 2> u2, d2, z2;
 };
 
+// x, opaque to the compiler: a value it must keep (in a register) rather than recompute. The
+// staging offsets below are cheap functions of the thread index, and the compiler recomputed
+// them (2-6 instructions each) in every sub-chunk.
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+
 __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
   v.x = __shfl_up_sync(mask, v.x, delta, 16);
   v.y = __shfl_up_sync(mask, v.y, delta, 16);
@@ -70,10 +73,13 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   using Lay = TpLayout<kCpb>;
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
   using Stage = TpStage<T, TW, kUnit, kUnits>;
-  // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_row layout) and then
-  // [channel][dt / dt*u][step]. The loop carries the current buffer's offset `bo`.
+  // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_at layout), then
+  // [channel][dt / dt*u][step], then a float4 per thread, the start state of its slice: slice
+  // 0's is written by slice 3's lanes (12 threads further on) at the end of the sub-chunk
+  // before; the other slices' stay 0. The loop carries the current buffer's offset `bo`.
   constexpr int kDtOff = 2 * kTpBuf;
-  constexpr int kStage = kDtOff + kCpb * 2 * kTpSteps;
+  constexpr int kCarryOff = kDtOff + kCpb * 2 * kTpSteps;
+  constexpr int kStage = kCarryOff + 4 * Lay::kThreads;
   static_assert(kStage % 32 == 0, "both staging buffers must map onto the banks alike");
   __shared__ __align__(16) float sbuf[2 * kStage];
   const unsigned mask = 0xffffffffu;
@@ -95,21 +101,23 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int t_lo = ch_lo << 4;
   const int t_hi = min(L, ch_end << 4);
 
-  // Running pointers, advanced by a sub-chunk per iteration: u, delta, z and the outputs at this
-  // lane's steps (2m) of the sub-chunk being staged (inputs) or written (outputs).
+  // Row pointers at this lane's steps (2m) of the group's first sub-chunk: u, delta, z and the
+  // outputs; a sub-chunk's are these plus its offset in steps from t_lo. (Running pointers cost
+  // two instructions each per sub-chunk, an offset address one.)
   const int m2 = 2 * m;
   const int64_t row = (int64_t)b * p.dim + d;
-  const T* up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + t_lo + m2;
-  const T* dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + t_lo + m2;
-  const T* zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d + t_lo + m2 : nullptr;
-  T* outp = static_cast<T*>(p.out) + row * L + t_lo + m2;
-  // (y and the checkpoints are optional: their running pointers move even when null, as integers,
-  // so that no null test is repeated per sub-chunk)
+  const T* const up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + t_lo + m2;
+  const T* const dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + t_lo + m2;
+  const T* const zp = p.z ? static_cast<const T*>(p.z) + b * p.z_b + d * p.z_d + t_lo + m2 : nullptr;
+  T* const outp = static_cast<T*>(p.out) + row * L + t_lo + m2;
+  // (y and the checkpoints are optional: held as integers, 0 when absent, so that no null test
+  // is repeated per sub-chunk)
   const bool has_y = p.y != nullptr;
-  uintptr_t ya = has_y ? reinterpret_cast<uintptr_t>(static_cast<T*>(p.y) + row * L + t_lo + m2) : 0;
+  const uintptr_t ya = has_y ? reinterpret_cast<uintptr_t>(static_cast<T*>(p.y) + row * L + t_lo + m2) : 0;
   // Staging unit r of this thread: e = tid + r nthreads -> B or C (e < 16 kTpSteps / kUnit: B),
   // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1: its source row
-  // (running), its first step within a sub-chunk and its place in a staging buffer.
+  // (at the group's first sub-chunk), its first step within a sub-chunk and its place in a
+  // staging buffer.
   const TW* bc_src[kUnits];
   int bc_t[kUnits], bc_dst[kUnits];
   bool bc_ok[kUnits], bc_vec[kUnits];
@@ -119,40 +127,37 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     const bool isC = e >= 16 * (kTpSteps / kUnit);
     const int sn = e & 15;
     const int sj = (e >> 4) % (kTpSteps / kUnit);
-    bc_t[r] = kUnit * sj;
+    // (units of 4 steps: the two halves of slice sj % 4, so that a warp's stores of a step hit
+    // 2 slices, 32 banks)
+    bc_t[r] = 8 * (sj % 4) + kUnit * (sj / 4);
     bc_ok[r] = sn < N;
     bc_vec[r] = isC ? p.vec_C : p.vec_B;
     bc_src[r] = isC ? static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g + (int64_t)sn * p.C_s + t_lo + bc_t[r]
                     : static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g + (int64_t)sn * p.B_s + t_lo + bc_t[r];
-    bc_dst[r] = isC * kTpBuf + tp_row(bc_t[r]) + sn;  // a unit stays within one slice
+    bc_dst[r] = opaque(4 * (isC * kTpBuf + tp_at(bc_t[r]) + sn));  // (bytes) a unit stays within one slice: steps 64 floats apart
   }
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
   float4 A2 = load4f_(p.A + (int64_t)d * N, 4 * l, N);
   A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
 
-  // Loads the sub-chunk starting at step t0 (the running pointers point at it).
-  auto prefetch = [&](Stage& st, int t0) {
+  // Loads the sub-chunk tr steps past t_lo.
+  auto prefetch = [&](Stage& st, int tr) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r)
-      load_n<kFull>(st.bc[r], bc_src[r], 0, L - t0 - bc_t[r], bc_ok[r], bc_vec[r]);
-    load_n<kFull>(st.u2, up, 0, L - t0 - m2, true, p.vec_x);
-    load_n<kFull>(st.d2, dp, 0, L - t0 - m2, true, p.vec_x);
-    if (kFull || zp) load_n<kFull>(st.z2, zp, 0, L - t0 - m2, true, p.vec_x);
-  };
-  auto advance_inputs = [&]() {
-#pragma unroll
-    for (int r = 0; r < kUnits; ++r) bc_src[r] += kTpSteps;
-    up += kTpSteps;
-    dp += kTpSteps;
-    if (kFull || zp) zp += kTpSteps;
+      load_n<kFull>(st.bc[r], bc_src[r], tr, L - t_lo - bc_t[r], bc_ok[r], bc_vec[r]);
+    load_n<kFull>(st.u2, up, tr, L - t_lo - m2, true, p.vec_x);
+    load_n<kFull>(st.d2, dp, tr, L - t_lo - m2, true, p.vec_x);
+    if (kFull || zp) load_n<kFull>(st.z2, zp, tr, L - t_lo - m2, true, p.vec_x);
   };
   float u_cur[2], z_cur[2];
-  auto commit = [&](const Stage& st, int t0, float* buf) {
+  // (the thread's dt and dt*u of steps 2m, 2m + 1, bytes)
+  const int wr_dt = opaque(4 * (kDtOff + c * 2 * kTpSteps + 2 * m));
+  auto commit = [&](const Stage& st, int t0, char* buf) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r) {
 #pragma unroll
-      for (int i = 0; i < kUnit; ++i) buf[bc_dst[r] + 20 * i] = st.bc[r][i];
+      for (int i = 0; i < kUnit; ++i) *reinterpret_cast<float*>(buf + bc_dst[r] + 256 * i) = st.bc[r][i];
     }
     const int t = t0 + m2;
     float dt[2], du[2];
@@ -165,9 +170,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       dt[j] = (kFull || t + j < t_hi) ? ((kFull || p.softplus) ? softplusf_(x, !kFull && p.exact_softplus) : x) : 0.f;
       du[j] = dt[j] * u_cur[j];
     }
-    float* dtw = buf + kDtOff + c * 2 * kTpSteps;
-    reinterpret_cast<float2*>(dtw)[m] = make_float2(dt[0], dt[1]);
-    reinterpret_cast<float2*>(dtw + kTpSteps)[m] = make_float2(du[0], du[1]);
+    *reinterpret_cast<float2*>(buf + wr_dt) = make_float2(dt[0], dt[1]);
+    *reinterpret_cast<float2*>(buf + wr_dt + 4 * kTpSteps) = make_float2(du[0], du[1]);
   };
 
   // Start state of the group (slice 0 only): composed from the zero-start end states of the
@@ -187,18 +191,25 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int nw = (t_hi - t_lo + kTpSteps - 1) / kTpSteps;
   {
     Stage st;
-    prefetch(st, t_lo);
-    advance_inputs();
-    commit(st, t_lo, sbuf);
+    prefetch(st, 0);
+    commit(st, t_lo, reinterpret_cast<char*>(sbuf));
   }
+  // This thread's reads of a staging buffer, byte offsets: B and C of its slice's steps and
+  // states, dt and dt*u of its slice's steps, its slice's start state.
+  char* const sb = reinterpret_cast<char*>(sbuf);
+  const int rd_bc = opaque(16 * m);
+  const int rd_dt = opaque(4 * (kDtOff + c * 2 * kTpSteps + 8 * k));
+  const int rd_h = opaque(4 * (kCarryOff + 4 * tid));
+  *reinterpret_cast<float4*>(sb + rd_h) = h;  // (0 in slices 1-3)
+  *reinterpret_cast<float4*>(sb + 4 * kStage + rd_h) = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();
 
   // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
   // holds chunks ch0 (start: slice 0's start state) and ch0 + 1 (start: slice 2's h_in). kFull
-  // (R == 1, whole sub-chunks): both are stored, at a running pointer.
+  // (R == 1, whole sub-chunks): both are stored, at ckw plus the sub-chunk's offset.
   float* ckp = p.ckpt ? p.ckpt + row * p.nseg * N : nullptr;
   const bool has_ckpt = ckp != nullptr;
-  uintptr_t ckw = has_ckpt ? reinterpret_cast<uintptr_t>(ckp + (int64_t)ch_lo * N + 4 * l) : 0;
+  const uintptr_t ckw = has_ckpt ? reinterpret_cast<uintptr_t>(ckp + (int64_t)ch_lo * N + 4 * l) : 0;
   int ch0 = ch_lo, seg0 = ch_lo / p.R, r0 = ch_lo % p.R;
   auto store_ckpt = [&](int seg, float4 v) {
     float* dst = ckp + (int64_t)seg * N + 4 * l;
@@ -208,36 +219,39 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       store4f_(ckp + (int64_t)seg * N, 4 * l, N, v);
     }
   };
-  // This thread's reads of a staging buffer: B and C of its slice's steps and states, dt and dt*u
-  // of its slice's steps.
-  const int rd_bc = tp_row(8 * k) + 4 * l;
-  const int rd_dt = kDtOff + c * 2 * kTpSteps + 8 * k;
-  // Slices k >= 1 take the previous slice's (P, h) in the slice scan, slices k >= 2 also the one
-  // two back; slice 0 keeps its own start state (its h_in is 0). Selects of the operands (0 or 1
-  // in place of the neighbour's value), not branches, which the compiler turned into register
-  // copies; selecting the results instead cost 7 more instructions per sub-chunk. (A decay
-  // product that overflows to inf, possible only for A > 0, turns slice 0's state into NaN rather
-  // than inf: its outputs are not finite either way.)
+  // Slices k >= 1 take the previous slice's (P, h) in the slice scan, slices k >= 2 also the end
+  // of the one two back; slice 0 keeps its own start state (its h_in is 0). Selects of the
+  // operands (0 in place of the neighbour's value), not branches, which the compiler turned into
+  // register copies. (A decay product that overflows to inf, possible only for A > 0, turns a
+  // state into NaN rather than inf: its outputs are not finite either way.)
   const bool k_ge1 = k >= 1, k_ge2 = k >= 2;
-  int bo = 0;
-
-  for (int w = 0; w < nw; ++w) {
-    const int t0 = t_lo + w * kTpSteps;
+  const int l_keep = opaque(l);  // (else the sum over state lanes recomputes l from the thread index)
+  // (bo: the current buffer's offset, bytes)
+  for (int w = 0, bo = 0; w < nw; ++w, bo = 4 * kStage - bo) {
+    // (opaque: as a multiple of w the offsets would turn back into running pointers)
+    const int tr = opaque(w * kTpSteps);
+    const int t0 = t_lo + tr;
+    h = *reinterpret_cast<const float4*>(sb + bo + rd_h);
     Stage st;
-    if (w + 1 < nw) {
-      prefetch(st, t0 + kTpSteps);
-      advance_inputs();
-    }
     if (kFull) {
-      if (has_ckpt && k == 0) *reinterpret_cast<float4*>(ckw) = h;
+      // unconditional: the last sub-chunk reloads itself, harmlessly (predicated loads cost a
+      // register move per address)
+      prefetch(st, min(tr + kTpSteps, (nw - 1) * kTpSteps));
+    } else if (w + 1 < nw) {
+      prefetch(st, tr + kTpSteps);
+    }
+    // (the checkpoints of a sub-chunk: 2 chunks of 16 states, 32 floats)
+    float4* const ck = reinterpret_cast<float4*>(ckw + tr * sizeof(float));
+    if (kFull) {
+      if (has_ckpt && k == 0) ck[0] = h;
     } else if (ckp && k == 0 && r0 == 0) {
       store_ckpt(seg0, h);
     }
 
-    const float* bB = sbuf + bo + rd_bc;
+    const float* bB = reinterpret_cast<const float*>(sb + bo + rd_bc);
     const float* bC = bB + kTpBuf;
-    const float4* dt4p = reinterpret_cast<const float4*>(sbuf + bo + rd_dt);
-    const float4* du4p = reinterpret_cast<const float4*>(sbuf + bo + rd_dt + kTpSteps);
+    const float4* dt4p = reinterpret_cast<const float4*>(sb + bo + rd_dt);
+    const float4* du4p = dt4p + kTpSteps / 4;
     float4 P = make_float4(1.f, 1.f, 1.f, 1.f);
     float4 q[8];
     float yacc[8];
@@ -250,8 +264,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
 #pragma unroll
       for (int e4 = 0; e4 < 4; ++e4) {
         const int e = 4 * hh + e4;
-        const float4 Bv = *reinterpret_cast<const float4*>(bB + 20 * e);
-        const float4 Cv = *reinterpret_cast<const float4*>(bC + 20 * e);
+        const float4 Bv = *reinterpret_cast<const float4*>(bB + 64 * e);
+        const float4 Cv = *reinterpret_cast<const float4*>(bC + 64 * e);
         const float dtv = dts[e4], duv = dus[e4];
         float4 a;
         a.x = fast_exp2(dtv * A2.x);
@@ -268,40 +282,33 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       }
     }
 
-    // Inclusive scan over the 4 slices of (P, h): (P1, h1) then (P2, h2) is (P1 P2, P2 h1 + h2).
+    float4 hin;
     {
+      // Exclusive scan over the 4 slices: hin, the true state at the start of slice k. Round 1
+      // gives slice k its predecessor's (P, h) (from zero; slice 0's from its true start), so
+      // `pair` is the end of slices k-1..k: the true end of slice k for k <= 1. Round 2 gives
+      // slice k >= 2 the true end of slice k-2. (Selecting whole float4s instead of operands made
+      // the compiler zero a register and move into it, two instructions a value.)
       const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
-      h = make_float4(fmaf(P.x, k_ge1 ? hp.x : 0.f, h.x), fmaf(P.y, k_ge1 ? hp.y : 0.f, h.y),
-                      fmaf(P.z, k_ge1 ? hp.z : 0.f, h.z), fmaf(P.w, k_ge1 ? hp.w : 0.f, h.w));
-      P = make_float4(P.x * (k_ge1 ? Pp.x : 1.f), P.y * (k_ge1 ? Pp.y : 1.f), P.z * (k_ge1 ? Pp.z : 1.f),
-                      P.w * (k_ge1 ? Pp.w : 1.f));
-      const float4 hq = shfl_up4(h, 8, mask);
-      h = make_float4(fmaf(P.x, k_ge2 ? hq.x : 0.f, h.x), fmaf(P.y, k_ge2 ? hq.y : 0.f, h.y),
-                      fmaf(P.z, k_ge2 ? hq.z : 0.f, h.z), fmaf(P.w, k_ge2 ? hq.w : 0.f, h.w));
+      const float4 pair = make_float4(fmaf(P.x, k_ge1 ? hp.x : 0.f, h.x), fmaf(P.y, k_ge1 ? hp.y : 0.f, h.y),
+                                      fmaf(P.z, k_ge1 ? hp.z : 0.f, h.z), fmaf(P.w, k_ge1 ? hp.w : 0.f, h.w));
+      const float4 e2 = shfl_up4(pair, 8, mask);
+      hin = make_float4(fmaf(Pp.x, k_ge2 ? e2.x : 0.f, k_ge1 ? hp.x : 0.f), fmaf(Pp.y, k_ge2 ? e2.y : 0.f, k_ge1 ? hp.y : 0.f),
+                        fmaf(Pp.z, k_ge2 ? e2.z : 0.f, k_ge1 ? hp.z : 0.f), fmaf(Pp.w, k_ge2 ? e2.w : 0.f, k_ge1 ? hp.w : 0.f));
     }
-    // h: the true state at the end of slice k. h_in: at its start (slice 0 began from it already).
-    float4 hin = shfl_up4(h, 4, mask);
-    hin = k_ge1 ? hin : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int e = 0; e < 8; ++e) yacc[e] = fma4(q[e], hin, yacc[e]);
     if (kFull) {
-      if (has_ckpt && k == 2) reinterpret_cast<float4*>(ckw)[4] = hin;
-      ckw += 32 * sizeof(float);
+      if (has_ckpt && k == 2) ck[4] = hin;
     } else {
       const int r1 = r0 + 1 == p.R ? 0 : r0 + 1;
       if (ckp && k == 2 && r1 == 0 && ch0 + 1 < ch_end) store_ckpt(seg0 + (r0 + 1 == p.R), hin);
     }
-    {
-      // the end of slice 3 is the next sub-chunk's start state of slice 0; the other slices restart from 0
-      float4 hend;
-      hend.x = __shfl_sync(mask, h.x, 12 + l, 16);
-      hend.y = __shfl_sync(mask, h.y, 12 + l, 16);
-      hend.z = __shfl_sync(mask, h.z, 12 + l, 16);
-      hend.w = __shfl_sync(mask, h.w, 12 + l, 16);
-      h = k_ge1 ? make_float4(0.f, 0.f, 0.f, 0.f) : hend;
-    }
+    // the true end of slice k; slice 3's is the next sub-chunk's start state of slice 0
+    h = make_float4(fmaf(P.x, hin.x, h.x), fmaf(P.y, hin.y, h.y), fmaf(P.z, hin.z, h.z), fmaf(P.w, hin.w, h.w));
+    if (k == 3) *reinterpret_cast<float4*>(sb + (4 * kStage - bo) + rd_h - 4 * 48) = h;
 
-    reduce4_transposing<8>(yacc, l, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
+    reduce4_transposing<8>(yacc, l_keep, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
     {
       float y[2], o[2];
 #pragma unroll
@@ -309,13 +316,10 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         y[j] = fmaf(Dv, u_cur[j], yacc[j]);
         o[j] = (kFull || zp) ? y[j] * z_cur[j] * sigmoidf_(z_cur[j]) : y[j];
       }
-      store_n<kFull>(outp, 0, t_hi - t0 - m2, p.vec_o, o);
-      if (has_y) store_n<kFull>(reinterpret_cast<T*>(ya), 0, t_hi - t0 - m2, p.vec_o, y);
-      outp += kTpSteps;
-      ya += kTpSteps * sizeof(T);
+      store_n<kFull>(outp, tr, t_hi - t_lo - m2, p.vec_o, o);
+      if (has_y) store_n<kFull>(reinterpret_cast<T*>(ya), tr, t_hi - t_lo - m2, p.vec_o, y);
     }
-    bo = kStage - bo;
-    if (w + 1 < nw) commit(st, t0 + kTpSteps, sbuf + bo);
+    if (kFull || w + 1 < nw) commit(st, t0 + kTpSteps, sb + (4 * kStage - bo));
     if (!kFull) {
       ch0 += 2;
       r0 += 2;
@@ -327,7 +331,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     __syncthreads();
   }
 
-  if (zg + 1 < p.nsplit || k != 0) return;
+  // the state at the group's end: slice 3's true end
+  if (zg + 1 < p.nsplit || k != 3) return;
   store4f_(p.last + row * N, 4 * l, N, h);
 }
 
