@@ -14,8 +14,8 @@
 // computed twice. The true end of slice 3 is the next sub-chunk's start state of slice 0,
 // handed over in shared memory.
 // Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
-// its channel; B and C are staged as fp32 [step][state] for the block's kCpb channels, double
-// buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
+// its channel; B and C are staged as fp32 [step in slice][slice][state] (tp_at) for the block's
+// kCpb channels, double buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
 // kFull: as fwd2_full, plus dstate == 16, whole 32-step sub-chunks and a checkpoint at every
 // 16-step chunk (R == 1, the default).
 #pragma once
@@ -58,7 +58,6 @@ __device__ __forceinline__ int opaque(int x) {
   asm volatile("" : "+r"(x));
   return x;
 }
-
 
 __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
   v.x = __shfl_up_sync(mask, v.x, delta, 16);
