@@ -199,6 +199,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const int rd_bc = opaque(16 * m);
   const int rd_dt = opaque(4 * (kDtOff + c * 2 * kTpSteps + 8 * k));
   const int rd_h = opaque(4 * (kCarryOff + 4 * tid));
+  constexpr int kToSlice0 = 4 * 4 * 12;  // bytes from a slice-3 lane's slot back to its slice-0 lane's
   *reinterpret_cast<float4*>(sb + rd_h) = h;  // (0 in slices 1-3)
   *reinterpret_cast<float4*>(sb + 4 * kStage + rd_h) = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     }
     // the true end of slice k; slice 3's is the next sub-chunk's start state of slice 0
     h = make_float4(fmaf(P.x, hin.x, h.x), fmaf(P.y, hin.y, h.y), fmaf(P.z, hin.z, h.z), fmaf(P.w, hin.w, h.w));
-    if (k == 3) *reinterpret_cast<float4*>(sb + (4 * kStage - bo) + rd_h - 4 * 48) = h;
+    if (k == 3) *reinterpret_cast<float4*>(sb + (4 * kStage - bo) + rd_h - kToSlice0) = h;
 
     reduce4_transposing<8>(yacc, l_keep, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
     {
