@@ -7,7 +7,9 @@
 # (the profiled shape), NCU_ENV="MAMBA_SSM_SCAN_FWD_TP=1" (settings for the profiled run only),
 # NCU_KERNELS (a regex, default scan_), NCU_METRICS (more metrics, e.g. the stall reasons:
 # "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"), NCU_SOURCE=1 (also ncu's
-# source counters: where the warp-stall samples fall).
+# source counters: where the warp-stall samples fall, and ncu_source.csv.gz, the counters of every SASS
+# instruction), RETURN_UPSTREAM_SO=1 (hand upstream's built extension back, gzipped, to carry as
+# .upstream/selective_scan_cuda*.so.gz: PREBUILT_SO skips its build).
 # A baseline of ours: .upstream/baseline_tree.tar.gz (`git archive` of an earlier commit's setup.py,
 # csrc and mamba_ssm) is built beside ours and benchmarked as the variant "base".
 set -u
@@ -49,7 +51,7 @@ if [ $TRC != 0 ] && [ "${FALLBACK_ENV:-}" != "" ]; then
 fi
 
 if [ -n "${UP_PID:-}" ]; then wait $UP_PID; stamp "upstream build rc=$(cat /tmp/upstream_rc)"; fi
-if [ -z "${PREBUILT:-}" ]; then  # hand the built extension back, to carry into later calls
+if [ -z "${PREBUILT:-}" ] && [ "${RETURN_UPSTREAM_SO:-0}" = 1 ]; then  # hand the built extension back, to carry into later calls
   for so in /tmp/upstream_build/mamba_ssm-2.3.2.post1/selective_scan_cuda*.so; do
     [ -f "$so" ] && gzip -c "$so" > "$OUT/$(basename "$so").gz"
   done
@@ -69,12 +71,20 @@ NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | he
 if [ "${NCU:-1}" = 1 ] && [ -n "$NCU_BIN" ]; then
   env PYTHONPATH=$PWD ${NCU_ENV:-} timeout ${NCU_TIMEOUT:-90} "$NCU_BIN" --clock-control none -k regex:${NCU_KERNELS:-scan_} \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-    ${NCU_METRICS:+--metrics $NCU_METRICS} ${NCU_SOURCE:+--section SourceCounters} \
+    ${NCU_METRICS:+--metrics $NCU_METRICS} ${NCU_SOURCE:+--section SourceCounters -o /tmp/scan_job_prof -f} \
     python3 benchmarks/profile_scan_once.py ${NCU_SHAPE:-8 1536 2048 16} > "$OUT/ncu.txt" 2>&1
   stamp "ncu rc=$?"
+  if [ -n "${NCU_SOURCE:-}" ]; then  # (a report was saved: its details, and the counters per SASS instruction)
+    "$NCU_BIN" --import /tmp/scan_job_prof.ncu-rep --page details >> "$OUT/ncu.txt" 2>&1
+    "$NCU_BIN" --import /tmp/scan_job_prof.ncu-rep --page source --print-source sass --csv 2> "$OUT/ncu_source.err" \
+      | gzip > "$OUT/ncu_source.csv.gz"
+    stamp "ncu source page ($(stat -c %s "$OUT/ncu_source.csv.gz") bytes gzipped)"
+  fi
 fi
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-400 | head -40
 tail -25 "$OUT/bench.log"
 [ -f "$OUT/ncu.txt" ] && grep -E "scan_(fwd|bwd)(2|_tp)?_kernel|^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Issued Ipc Active|Warp Cycles Per Issued Instruction|Block Limit (Registers|Shared Mem)|smsp__average_warps_issue_stalled)" "$OUT/ncu.txt" | cut -c1-110 | head -70
+# (the device tool returns at most 8 files: the build logs go back as one archive)
+tar czf "$OUT/build_logs.tar.gz" -C "$OUT" --remove-files $(cd "$OUT" && ls env.txt build.log base_build.log upstream_build.log ncu_source.err 2>/dev/null)
 stamp "end"

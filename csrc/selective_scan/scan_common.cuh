@@ -244,9 +244,10 @@ __device__ __forceinline__ void write_carry(const ScanParams& p, int zg, int64_t
   if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
 }
 
-// Transposing butterfly over the 4 lanes of a channel (lane = l, 0..3): on exit v[0..M/4) of
-// lane l hold the sums over the 4 lanes of the entry values v[l M/4 .. (l+1) M/4).
-template <int M>
+// Transposing butterfly over the 4 lanes of a channel, l = 0..3 (bit 0 of l is lane bit kXor0,
+// bit 1 lane bit kXor1): on exit v[0..M/4) of lane l hold the sums over the 4 lanes of the entry
+// values v[l M/4 .. (l+1) M/4).
+template <int M, int kXor0 = 1, int kXor1 = 2>
 __device__ __forceinline__ void reduce4_transposing(float (&v)[M], int l, unsigned mask) {
   static_assert(M % 4 == 0, "M values per lane, a multiple of 4");
   {
@@ -255,7 +256,7 @@ __device__ __forceinline__ void reduce4_transposing(float (&v)[M], int l, unsign
     for (int j = 0; j < M / 2; ++j) {
       const float send = hi ? v[j] : v[j + M / 2];
       const float keep = hi ? v[j + M / 2] : v[j];
-      v[j] = keep + __shfl_xor_sync(mask, send, 2);
+      v[j] = keep + __shfl_xor_sync(mask, send, kXor1);
     }
   }
   {
@@ -264,7 +265,7 @@ __device__ __forceinline__ void reduce4_transposing(float (&v)[M], int l, unsign
     for (int j = 0; j < M / 4; ++j) {
       const float send = hi ? v[j] : v[j + M / 4];
       const float keep = hi ? v[j + M / 4] : v[j];
-      v[j] = keep + __shfl_xor_sync(mask, send, 1);
+      v[j] = keep + __shfl_xor_sync(mask, send, kXor0);
     }
   }
 }

@@ -3,9 +3,15 @@
 //
 // fwd2 gives a channel 4 lanes and walks its time serially, so batch 1 x 4096 channels fills
 // a quarter of an H200's warp slots; splitting the sequence there costs a second pass of
-// exponentials (NOTES.md). Here a channel gets 16 lanes, tid = 16c + 4k + l:
+// exponentials (NOTES.md). Here a channel gets 16 lanes of a warp that holds two,
+// lane = 8k + 2l + c':
+//   c' (0, 1): the channel 2w + c' of warp w;
 //   l (0..3): the states 4l..4l+3;
 //   k (0..3): the slice of steps 8k..8k+7 of each 32-step sub-chunk.
+// (Shared memory returns one 32-bit register of the warp per wavefront, so a 128-bit load takes
+// 4, or 2 where lanes n and n ^ 1 (or n ^ 2) read the same address: the two channels' lanes of a
+// slice and states sit at n, n ^ 1 and read the same B and C. With lane = 16c + 4k + l every B/C
+// read took 4 wavefronts, half of all the kernel's L1 traffic.)
 // Slice 0 starts from the true state, slices 1-3 from zero. Each slice keeps, per step e, the
 // decay product P_e = prod_{e' <= e} exp(dt A) (one multiply per state and step: the
 // exponentials are those of its own scan) and q_e = C_e P_e. An exclusive scan over the slices'
@@ -13,8 +19,8 @@
 // are corrected by q_e . h_in, which is C_e . (h_e - h_e^zero-start). No exponential is
 // computed twice. The true end of slice 3 is the next sub-chunk's start state of slice 0,
 // handed over in shared memory.
-// Each lane stages dt, dt*u (and later writes the outputs) of steps 2m, 2m+1 (m = 4k + l) of
-// its channel; B and C are staged as fp32 [step in slice][slice][state] (tp_at) for the block's
+// Each lane stages dt, dt*u (tp_dt) and later writes the outputs of steps 2m, 2m+1 (m = 4k + l)
+// of its channel; B and C are staged as fp32 [step in slice][slice][state] (tp_at) for the block's
 // kCpb channels, double buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
 // kFull: as fwd2_full, plus dstate == 16, whole 32-step sub-chunks and a checkpoint at every
 // 16-step chunk (R == 1, the default).
@@ -27,12 +33,16 @@
 namespace ssm {
 
 constexpr int kTpSteps = 32;  // steps per sub-chunk
-// Staged B (or C) of one sub-chunk: step 8k + e (slice k, its step e) at 64 e + 16 k, 16 states.
-// A lane (slice k, states 4l..4l+3) reads float4s at 64 e + 4 (4k + l): the 8 lanes of a
-// quarter-warp read 32 consecutive floats (no bank conflict), and every read of a sub-chunk is
-// the lane's one base plus a constant.
-constexpr int kTpBuf = 16 * kTpSteps;
-__host__ __device__ constexpr int tp_at(int step) { return 64 * (step & 7) + 16 * (step >> 3); }
+// Staged B (or C) of one sub-chunk: step 8k + e (slice k, its step e) at kTpRow e + tp_slice(k),
+// 16 states. A lane (slice k, states 4l..4l+3) reads float4s at kTpRow e + tp_slice(k) + 4l: every
+// read of a sub-chunk is the lane's one base plus a constant. Slices 0, 1 sit at banks 0-15,
+// 16-31 and slices 2, 3 at 8-23, 24-7 (a padded row of 72 floats): the 8 lanes of a quarter-warp
+// (two slices) read 32 distinct banks, and a staging store of one step over 4 slices x 8 states
+// (row-complete global loads, below) hits 32 distinct banks too.
+constexpr int kTpRow = 72;
+constexpr int kTpBuf = 8 * kTpRow;
+__host__ __device__ constexpr int tp_slice(int k) { return 16 * (k & 1) + 40 * (k >> 1); }
+__host__ __device__ constexpr int tp_at(int step) { return kTpRow * (step & 7) + tp_slice(step >> 3); }
 
 // B/C staging (2 x 16 states x 32 steps) is shared by the block's kCpb channels: a thread stages
 // 16 values per sub-chunk in blocks of 4 channels (2 units of 8 steps), 8 in blocks of 8 (1 unit
@@ -60,12 +70,19 @@ __device__ __forceinline__ int opaque(int x) {
 }
 
 __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
-  v.x = __shfl_up_sync(mask, v.x, delta, 16);
-  v.y = __shfl_up_sync(mask, v.y, delta, 16);
-  v.z = __shfl_up_sync(mask, v.z, delta, 16);
-  v.w = __shfl_up_sync(mask, v.w, delta, 16);
+  v.x = __shfl_up_sync(mask, v.x, delta);
+  v.y = __shfl_up_sync(mask, v.y, delta);
+  v.z = __shfl_up_sync(mask, v.z, delta);
+  v.w = __shfl_up_sync(mask, v.w, delta);
   return v;
 }
+
+// Staged dt (and dt*u, 32 floats further) of step t of channel c: a row of 64 floats per channel,
+// the odd channel's steps permuted by t ^ 20 (4-step groups g -> g ^ 5). Then a slice's 4-step
+// reads (steps 8k..8k+3 or 8k+4..8k+7, both channels of a warp: 8 float4s) hit 32 distinct banks,
+// and so do the stores of 16 steps x 2 channels by a half-warp.
+constexpr int kDtSwizzle = 20;
+__host__ __device__ constexpr int tp_dt(int c, int t) { return 2 * kTpSteps * c + (t ^ (c & 1 ? kDtSwizzle : 0)); }
 
 template <typename T, typename TW, bool kFull, int kCpb>
 __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_tp_kernel(const ScanParams p) {
@@ -73,8 +90,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
   using Stage = TpStage<T, TW, kUnit, kUnits>;
   // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_at layout), then
-  // [channel][dt / dt*u][step], then a float4 per thread, the start state of its slice: slice
-  // 0's is written by slice 3's lanes (12 threads further on) at the end of the sub-chunk
+  // [channel][dt / dt*u][step] (tp_dt), then a float4 per thread, the start state of its slice:
+  // slice 0's is written by slice 3's lanes (24 threads further on) at the end of the sub-chunk
   // before; the other slices' stay 0. The loop carries the current buffer's offset `bo`.
   constexpr int kDtOff = 2 * kTpBuf;
   constexpr int kCarryOff = kDtOff + kCpb * 2 * kTpSteps;
@@ -83,10 +100,10 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   __shared__ __align__(16) float sbuf[2 * kStage];
   const unsigned mask = 0xffffffffu;
   const int tid = threadIdx.x;
-  const int l = tid & 3;
-  const int k = (tid >> 2) & 3;
-  const int m = tid & 15;
-  const int c = tid >> 4;
+  const int l = (tid >> 1) & 3;
+  const int k = (tid >> 3) & 3;
+  const int m = 4 * k + l;
+  const int c = 2 * (tid >> 5) + (tid & 1);
   const int b = blockIdx.y;
   const int d = blockIdx.x * kCpb + c;
   const int zg = blockIdx.z;
@@ -103,7 +120,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   // Row pointers at this lane's steps (2m) of the group's first sub-chunk: u, delta, z and the
   // outputs; a sub-chunk's are these plus its offset in steps from t_lo. (Running pointers cost
   // two instructions each per sub-chunk, an offset address one.)
-  const int m2 = 2 * m;
+  const int m2 = opaque(2 * m);  // (else the loop recomputes the output address from the thread index)
   const int64_t row = (int64_t)b * p.dim + d;
   const T* const up = static_cast<const T*>(p.u) + b * p.u_b + d * p.u_d + t_lo + m2;
   const T* const dp = static_cast<const T*>(p.delta) + b * p.dl_b + d * p.dl_d + t_lo + m2;
@@ -124,16 +141,24 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   for (int r = 0; r < kUnits; ++r) {
     const int e = tid + r * Lay::kThreads;
     const bool isC = e >= 16 * (kTpSteps / kUnit);
-    const int sn = e & 15;
-    const int sj = (e >> 4) % (kTpSteps / kUnit);
-    // (units of 4 steps: the two halves of slice sj % 4, so that a warp's stores of a step hit
-    // 2 slices, 32 banks)
+    int sn, sj;
+    if (kUnit == 8) {
+      // 4 consecutive lanes load one state's 32 steps (64 bytes, one line): a warp's load touches
+      // 8 lines, not 16 (L1 wavefronts are the kernel's tightest resource)
+      sj = e & 3;
+      sn = (e >> 2) & 15;
+    } else {
+      // (units of 4 steps, the two halves of slice sj % 4: a warp's stores of a step hit 2
+      // slices, 32 banks)
+      sn = e & 15;
+      sj = (e >> 4) % (kTpSteps / kUnit);
+    }
     bc_t[r] = 8 * (sj % 4) + kUnit * (sj / 4);
     bc_ok[r] = sn < N;
     bc_vec[r] = isC ? p.vec_C : p.vec_B;
     bc_src[r] = isC ? static_cast<const TW*>(p.C) + b * p.C_b + g * p.C_g + (int64_t)sn * p.C_s + t_lo + bc_t[r]
                     : static_cast<const TW*>(p.B) + b * p.B_b + g * p.B_g + (int64_t)sn * p.B_s + t_lo + bc_t[r];
-    bc_dst[r] = opaque(4 * (isC * kTpBuf + tp_at(bc_t[r]) + sn));  // (bytes) a unit stays within one slice: steps 64 floats apart
+    bc_dst[r] = opaque(4 * (isC * kTpBuf + tp_at(bc_t[r]) + sn));  // (bytes) a unit stays within one slice: steps kTpRow apart
   }
   const float bias = p.bias ? p.bias[d] : 0.f;
   const float Dv = p.D ? p.D[d] : 0.f;
@@ -151,12 +176,12 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   };
   float u_cur[2], z_cur[2];
   // (the thread's dt and dt*u of steps 2m, 2m + 1, bytes)
-  const int wr_dt = opaque(4 * (kDtOff + c * 2 * kTpSteps + 2 * m));
+  const int wr_dt = opaque(4 * (kDtOff + tp_dt(c, 2 * m)));
   auto commit = [&](const Stage& st, int t0, char* buf) {
 #pragma unroll
     for (int r = 0; r < kUnits; ++r) {
 #pragma unroll
-      for (int i = 0; i < kUnit; ++i) *reinterpret_cast<float*>(buf + bc_dst[r] + 256 * i) = st.bc[r][i];
+      for (int i = 0; i < kUnit; ++i) *reinterpret_cast<float*>(buf + bc_dst[r] + 4 * kTpRow * i) = st.bc[r][i];
     }
     const int t = t0 + m2;
     float dt[2], du[2];
@@ -196,12 +221,16 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   // This thread's reads of a staging buffer, byte offsets: B and C of its slice's steps and
   // states, dt and dt*u of its slice's steps, its slice's start state.
   char* const sb = reinterpret_cast<char*>(sbuf);
-  const int rd_bc = opaque(16 * m);
-  const int rd_dt = opaque(4 * (kDtOff + c * 2 * kTpSteps + 8 * k));
-  const int rd_h = opaque(4 * (kCarryOff + 4 * tid));
-  constexpr int kToSlice0 = 4 * 4 * 12;  // bytes from a slice-3 lane's slot back to its slice-0 lane's
-  *reinterpret_cast<float4*>(sb + rd_h) = h;  // (0 in slices 1-3)
-  *reinterpret_cast<float4*>(sb + 4 * kStage + rd_h) = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int rd_bc = opaque(4 * (tp_slice(k) + 4 * l));
+  const int rd_dt0 = opaque(4 * (kDtOff + tp_dt(c, 8 * k))), rd_dt1 = opaque(4 * (kDtOff + tp_dt(c, 8 * k + 4)));
+  // Slices 1-3 start from 0: their lanes read one zero slot per slice (that of lane 9k of the
+  // warp, banks 4k..4k+3: 3 wavefronts for the warp's load, not 4).
+  const int own_h = 4 * (kCarryOff + 4 * tid);
+  const int rd_h = opaque(k == 0 ? own_h : 4 * (kCarryOff + 4 * ((tid & ~31) + 9 * k)));
+  constexpr int kToSlice0 = 4 * 4 * 24;  // bytes from a slice-3 lane's slot back to its slice-0 lane's
+  const int wr_h = opaque(own_h - kToSlice0);
+  *reinterpret_cast<float4*>(sb + own_h) = h;  // (0 in slices 1-3)
+  *reinterpret_cast<float4*>(sb + 4 * kStage + own_h) = make_float4(0.f, 0.f, 0.f, 0.f);
   __syncthreads();
 
   // Checkpoints: the state at the start of every 16-step chunk ch with ch % R == 0. A sub-chunk
@@ -250,22 +279,21 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
 
     const float* bB = reinterpret_cast<const float*>(sb + bo + rd_bc);
     const float* bC = bB + kTpBuf;
-    const float4* dt4p = reinterpret_cast<const float4*>(sb + bo + rd_dt);
-    const float4* du4p = dt4p + kTpSteps / 4;
+    const float* dtp[2] = {reinterpret_cast<const float*>(sb + bo + rd_dt0), reinterpret_cast<const float*>(sb + bo + rd_dt1)};
     float4 P = make_float4(1.f, 1.f, 1.f, 1.f);
     float4 q[8];
     float yacc[8];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const float4 dt4 = dt4p[hh];
-      const float4 du4 = du4p[hh];
+      const float4 dt4 = *reinterpret_cast<const float4*>(dtp[hh]);
+      const float4 du4 = *reinterpret_cast<const float4*>(dtp[hh] + kTpSteps);
       const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
       const float dus[4] = {du4.x, du4.y, du4.z, du4.w};
 #pragma unroll
       for (int e4 = 0; e4 < 4; ++e4) {
         const int e = 4 * hh + e4;
-        const float4 Bv = *reinterpret_cast<const float4*>(bB + 64 * e);
-        const float4 Cv = *reinterpret_cast<const float4*>(bC + 64 * e);
+        const float4 Bv = *reinterpret_cast<const float4*>(bB + kTpRow * e);
+        const float4 Cv = *reinterpret_cast<const float4*>(bC + kTpRow * e);
         const float dtv = dts[e4], duv = dus[e4];
         float4 a;
         a.x = fast_exp2(dtv * A2.x);
@@ -289,10 +317,10 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
       // `pair` is the end of slices k-1..k: the true end of slice k for k <= 1. Round 2 gives
       // slice k >= 2 the true end of slice k-2. (Selecting whole float4s instead of operands made
       // the compiler zero a register and move into it, two instructions a value.)
-      const float4 hp = shfl_up4(h, 4, mask), Pp = shfl_up4(P, 4, mask);
+      const float4 hp = shfl_up4(h, 8, mask), Pp = shfl_up4(P, 8, mask);
       const float4 pair = make_float4(fmaf(P.x, k_ge1 ? hp.x : 0.f, h.x), fmaf(P.y, k_ge1 ? hp.y : 0.f, h.y),
                                       fmaf(P.z, k_ge1 ? hp.z : 0.f, h.z), fmaf(P.w, k_ge1 ? hp.w : 0.f, h.w));
-      const float4 e2 = shfl_up4(pair, 8, mask);
+      const float4 e2 = shfl_up4(pair, 16, mask);
       hin = make_float4(fmaf(Pp.x, k_ge2 ? e2.x : 0.f, k_ge1 ? hp.x : 0.f), fmaf(Pp.y, k_ge2 ? e2.y : 0.f, k_ge1 ? hp.y : 0.f),
                         fmaf(Pp.z, k_ge2 ? e2.z : 0.f, k_ge1 ? hp.z : 0.f), fmaf(Pp.w, k_ge2 ? e2.w : 0.f, k_ge1 ? hp.w : 0.f));
     }
@@ -306,9 +334,9 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     }
     // the true end of slice k; slice 3's is the next sub-chunk's start state of slice 0
     h = make_float4(fmaf(P.x, hin.x, h.x), fmaf(P.y, hin.y, h.y), fmaf(P.z, hin.z, h.z), fmaf(P.w, hin.w, h.w));
-    if (k == 3) *reinterpret_cast<float4*>(sb + (4 * kStage - bo) + rd_h - kToSlice0) = h;
+    if (k == 3) *reinterpret_cast<float4*>(sb + (4 * kStage - bo) + wr_h) = h;
 
-    reduce4_transposing<8>(yacc, l_keep, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
+    reduce4_transposing<8, 2, 4>(yacc, l_keep, mask);  // lane l: steps 8k + 2l + {0, 1} = 2m + {0, 1}
     {
       float y[2], o[2];
 #pragma unroll
