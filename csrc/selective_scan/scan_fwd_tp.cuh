@@ -36,8 +36,8 @@ constexpr int kTpSteps = 32;  // steps per sub-chunk
 // Staged B (or C) of one sub-chunk: step 8k + e (slice k, its step e) at kTpRow e + tp_slice(k),
 // 16 states. A lane (slice k, states 4l..4l+3) reads float4s at kTpRow e + tp_slice(k) + 4l: every
 // read of a sub-chunk is the lane's one base plus a constant. Slices 0, 1 sit at banks 0-15,
-// 16-31 and slices 2, 3 at 8-23, 24-7 (a padded row of 72 floats): the 8 lanes of a quarter-warp
-// (two slices) read 32 distinct banks, and a staging store of one step over 4 slices x 8 states
+// 16-31 and slices 2, 3 at 8-23, 24-7 (a padded row of 72 floats): a half-warp (two slices, both
+// channels) reads 32 distinct banks, and a staging store of one step over 4 slices x 8 states
 // (row-complete global loads, below) hits 32 distinct banks too.
 constexpr int kTpRow = 72;
 constexpr int kTpBuf = 8 * kTpRow;
