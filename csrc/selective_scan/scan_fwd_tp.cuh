@@ -57,7 +57,7 @@ template <int kCpb> struct TpLayout {
 
 template <typename T, typename TW, int kUnit, int kUnits>
 struct TpStage {
-  RawN<TW, kUnit> bc[kUnits];  // unit tid + r nthreads: B or C, state & 15, steps kUnit * sj + 0..
+  RawN<TW, kUnit> bc[kUnits];  // staging unit tid + r nthreads (see the kernel): kUnit steps of a B or C row
   RawN<T, 2> u2, d2, z2;
 };
 
@@ -131,9 +131,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const bool has_y = p.y != nullptr;
   const uintptr_t ya = has_y ? reinterpret_cast<uintptr_t>(static_cast<T*>(p.y) + row * L + t_lo + m2) : 0;
   // Staging unit r of this thread: e = tid + r nthreads -> B or C (e < 16 kTpSteps / kUnit: B),
-  // state e & 15, steps kUnit ((e >> 4) % (kTpSteps / kUnit)) + 0 .. kUnit - 1: its source row
-  // (at the group's first sub-chunk), its first step within a sub-chunk and its place in a
-  // staging buffer.
+  // a state sn and kUnit steps from bc_t: its source row (at the group's first sub-chunk), its
+  // first step within a sub-chunk and its place in a staging buffer.
   const TW* bc_src[kUnits];
   int bc_t[kUnits], bc_dst[kUnits];
   bool bc_ok[kUnits], bc_vec[kUnits];
@@ -144,7 +143,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     int sn, sj;
     if (kUnit == 8) {
       // 4 consecutive lanes load one state's 32 steps (64 bytes, one line): a warp's load touches
-      // 8 lines, not 16 (L1 wavefronts are the kernel's tightest resource)
+      // 8 lines, not 16 (8 L1 wavefronts fewer per warp and sub-chunk, run 33)
       sj = e & 3;
       sn = (e >> 2) & 15;
     } else {
