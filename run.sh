@@ -191,7 +191,7 @@ MA_TOK=""; [[ -n "$TOKENIZER" ]] && MA_TOK=",tokenizer=$TOKENIZER"
 # The local lm-eval task over DATASET's splits (absolute paths, so it runs from anywhere).
 if [[ ",$TASKS," == *",synthetic_math,"* && -z "$EVAL_INCLUDE_PATH" ]]; then
   EVAL_INCLUDE_PATH="$OUT_DIR/tasks"
-  "$PY" -c 'import sys; from mambakit.synthetic import write_lm_eval_task as w; w(sys.argv[1], sys.argv[2])' \
+  "$PY" -c 'import sys; from mambakit.data.synthetic import write_lm_eval_task as w; w(sys.argv[1], sys.argv[2])' \
     "$EVAL_INCLUDE_PATH" "$DATASET" >>"$LOGS/setup.log" 2>&1 \
     || fail setup "could not write the synthetic_math task from $DATASET (train.jsonl and test.jsonl needed)"
 fi

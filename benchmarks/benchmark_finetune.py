@@ -1,7 +1,7 @@
 """LoRA fine-tuning throughput and peak memory of a Mamba shape with random weights.
 
 One training step = forward + response-token cross-entropy + backward + AdamW step on the
-adapters, as the recipe in mambakit/finetune.py runs it (LoRA through PEFT on in_proj, x_proj,
+adapters, as the recipe in mambakit/finetune/ runs it (LoRA through PEFT on in_proj, x_proj,
 dt_proj and out_proj, bf16 autocast). Also timed: forward+backward alone (comparable with the
 anchor's train_fwdbwd_tok_per_s, which has no optimizer). Writes JSON to benchmarks/results/.
 
@@ -103,7 +103,7 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
     between the unchanged environment ("default", the top-level figures) and `env`, one step each,
     and the result gains ab = {variant: figures}: both see the same machine state, which separate
     calls do not (the step's spread between calls is several percent)."""
-    from mambakit.finetune import response_loss
+    from mambakit.finetune.trainer import response_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build(shape, rank, _DTYPES[base_dtype], device, seed, lora_dropout)

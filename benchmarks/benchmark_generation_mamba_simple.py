@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Generation speed of Mamba, upstream's command line, with a same-size transformer measured in
-the same run and a sweep over batch sizes (the logic lives in mambakit.generation_benchmark).
+the same run and a sweep over batch sizes (the logic lives in mambakit.bench.generation).
 
     # CPU smoke (random weights, seconds)
     python benchmarks/benchmark_generation_mamba_simple.py --model-name tiny --promptlen 32 --genlen 16 --batch 1 4
@@ -13,7 +13,7 @@ model and batch size, the prompt processing + decoding time (mean of --repeats c
 warm-up); writes a JSON (machine, versions, date, inputs, every figure) and a PNG of throughput
 against batch size to benchmarks/results/ (or --out-json / --out-png).
 """
-from mambakit.generation_benchmark import main
+from mambakit.bench.generation import main
 
 if __name__ == "__main__":
     main()

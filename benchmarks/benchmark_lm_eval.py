@@ -229,7 +229,7 @@ def main(argv=None):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mambakit.lm_eval_model import MambaEvalLM, parse_dtype
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM, parse_dtype
     from mambakit.tokenizer import load_tokenizer
 
     tokenizer_dir = Path(args.tokenizer)

@@ -9,7 +9,7 @@ for convenience, adds `--include_path evals/tasks` when a local task is named wi
         --tasks gsm8k_local --include_path evals/tasks --device cpu --batch_size auto --output_path results/
 
 `--model mamba_ssm` (lm-eval's own wrapper) also runs on our package; see evals/README.md.
-`--results_table a=PATH b=PATH` prints mambakit.eval_report's markdown table instead of evaluating.
+`--results_table a=PATH b=PATH` prints mambakit.evaluation.results_table's markdown table instead of evaluating.
 """
 import sys
 from pathlib import Path
@@ -52,11 +52,11 @@ def _add_local_tasks(argv: list) -> list:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--results_table":
-        from mambakit.eval_report import main as report_main
+        from mambakit.evaluation.results_table import main as report_main
 
         report_main(argv[1:])
         return
-    import mambakit.lm_eval_model  # noqa: F401  registers --model mamba
+    import mambakit.evaluation.lm_eval_model  # noqa: F401  registers --model mamba
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:  # pragma: no cover

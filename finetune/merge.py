@@ -5,7 +5,7 @@
 """
 import sys
 
-from mambakit.merge import main
+from mambakit.finetune.merge import main
 
 if __name__ == "__main__":
     sys.exit(main())

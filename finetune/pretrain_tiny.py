@@ -5,9 +5,9 @@
                                                           # mambakit/assets/math-word-problems/{train,test}.jsonl
     python finetune/pretrain_tiny.py --out-dir /tmp/tiny --data-dir /tmp/wp --steps 200
 
-Every option is a field of mambakit.pretrain_tiny.PretrainConfig (--help lists them).
+Every option is a field of mambakit.finetune.pretrain_tiny.PretrainConfig (--help lists them).
 """
-from mambakit.pretrain_tiny import main
+from mambakit.finetune.pretrain_tiny import main
 
 if __name__ == "__main__":
     main()

@@ -3,9 +3,9 @@
 Inputs (each optional; a missing section says so rather than inventing a number):
 
 * lm-eval results of the base and the fine-tuned model (``--eval NAME=PATH``, a results JSON or
-  a directory holding one; read with `mambakit.eval_report`);
+  a directory holding one; read with `mambakit.evaluation.results_table`);
 * the fine-tune's ``summary.json`` (held-out exact match before/after, loss, steps, time);
-* generation-benchmark JSONs (`mambakit.generation_benchmark`);
+* generation-benchmark JSONs (`mambakit.bench.generation`);
 * extra JSON files to list (e.g. the base model's ``pretrain_summary.json``, step timings).
 
 Outputs in ``--out``: ``report.md``, ``accuracy.png`` (per task and metric, base against
@@ -47,7 +47,7 @@ def _fmt(v, digits=4) -> str:
 
 def load_eval_metrics(evals: dict) -> dict:
     """{name: (results json path, {task: {metric: value}})} from {name: path}."""
-    from mambakit.eval_report import find_results_json, load_metrics
+    from mambakit.evaluation.results_table import find_results_json, load_metrics
 
     out = {}
     for name, path in evals.items():

@@ -38,7 +38,7 @@ def test_environ_is_restored(monkeypatch):
 def test_alternating_variants_on_cpu(monkeypatch):
     # each variant's steps run under its own environment, alternating with the default's
     seen = []
-    import mambakit.finetune as ft
+    import mambakit.finetune.trainer as ft
 
     real_loss = ft.response_loss
 

@@ -144,7 +144,8 @@ def test_only_adapters_change_and_all_targets_get_gradients(work, reference_run)
 
 
 def test_sigterm_then_resume_matches_uninterrupted(work, reference_run, tmp_path):
-    from mambakit.finetune import PREEMPTED_EXIT_CODE, run
+    from mambakit.finetune import run
+    from mambakit.finetune.cli import PREEMPTED_EXIT_CODE
 
     ref_out, _ = reference_run
     out = tmp_path / "killed"
@@ -183,7 +184,7 @@ def test_merge_matches_adapted_and_loads(work, reference_run, tmp_path):
     from peft import PeftModel
 
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    from mambakit.merge import MergeConfig, merge
+    from mambakit.finetune.merge import MergeConfig, merge
 
     ref_out, _ = reference_run
     res = merge(MergeConfig(adapter=str(ref_out / "adapter"), out=str(tmp_path / "merged")))
@@ -232,7 +233,7 @@ def test_full_finetune_checkpoints_tied_weights(work, tmp_path):
     assert not torch.equal(m.backbone.embedding.weight, base.backbone.embedding.weight)
     assert m.lm_head.weight.data_ptr() == m.backbone.embedding.weight.data_ptr()
     # A_log and D stay out of weight decay; so do norms and biases
-    from mambakit.finetune import no_decay_parameter
+    from mambakit.finetune.lora import no_decay_parameter
 
     names = {n for n, p in m.named_parameters() if no_decay_parameter(n, p)}
     assert "backbone.layers.0.mixer.A_log" in names and "backbone.layers.0.mixer.D" in names
@@ -300,7 +301,7 @@ def test_cli_reports_errors_without_traceback(work, tmp_path):
 
 
 def test_config_file_and_flags(tmp_path):
-    from mambakit.finetune import config_from_cli
+    from mambakit.finetune.cli import config_from_cli
 
     f = tmp_path / "exp.yaml"
     f.write_text("model: some/model\nlora-r: 64\ntarget_modules: [in_proj, out_proj]\npreset: none\n"
@@ -335,7 +336,7 @@ def test_resume_after_last_step_takes_no_extra_step(work, reference_run, tmp_pat
 
 
 def test_sigusr1_and_sigterm_set_the_stop_flag():
-    from mambakit.finetune import PreemptionCallback
+    from mambakit.finetune.callbacks import PreemptionCallback
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         pc = PreemptionCallback()
@@ -354,7 +355,7 @@ def test_sigusr1_and_sigterm_set_the_stop_flag():
 
 
 def test_resume_with_different_settings_is_refused(work, tmp_path):
-    from mambakit.finetune import prepare_output_dir
+    from mambakit.finetune.outputs import prepare_output_dir
 
     out = tmp_path / "o"
     prepare_output_dir(_cfg(work, out))
@@ -366,12 +367,13 @@ def test_resume_with_different_settings_is_refused(work, tmp_path):
 @pytest.mark.parametrize("full_finetune", [True, False])
 def test_every_rank_meets_the_same_barriers_when_saving(monkeypatch, tmp_path, full_finetune):
     """Under torchrun each barrier pairs across ranks: rank 0 (which writes) and the others must
-    call _barrier equally often, or rank 0 waits forever at exit (the first FSDP run on 2 GPUs hung so)."""
+    call barrier equally often, or rank 0 waits forever at exit (the first FSDP run on 2 GPUs hung so)."""
     import types
 
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    import mambakit.finetune as ft
+    from mambakit.finetune import distributed, outputs, trainer as ft_trainer
+    from mambakit.finetune.config import FinetuneConfig
 
     model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=32, pad_vocab_size_multiple=8))
     trainer = types.SimpleNamespace(model=model, accelerator=types.SimpleNamespace(get_state_dict=lambda m: m.state_dict()))
@@ -380,13 +382,13 @@ def test_every_rank_meets_the_same_barriers_when_saving(monkeypatch, tmp_path, f
     counts = {}
     for rank in (0, 1):
         calls = []
-        monkeypatch.setattr(ft, "_is_main", lambda rank=rank: rank == 0)
-        monkeypatch.setattr(ft, "_barrier", lambda calls=calls: calls.append(1))
-        cfg = ft.FinetuneConfig(model="unused", output_dir=str(tmp_path / f"rank{rank}"), full_finetune=full_finetune)
+        monkeypatch.setattr(distributed, "is_main", lambda rank=rank: rank == 0)
+        monkeypatch.setattr(distributed, "barrier", lambda calls=calls: calls.append(1))
+        cfg = FinetuneConfig(model="unused", output_dir=str(tmp_path / f"rank{rank}"), full_finetune=full_finetune)
         if full_finetune:
-            ft._save_fsdp_final(cfg, trainer, model, tokenizer)
+            ft_trainer.save_fsdp_final(cfg, trainer, model, tokenizer)
         else:
-            ft.save_final(cfg, adapter, tokenizer)
+            outputs.save_final(cfg, adapter, tokenizer)
         counts[rank] = len(calls)
     assert counts[0] == counts[1] >= 1
     assert (tmp_path / "rank0" / ("model" if full_finetune else "adapter")).is_dir()
@@ -394,7 +396,8 @@ def test_every_rank_meets_the_same_barriers_when_saving(monkeypatch, tmp_path, f
 
 
 def test_profile_steps_writes_a_table(work, tmp_path, monkeypatch):
-    from mambakit.finetune import ProfileCallback, run
+    from mambakit.finetune import run
+    from mambakit.finetune.callbacks import ProfileCallback
 
     monkeypatch.setenv("MAMBAKIT_PROFILE_STEPS", "1-3")
     out = tmp_path / "prof"

@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(tiny):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     return MambaEvalLM(pretrained=str(tiny["ours"]), device="cpu", dtype="float32", batch_size=1)
 
@@ -106,7 +106,7 @@ def _direct_loglikelihood(model, tok, context, continuation):
 def test_registered_with_lm_eval():
     from lm_eval.api.registry import get_model
 
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     assert get_model("mamba") is MambaEvalLM
     # Registering ours must not hide lm-eval's own models.
@@ -114,7 +114,7 @@ def test_registered_with_lm_eval():
 
 
 def test_argument_errors(tiny):
-    from mambakit.lm_eval_model import MambaEvalLM, parse_batch_size
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM, parse_batch_size
 
     assert parse_batch_size("auto:4") == (None, True)
     assert parse_batch_size("8") == (8, False)
@@ -131,7 +131,7 @@ def test_argument_errors(tiny):
 # --- loglikelihood ----------------------------------------------------------------------------------
 
 def test_loglikelihood_equals_direct_computation_for_any_batching(tiny, lm):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     expected = [_direct_loglikelihood(tiny["model"], tiny["tok"], c, x) for c, x in LL_PAIRS]
     reqs = _instances("loglikelihood", LL_PAIRS)
@@ -149,7 +149,7 @@ def test_loglikelihood_equals_direct_computation_for_any_batching(tiny, lm):
 
 
 def test_loglikelihood_rolling_equals_direct_computation(tiny):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     text = "Mamba is a selective state-space model. " * 6
     toks = tiny["tok"].encode(text, add_special_tokens=False)
@@ -173,7 +173,7 @@ def test_same_numbers_as_lm_eval_hf_model_on_transformers_layout(tiny):
     pytest.importorskip("accelerate")
     from lm_eval.models.huggingface import HFLM
 
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     hf = HFLM(pretrained=str(tiny["hf"]), tokenizer=str(tiny["hf"]), device="cpu", dtype="float32", batch_size=1,
               max_length=32)
@@ -193,7 +193,7 @@ def test_peft_adapter_is_applied(tiny, tmp_path):
     peft = pytest.importorskip("peft")
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     torch.manual_seed(1)
     base = MambaLMHeadModel.from_pretrained(str(tiny["ours"]))
@@ -244,7 +244,7 @@ def _gen(lm, prompts, **kwargs):
 
 
 def test_prompts_of_different_lengths_batched_equal_alone(tiny, lm):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     alone = [_gen(lm, [p], until=["\n\n"], max_gen_toks=12)[0] for p in PROMPTS]
     batched_lm = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
@@ -282,7 +282,7 @@ def test_lm_eval_builtin_mamba_ssm_model_runs_on_our_package(tiny, lm):
 
 
 def test_generate_until_stops_at_stop_sequences(tiny):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     lm = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
                      batch_size=4)
@@ -402,7 +402,7 @@ def test_local_gsm8k_tasks_through_the_cli(tiny, tmp_path, monkeypatch):
         for resp in s["resps"][0]:
             assert "Question:" not in resp and "\n\n" not in resp
 
-    from mambakit.eval_report import load_metrics, results_table
+    from mambakit.evaluation.results_table import load_metrics, results_table
 
     metrics = load_metrics(out)
     assert set(metrics["gsm8k_local"]) == {"exact_match (strict-match)", "exact_match (flexible-extract)"}
@@ -413,7 +413,7 @@ def test_local_gsm8k_tasks_through_the_cli(tiny, tmp_path, monkeypatch):
 # --- report ------------------------------------------------------------------------------------------
 
 def test_results_table_compares_models(tmp_path):
-    from mambakit.eval_report import compare_metrics, main, results_table
+    from mambakit.evaluation.results_table import compare_metrics, main, results_table
 
     def write(name, results):
         p = tmp_path / name / "results_2026-01-01.json"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mambakit.math_answers import answers_match, exact_match_accuracy, extract_answer, normalize_number
-from mambakit.math_data import (IGNORE_INDEX, DataCollator, DataConfig, format_prompt, load_math_data,
+from mambakit.evaluation.math_answers import answers_match, exact_match_accuracy, extract_answer, normalize_number
+from mambakit.data.math_data import (IGNORE_INDEX, DataCollator, DataConfig, format_prompt, load_math_data,
                                 pack_examples, tokenize_examples)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -148,7 +148,7 @@ def test_gsm8k_directory_with_test_split(tok):
 def test_batched_generation_equals_generate_one_by_one(tok):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    from mambakit.math_answers import evaluate_exact_match, generate_greedy
+    from mambakit.evaluation.math_answers import evaluate_exact_match, generate_greedy
 
     torch.manual_seed(0)
     # untied head and large init: continuations that differ from prompt to prompt (a tied tiny model

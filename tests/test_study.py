@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mambakit import synthetic
+from mambakit.data import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -177,7 +177,7 @@ def test_report_cli_and_missing_inputs(tmp_path):
 # ------------------------------------------------------------------------------ generation benchmark
 
 def test_size_names():
-    from mambakit.generation_benchmark import PYTHIA_SIZES, MAMBA_SIZES, size_of
+    from mambakit.bench.generation import PYTHIA_SIZES, MAMBA_SIZES, size_of
 
     assert size_of("state-spaces/mamba-1.4b") == "1.4b"
     assert size_of("state-spaces/mamba-130m-hf") == "130m"
@@ -187,7 +187,7 @@ def test_size_names():
 
 
 def test_generation_benchmark_cpu_smoke(tmp_path):
-    from mambakit.generation_benchmark import BenchConfig, run_benchmark, write_results
+    from mambakit.bench.generation import BenchConfig, run_benchmark, write_results
 
     cfg = BenchConfig(model_name="tiny", promptlen=8, genlen=4, batch=[1, 2], repeats=1, device="cpu", threads=1)
     res = run_benchmark(cfg, log=lambda *a: None)
@@ -266,7 +266,7 @@ def test_run_sh_quick_end_to_end(tmp_path):
 
 
 def test_pretrain_tiny_writes_a_loadable_model(tmp_path):
-    from mambakit.pretrain_tiny import PretrainConfig, pretrain
+    from mambakit.finetune.pretrain_tiny import PretrainConfig, pretrain
 
     cfg = PretrainConfig(out_dir=str(tmp_path / "m"), data_dir=str(tmp_path / "d"), steps=3, d_model=32, n_layer=1,
                          seq_len=32, batch_size=4, n_train=20, n_test=5, eval_equations=4, eval_problems=2, threads=1)

@@ -1,7 +1,7 @@
 """Pretrain the tiny base model of the embedded study from scratch, on the CPU, in minutes.
 
 Steps (all seeded): generate the arithmetic + narrative corpus and the word problems
-(`mambakit.synthetic`), train a small byte-level BPE tokenizer on them (EOS ``<|endoftext|>``),
+(`mambakit.data.synthetic`), train a small byte-level BPE tokenizer on them (EOS ``<|endoftext|>``),
 pack whole documents (each followed by EOS) into rows of ``seq_len`` tokens, train a
 `MambaLMHeadModel` with AdamW and a cosine schedule, then measure
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mambakit import synthetic
+from mambakit.data import synthetic
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "tiny-mamba-arith"

@@ -4,10 +4,10 @@ lm-eval writes one JSON per run (`--output_path DIR` gives DIR/<model>/results_<
 "results" mapping {task: {"metric,filter": value, "metric_stderr,filter": stderr, "alias": ...}}).
 This module reads those files and compares models:
 
-    from mambakit.eval_report import load_metrics, results_table
+    from mambakit.evaluation.results_table import load_metrics, results_table
     results_table({"base": "out/base", "lora": "out/lora/results_2026.json"})
 
-or, from a shell (run.sh): `python -m mambakit.eval_report base=out/base lora=out/lora --out table.md`
+or, from a shell (run.sh): `python -m mambakit.evaluation.results_table base=out/base lora=out/lora --out table.md`
 (also `python evals/lm_harness_eval.py --results_table base=... lora=...`).
 A path may be a results JSON or a directory searched for the newest results_*.json below it.
 """
@@ -151,7 +151,7 @@ def _parse_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mambakit.eval_report",
+    ap = argparse.ArgumentParser(prog="python -m mambakit.evaluation.results_table",
                                  description="Markdown table comparing lm-eval results of several models.")
     ap.add_argument("runs", nargs="+", metavar="NAME=PATH", help="a model's name and its results JSON or output dir")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
