@@ -14,15 +14,17 @@
 # The Mamba math study, end to end: fine-tune -> merge -> evaluate base and fine-tuned (lm-eval)
 # -> generation benchmark (Mamba against a same-size transformer) -> report (markdown + charts).
 #
-#   bash run.sh                 # the embedded default: tiny base + synthetic word problems, CPU, offline, < 10 min
+#   bash run.sh                 # the embedded default (configs/study_tiny.yaml): tiny base model,
+#                               # synthetic word problems, CPU, offline, < 10 min
 #   bash run.sh --quick         # (or QUICK=1) the shortened study CI runs (~2-3 min)
 #   sbatch run.sh               # the same on a SLURM GPU node (job logs: mamba-math-study-<jobid>.out/.err)
 #   sbatch run.sh --requeue     # a preempted job (SIGUSR1/SIGTERM) checkpoints, requeues itself and resumes
-#   BASE_MODEL=state-spaces/mamba-1.4b TOKENIZER=../shared/tokenizers/gpt-neox-20b DATASET=openai/gsm8k \
-#     HUB_CONFIG=main TASKS=gsm8k OUT_DIR=outputs/mamba-1.4b-gsm8k sbatch run.sh
+#   CONFIG=configs/mamba-1.4b-gsm8k.yaml TASKS=gsm8k OUT_DIR=outputs/mamba-1.4b-gsm8k sbatch run.sh
 #
-# Every choice is an environment variable (below, with its default) or the matching flag
-# (--out-dir DIR, --base-model M, --steps N, ...: the variable's name in lower case with dashes).
+# The fine-tune is set by CONFIG, a file of FinetuneConfig's fields from which every step also
+# takes the model and the data, and by FT_ARGS, finetune/finetune.py flags over it (for example
+# FT_ARGS="--max-steps 50 --learning-rate 1e-3"). The variables below (or the matching flag:
+# --out-dir DIR, --tasks T, ...) choose the evaluation, the benchmark and the steps.
 # Re-running skips the steps whose marker ($OUT_DIR/.done/<step>) exists and resumes a cut
 # fine-tune from its newest checkpoint. Each step logs to $OUT_DIR/logs/<step>.log. A failing
 # step stops the run with a non-zero status and its name. --force STEP (or FORCE=step1,step2)
@@ -31,30 +33,21 @@ set -uo pipefail
 
 usage() { sed -n '/^# The Mamba math study/,/^set -uo/p' "$0" | grep -v '^set -uo' | sed 's/^# \{0,1\}//'; cat <<'EOF'
 Variables (flag form: --lower-case-with-dashes VALUE):
+  CONFIG         configs/study_tiny.yaml   the fine-tune's config (FinetuneConfig fields)
+  FT_ARGS        (none)     finetune/finetune.py flags over CONFIG (finetune/finetune.py --help)
   OUT_DIR        outputs/study (quick: outputs/study-quick)
-  BASE_MODEL     mambakit/assets/tiny-mamba-arith      hub id or directory
-  TOKENIZER      (the model's)                          directory or tokenizer.json
-  DATASET        mambakit/assets/math-word-problems     hub id, file or directory (train/test)
-  HUB_CONFIG     (none)     dataset configuration (e.g. main for openai/gsm8k)
-  PRESET         gsm8k      field preset of the fine-tune data
-  EVAL_SPLIT     test       held-out split for the fine-tune's own before/after exact match
-  TASKS          synthetic_math   lm-eval tasks, comma-separated (synthetic_math: DATASET's test split, zero-shot)
+  TASKS          synthetic_math   lm-eval tasks, comma-separated (synthetic_math: the data set's test split, zero-shot)
   EVAL_LIMIT     (all)      lm-eval --limit
   EVAL_BATCH     auto       lm-eval --batch_size
   NUM_FEWSHOT    (task's)   lm-eval --num_fewshot
   EVAL_INCLUDE_PATH         lm-eval --include_path (default: $OUT_DIR/tasks when TASKS names synthetic_math)
   DEVICE         cuda if visible, else cpu
   DTYPE          auto       lm-eval/benchmark dtype (bf16 on GPU, fp32 on CPU)
-  FT_MODE        lora       lora | full
-  LORA_R 8  LORA_ALPHA 16  LORA_DROPOUT 0.0  TARGET_MODULES "in_proj x_proj dt_proj out_proj"
-  STEPS 600 (quick 150)  LR 3e-3  BATCH 32  GRAD_ACCUM 1  MAX_LENGTH 128  WARMUP_RATIO 0.05  SCHEDULER cosine
-  SAVE_STEPS 100  SEED 0  FT_EVAL_MAX 200 (held-out examples the fine-tune scores)  FT_EVAL_TOKENS 48
-  FT_ARGS (extra finetune/finetune.py flags)
-  BENCH_MODEL    (BASE_MODEL)   model timed by the generation benchmark (a size such as 1.4b: random weights)
+  BENCH_MODEL    (the config's model)   model the generation benchmark times (a size such as 1.4b: random weights)
   BENCH_BATCHES  "1 4 16"  BENCH_PROMPTLEN 64  BENCH_GENLEN 32  BENCH_REPEATS 2  BENCH_ARGS (extra, e.g. --cg)
   THREADS        torch CPU threads (default: all cores)
   STEPS_TO_RUN   finetune,merge,eval_base,eval_finetuned,bench,report
-  QUICK          0          1: the shortened study
+  QUICK          0          1: the shortened study (FT_ARGS gains --max-steps 150 --eval-max-examples 40 --save-steps 50)
   REQUEUE        0          1: on SIGUSR1/SIGTERM, checkpoint and `scontrol requeue` the job
   FORCE          steps to rerun even if done; --clean removes OUT_DIR first
 EOF
@@ -87,27 +80,17 @@ REQUEUE="${REQUEUE:-0}"
 if [[ -z "${DEVICE:-}" ]]; then
   if "$PY" -c 'import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then DEVICE=cuda; else DEVICE=cpu; fi
 fi
+: "${CONFIG:=configs/study_tiny.yaml}" "${FT_ARGS:=}"
 if [[ "$QUICK" == 1 ]]; then
-  : "${OUT_DIR:=outputs/study-quick}" "${STEPS:=150}" "${FT_EVAL_MAX:=40}" "${EVAL_LIMIT:=40}" "${BENCH_BATCHES:=1 4}"
-  : "${BENCH_PROMPTLEN:=32}" "${BENCH_GENLEN:=16}" "${BENCH_REPEATS:=1}" "${SAVE_STEPS:=50}"
+  : "${OUT_DIR:=outputs/study-quick}" "${EVAL_LIMIT:=40}" "${BENCH_BATCHES:=1 4}"
+  : "${BENCH_PROMPTLEN:=32}" "${BENCH_GENLEN:=16}" "${BENCH_REPEATS:=1}"
+  FT_ARGS="--max-steps 150 --eval-max-examples 40 --save-steps 50 $FT_ARGS"
 fi
 : "${OUT_DIR:=outputs/study}"
-: "${BASE_MODEL:=mambakit/assets/tiny-mamba-arith}"
-: "${TOKENIZER:=}"
-: "${DATASET:=mambakit/assets/math-word-problems}"
-: "${HUB_CONFIG:=}" "${PRESET:=gsm8k}" "${EVAL_SPLIT:=test}"
 : "${TASKS:=synthetic_math}" "${EVAL_LIMIT:=}" "${EVAL_BATCH:=auto}" "${NUM_FEWSHOT:=}" "${EVAL_INCLUDE_PATH:=}"
-: "${DTYPE:=auto}" "${FT_MODE:=lora}"
-: "${LORA_R:=8}" "${LORA_ALPHA:=16}" "${LORA_DROPOUT:=0.0}" "${TARGET_MODULES:=in_proj x_proj dt_proj out_proj}"
-: "${STEPS:=600}" "${LR:=3e-3}" "${BATCH:=32}" "${GRAD_ACCUM:=1}" "${MAX_LENGTH:=128}" "${WARMUP_RATIO:=0.05}"
-: "${SCHEDULER:=cosine}" "${SAVE_STEPS:=100}" "${SEED:=0}" "${FT_EVAL_MAX:=200}" "${FT_EVAL_TOKENS:=48}" "${FT_ARGS:=}"
-: "${BENCH_MODEL:=$BASE_MODEL}" "${BENCH_BATCHES:=1 4 16}" "${BENCH_PROMPTLEN:=64}" "${BENCH_GENLEN:=32}"
+: "${DTYPE:=auto}" "${BENCH_MODEL:=}" "${BENCH_BATCHES:=1 4 16}" "${BENCH_PROMPTLEN:=64}" "${BENCH_GENLEN:=32}"
 : "${BENCH_REPEATS:=2}" "${BENCH_ARGS:=}" "${THREADS:=}"
 : "${STEPS_TO_RUN:=finetune,merge,eval_base,eval_finetuned,bench,report}" "${FORCE:=}"
-# Offline by default for the embedded study (everything it needs ships with the repository).
-if [[ "$BASE_MODEL" == mambakit/assets/* && "$DATASET" == mambakit/assets/* ]]; then
-  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
-fi
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 [[ -n "$THREADS" ]] && export OMP_NUM_THREADS="$THREADS"
 
@@ -173,22 +156,43 @@ run_step() {
   CURRENT=""
 }
 
-say "study in $OUT_DIR: base $BASE_MODEL, data $DATASET, tasks $TASKS, device $DEVICE, quick=$QUICK"
+# ---------------------------------------------------------------------------- the fine-tune's settings
+FT="$OUT_DIR/finetune"; MERGED="$OUT_DIR/merged"; EVAL="$OUT_DIR/eval"; BENCH="$OUT_DIR/bench"; REPORT="$OUT_DIR/report"
+# shellcheck disable=SC2206
+FT_CMD=("$PY" finetune/finetune.py --config "$CONFIG" $FT_ARGS --output-dir "$FT" --resume)
+# The resolved config (CONFIG, then FT_ARGS) names the model and the data for every step.
+if ! SETTINGS=$("${FT_CMD[@]}" --print-config 2>>"$LOGS/setup.log" | "$PY" -c '
+import json, shlex, sys
+c = json.load(sys.stdin)
+for var, key in (("BASE_MODEL", "model"), ("TOKENIZER", "tokenizer"), ("DATASET", "dataset"),
+                 ("FULL_FINETUNE", "full_finetune"), ("SEED", "seed")):
+    v = c[key]
+    v = int(v) if isinstance(v, bool) else ("" if v is None else v)
+    print(var + "=" + shlex.quote(str(v)))
+' 2>>"$LOGS/setup.log"); then
+  fail setup "CONFIG=$CONFIG with FT_ARGS='$FT_ARGS' is not a valid fine-tune configuration"
+fi
+eval "$SETTINGS"
+: "${BENCH_MODEL:=$BASE_MODEL}"
+# Offline by default for the embedded study (everything it needs ships with the repository).
+if [[ "$BASE_MODEL" == mambakit/assets/* && "$DATASET" == mambakit/assets/* ]]; then
+  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+fi
+
+say "study in $OUT_DIR: config $CONFIG${FT_ARGS:+ with $FT_ARGS}, base $BASE_MODEL, data $DATASET, tasks $TASKS, device $DEVICE, quick=$QUICK"
 { echo "date=$(date -u +%FT%TZ) host=$(hostname) git=$(git rev-parse --short HEAD 2>/dev/null)"
-  for v in QUICK BASE_MODEL TOKENIZER DATASET HUB_CONFIG PRESET EVAL_SPLIT TASKS EVAL_LIMIT EVAL_BATCH NUM_FEWSHOT DEVICE \
-           DTYPE FT_MODE LORA_R LORA_ALPHA LORA_DROPOUT TARGET_MODULES STEPS LR BATCH GRAD_ACCUM MAX_LENGTH WARMUP_RATIO \
-           SCHEDULER SAVE_STEPS SEED FT_EVAL_MAX FT_EVAL_TOKENS FT_ARGS BENCH_MODEL BENCH_BATCHES BENCH_PROMPTLEN BENCH_GENLEN \
-           BENCH_REPEATS BENCH_ARGS THREADS; do printf '%s=%q\n' "$v" "${!v}"; done; } >"$OUT_DIR/settings.env"
+  for v in CONFIG FT_ARGS QUICK TASKS EVAL_LIMIT EVAL_BATCH NUM_FEWSHOT DEVICE DTYPE BENCH_MODEL BENCH_BATCHES \
+           BENCH_PROMPTLEN BENCH_GENLEN BENCH_REPEATS BENCH_ARGS THREADS; do printf '%s=%q\n' "$v" "${!v}"; done
+  echo "# the fine-tune's resolved config: $FT/run_config.json"; } >"$OUT_DIR/settings.env"
 
 # ---------------------------------------------------------------------------- inputs
 if [[ "$BASE_MODEL" == mambakit/assets/* && ! -f "$BASE_MODEL/config.json" ]]; then
   fail setup "the embedded base model $BASE_MODEL is missing (make it with: python finetune/pretrain_tiny.py)"
 fi
-FT="$OUT_DIR/finetune"; MERGED="$OUT_DIR/merged"; EVAL="$OUT_DIR/eval"; BENCH="$OUT_DIR/bench"; REPORT="$OUT_DIR/report"
 TOK_ARG=(); [[ -n "$TOKENIZER" ]] && TOK_ARG=(--tokenizer "$TOKENIZER")
 MA_TOK=""; [[ -n "$TOKENIZER" ]] && MA_TOK=",tokenizer=$TOKENIZER"
 
-# The local lm-eval task over DATASET's splits (absolute paths, so it runs from anywhere).
+# The local lm-eval task over the data set's splits (absolute paths, so it runs from anywhere).
 if [[ ",$TASKS," == *",synthetic_math,"* && -z "$EVAL_INCLUDE_PATH" ]]; then
   EVAL_INCLUDE_PATH="$OUT_DIR/tasks"
   "$PY" -c 'import sys; from mambakit.data.synthetic import write_lm_eval_task as w; w(sys.argv[1], sys.argv[2])' \
@@ -197,25 +201,11 @@ if [[ ",$TASKS," == *",synthetic_math,"* && -z "$EVAL_INCLUDE_PATH" ]]; then
 fi
 
 # ---------------------------------------------------------------------------- 1. fine-tune
-FT_FLAGS=(--model "$BASE_MODEL" "${TOK_ARG[@]}" --dataset "$DATASET" --output-dir "$FT" --resume
-          --preset "$PRESET" --max-steps "$STEPS" --learning-rate "$LR" --batch-size "$BATCH"
-          --grad-accum "$GRAD_ACCUM" --max-length "$MAX_LENGTH" --warmup-ratio "$WARMUP_RATIO"
-          --lr-scheduler "$SCHEDULER" --save-steps "$SAVE_STEPS" --seed "$SEED" --no-progress
-          --eval-max-examples "$FT_EVAL_MAX" --eval-max-new-tokens "$FT_EVAL_TOKENS")
-[[ -n "$HUB_CONFIG" ]] && FT_FLAGS+=(--hub-config "$HUB_CONFIG")
-[[ -n "$EVAL_SPLIT" ]] && FT_FLAGS+=(--eval-split "$EVAL_SPLIT")
-if [[ "$FT_MODE" == full ]]; then FT_FLAGS+=(--full-finetune)
-else
-  # shellcheck disable=SC2206
-  FT_FLAGS+=(--lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" --target-modules $TARGET_MODULES)
-fi
-# shellcheck disable=SC2206
-FT_FLAGS+=($FT_ARGS)
-run_step finetune "$PY" finetune/finetune.py "${FT_FLAGS[@]}"
+run_step finetune "${FT_CMD[@]}"
 
 # ---------------------------------------------------------------------------- 2. merge
-if [[ "$FT_MODE" == full ]]; then TUNED="$FT/model"; else TUNED="$MERGED"; fi
-if [[ "$FT_MODE" != full ]]; then
+if [[ "$FULL_FINETUNE" == 1 ]]; then TUNED="$FT/model"; else TUNED="$MERGED"; fi
+if [[ "$FULL_FINETUNE" != 1 ]]; then
   run_step merge "$PY" finetune/merge.py --base "$BASE_MODEL" --adapter "$FT/adapter" --out "$MERGED" --overwrite "${TOK_ARG[@]}"
 fi
 
@@ -252,7 +242,7 @@ report() {
   [[ -f "$BENCH/generation.json" ]] && args+=(--generation "$BENCH/generation.json")
   [[ -f "$BASE_MODEL/pretrain_summary.json" ]] && args+=(--extra "base model pretraining=$BASE_MODEL/pretrain_summary.json")
   [[ -f "$MERGED/merge_info.json" ]] && args+=(--extra "merge check=$MERGED/merge_info.json")
-  args+=(--note "Settings: \`$OUT_DIR/settings.env\`; step logs: \`$LOGS/\`; step times (s): $(
+  args+=(--note "Settings: \`$OUT_DIR/settings.env\` and \`$FT/run_config.json\`; step logs: \`$LOGS/\`; step times (s): $(
     for s in finetune merge eval_base eval_finetuned bench; do [[ -f "$MARK/$s.seconds" ]] && printf '%s %s; ' "$s" "$(cat "$MARK/$s.seconds")"; done)")
   "$PY" -m mambakit.report "${args[@]}"
 }

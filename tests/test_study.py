@@ -226,7 +226,7 @@ def test_generation_benchmark_cli_checkpoint_and_errors(tmp_path):
 
 def test_run_sh_help_and_bad_argument():
     r = subprocess.run(["bash", "run.sh", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "BASE_MODEL" in r.stdout and "--quick" in r.stdout
+    assert r.returncode == 0 and "CONFIG" in r.stdout and "FT_ARGS" in r.stdout and "--quick" in r.stdout
     r = subprocess.run(["bash", "run.sh", "extra"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown argument" in r.stderr
     head = (ROOT / "run.sh").read_text().splitlines()[:15]
@@ -235,12 +235,16 @@ def test_run_sh_help_and_bad_argument():
 
 
 def test_run_sh_failure_names_step(tmp_path):
-    env = dict(os.environ, OUT_DIR=str(tmp_path / "out"), BASE_MODEL=str(tmp_path / "no-model"), STEPS_TO_RUN="finetune",
-               HF_HUB_OFFLINE="1", TASKS="none")
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "out"), FT_ARGS=f"--model {tmp_path / 'no-model'}",
+               STEPS_TO_RUN="finetune", HF_HUB_OFFLINE="1", TASKS="none")
     r = subprocess.run(["bash", "run.sh"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode != 0
     assert "FAILED at step 'finetune'" in r.stdout
     assert (tmp_path / "out" / "logs" / "finetune.log").is_file()
+    # a configuration that does not validate stops before any step, naming the settings
+    env["FT_ARGS"] = "--lora-r 0"
+    r = subprocess.run(["bash", "run.sh"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode != 0 and "FAILED at step 'setup'" in r.stdout and "--lora-r 0" in r.stdout
 
 
 _CLIS = [ROOT / "finetune" / "finetune.py", ROOT / "finetune" / "merge.py", ROOT / "evals" / "lm_harness_eval.py"]

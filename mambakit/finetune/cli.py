@@ -26,6 +26,8 @@ def build_parser(parser=None):
         description="LoRA (or full) fine-tuning of a Mamba model on math word problems. Flags override "
                     "--config; see finetune/README.md.")
     parser.add_argument("--config", help="JSON or YAML file with any of the options below (flags win)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved options as JSON and exit (run.sh reads the model and data from it)")
     helps = {
         "model": "hub id or local directory (upstream or transformers layout)",
         "tokenizer": "directory or tokenizer.json (default: the model's, else GPT-NeoX-20B)",
@@ -57,8 +59,10 @@ def build_parser(parser=None):
     return parser
 
 
-def config_from_cli(argv=None) -> FinetuneConfig:
+def parse_command_line(argv=None) -> tuple[FinetuneConfig, bool]:
+    """(the experiment, whether only to print it) from flags over an optional --config file."""
     args = vars(build_parser().parse_args(argv))
+    print_only = args.pop("print_config")
     d = read_config_file(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     d.update(args)
@@ -66,13 +70,21 @@ def config_from_cli(argv=None) -> FinetuneConfig:
         d["preset"] = None
     if isinstance(d.get("target_modules"), str):
         d["target_modules"] = [t for t in d["target_modules"].replace(",", " ").split() if t]
-    return FinetuneConfig.from_dict(d)
+    return FinetuneConfig.from_dict(d), print_only
+
+
+def config_from_cli(argv=None) -> FinetuneConfig:
+    return parse_command_line(argv)[0]
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config_from_cli(argv)
+        cfg, print_only = parse_command_line(argv)
+        if print_only:
+            cfg.validate()
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
         result = run(cfg)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
