@@ -6,7 +6,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mamba_ssm.ops.channel_first as cf
+import mambakit  # noqa: F401  (registers PEFT's LoRA with mamba_ssm.ops.adapters)
+from mamba_ssm.ops.adapters import AdaptedLinear, LowRankUpdate, register_adapter_resolver, unregister_adapter_resolver
 from mamba_ssm.ops.channel_first import channel_first_linear, project
+from mambakit.peft_lora import describe_peft_lora
 
 
 def _inputs(batch, d_in, seqlen, d_out, layout, dtype=torch.float64, seed=0):
@@ -301,3 +304,73 @@ def test_fused_lora_on_gpu(channels_last_out):
     g = torch.randn(ref.shape, device="cuda")
     for a, r in zip(torch.autograd.grad(out, [x] + params, g.bfloat16()), torch.autograd.grad(ref, [x] + params, g)):
         torch.testing.assert_close(a.float(), r, rtol=3e-2, atol=3e-2 * (r.abs().max().item() + 1))
+
+
+def test_an_undescribed_adapter_runs_as_a_module_and_warns_once(monkeypatch):
+    """Without the PEFT resolver, mamba_ssm knows nothing of PEFT: the wrapper runs its own forward
+    (same numbers) and the fall-back is named once, not silent."""
+    m = _lora_module()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    fast = project(m, x)
+    unregister_adapter_resolver(describe_peft_lora)
+    monkeypatch.setattr(cf, "_warned_types", set())
+    try:
+        with pytest.warns(RuntimeWarning, match="no registered resolver describes it"):
+            slow = project(m, x)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            project(m, x)  # once per type
+    finally:
+        register_adapter_resolver(describe_peft_lora)
+    torch.testing.assert_close(slow, fast)
+    torch.testing.assert_close(slow, m(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_any_library_can_register_its_adapter():
+    """A resolver written for another adapter class puts it on the fused channel-first path."""
+
+    class MyLoRA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(6, 5, dtype=torch.float64)
+            self.down = nn.Linear(6, 2, bias=False, dtype=torch.float64)
+            self.up = nn.Linear(2, 5, bias=False, dtype=torch.float64)
+            nn.init.normal_(self.up.weight)
+
+        def forward(self, x):
+            return self.base(x) + 0.5 * self.up(self.down(x))
+
+    def resolver(module):
+        if not isinstance(module, MyLoRA):
+            return None
+        return AdaptedLinear(module.base, (LowRankUpdate(module.down, module.up, 0.5, nn.Identity()),))
+
+    m = MyLoRA()
+    x = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
+    register_adapter_resolver(resolver)
+    try:
+        out = project(m, x)
+    finally:
+        unregister_adapter_resolver(resolver)
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    ref = m(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    params = [x, m.down.weight, m.up.weight, m.base.weight]
+    for a, r in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, r)
+
+
+def test_mamba_ssm_reads_no_peft_attribute():
+    """The model package is decoupled from PEFT: no PEFT attribute names in its source."""
+    import pathlib
+
+    import mamba_ssm
+
+    root = pathlib.Path(mamba_ssm.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for name in ("lora_A", "lora_B", "lora_dropout", "lora_variant", "active_adapters", "base_layer", "use_dora"):
+            assert name not in text, f"{path.relative_to(root)} reads PEFT's {name}"

@@ -59,14 +59,35 @@ def test_fused_and_module_paths_agree_in_training_on_cuda():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_lora_adapters_receive_gradients_on_cuda():
+def test_lora_adapters_on_the_fast_path_match_peft_on_cuda():
+    """LoRA on every projection, channel-first fast path (mambakit's PEFT resolver) against PEFT's
+    own forward (resolver removed): loss and the gradients of lora_A and lora_B (non-zero B)."""
     peft = pytest.importorskip("peft")
+    from mamba_ssm.ops.adapters import register_adapter_resolver, unregister_adapter_resolver
+    from mambakit.peft_lora import describe_peft_lora
+
     model = tiny(seed=3).cuda().train()
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["in_proj", "x_proj", "dt_proj", "out_proj"])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["in_proj", "x_proj", "dt_proj", "out_proj"])
     model = peft.get_peft_model(model, cfg)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
     ids = torch.randint(0, 257, (2, 33), device="cuda")
-    model(input_ids=ids, labels=ids).loss.backward()
-    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
-    assert len(lora_b) == 8
-    for name, p in lora_b.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    results = []
+    for fast in (True, False):
+        if not fast:
+            unregister_adapter_resolver(describe_peft_lora)
+        try:
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        finally:
+            register_adapter_resolver(describe_peft_lora)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+        results.append((loss.detach(), grads))
+    (loss_fast, g_fast), (loss_ref, g_ref) = results
+    assert len(g_fast) == 16 and g_fast.keys() == g_ref.keys()
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    for name in g_ref:
+        assert g_fast[name].abs().sum() > 0, name
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -101,7 +101,7 @@ class Mamba(nn.Module):
                                   delta_softplus=True)
 
         # Adapters (LoRA) around the projections: each is called through `project`, which applies
-        # nn.Linear and PEFT's LoRA channel-first and calls any other module as itself.
+        # nn.Linear and described adapters (mamba_ssm.ops.adapters) channel-first, any other module as itself.
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             # Keep the last d_conv inputs (left-padded with zeros) for the next step.

@@ -15,14 +15,19 @@ Here a projection is a batched matrix product that reads either memory order dir
           channel-first  (batch, out, seqlen) contiguous, or
           channels-last  (batch, seqlen, out) contiguous (a transposed view is returned)
 
-`project(module, x, ...)` does this for an nn.Linear and for a PEFT LoRA-wrapped nn.Linear
-(base + scaling * B(A(dropout(x)))); any other module, and any module with hooks, is called as
-itself on the transposed view, so every adapter and hook keeps working, if more slowly.
+`project(module, x, ...)` does this for an nn.Linear and for a low-rank adapter around one
+(base + scaling * B(A(dropout(x)))) that a resolver registered in `mamba_ssm.ops.adapters`
+describes; any other module, and any module with hooks, is called as itself on the transposed
+view (with a one-time warning), so every adapter and hook keeps working, if more slowly.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
+
+from mamba_ssm.ops.adapters import describe_adapter
 
 # The weight gradient sums a product per batch row: as one bmm plus a sum when the
 # (batch, out, in) intermediate is small, else one matmul per row.
@@ -212,29 +217,6 @@ def channel_first_linear(x, weight, bias=None, channels_last_out=False):
     return _ChannelFirstLinear.apply(x, weight, bias, channels_last_out)
 
 
-def _lora_parts(module):
-    """(base nn.Linear, [(A, B, scaling, dropout), ...]) for a PEFT LoRA Linear in a plain state,
-    else None (the caller then runs the module itself)."""
-    base = getattr(module, "base_layer", None)
-    if type(base) is not nn.Linear or not hasattr(module, "lora_A") or getattr(module, "fan_in_fan_out", False):
-        return None
-    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
-        return base, []  # the base layer alone is the module's output (merged: it holds the update)
-    adapters = []
-    variants = getattr(module, "lora_variant", {}) or {}
-    use_dora = getattr(module, "use_dora", {}) or {}
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        if name in variants or use_dora.get(name, False):
-            return None  # DoRA and other variants: PEFT's own forward
-        a, b = module.lora_A[name], module.lora_B[name]
-        if type(a) is not nn.Linear or type(b) is not nn.Linear or a.bias is not None:
-            return None
-        adapters.append((a, b, module.scaling[name], module.lora_dropout[name]))
-    return base, adapters
-
-
 def _dropout_p(dropout):
     """The probability a LoRA's dropout zeroes an input now (0 for Identity or eval mode), or None
     for a module that is not plain dropout."""
@@ -259,41 +241,63 @@ def has_hooks(*modules) -> bool:
                for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+_warned_types: set = set()
+_NO_RESOLVER = "no registered resolver describes it"
+
+
+def _run_as_module(module, x, bias, reason):
+    """The general path: `module` called on the transposed view (a copy for the matmul), once-per-type warning."""
+    key = (type(module).__qualname__, reason)
+    if key not in _warned_types:
+        _warned_types.add(key)
+        advice = ("; a resolver registered with mamba_ssm.ops.adapters.register_adapter_resolver puts an adapter "
+                  "on the channel-first path (`import mambakit` registers PEFT's LoRA)"
+                  if reason == _NO_RESOLVER else "")
+        warnings.warn(f"mamba_ssm: a projection of type {type(module).__module__}.{type(module).__qualname__} runs as "
+                      f"a module on a transposed copy of its input ({reason}): correct, but slower{advice}",
+                      RuntimeWarning, stacklevel=3)
+    out = module(x.transpose(1, 2))
+    if not bias and getattr(module, "bias", None) is not None:
+        out = out - module.bias
+    return out.transpose(1, 2)
+
+
 def project(module, x, channels_last_out=False, bias=True):
-    """`module` (nn.Linear, or PEFT's LoRA around one) applied over the channels of x (batch, in, seqlen).
+    """`module` (nn.Linear, or an adapter around one that `mamba_ssm.ops.adapters` describes)
+    applied over the channels of x (batch, in, seqlen).
 
     Returns (batch, out, seqlen), stored as `channel_first_linear` says. bias=False leaves the
-    base layer's bias out (dt_proj: the scan adds it in fp32).
+    base layer's bias out (dt_proj: the scan adds it in fp32). Any other module, or one with hooks,
+    runs as itself (with a one-time warning naming its type), so that its own forward and hooks apply.
     """
-    if type(module) is nn.Linear and not has_hooks(module):
+    if type(module) is nn.Linear:
+        if has_hooks(module):
+            return _run_as_module(module, x, bias, "it has hooks")
         return channel_first_linear(x, module.weight, module.bias if bias else None, channels_last_out)
-    parts = _lora_parts(module) if type(module) is not nn.Linear else None
-    if parts is not None and has_hooks(module, parts[0], *[m for ad in parts[1] for m in ad[:2]]):
-        parts = None
-    if parts is None:
-        out = module(x.transpose(1, 2))
-        if not bias and getattr(module, "bias", None) is not None:
-            out = out - module.bias
-        return out.transpose(1, 2)
-    base, adapters = parts
+    adapted = describe_adapter(module)
+    if adapted is None:
+        return _run_as_module(module, x, bias, _NO_RESOLVER)
+    if has_hooks(module, *adapted.modules()):
+        return _run_as_module(module, x, bias, "it has hooks")
+    base, updates = adapted.base, adapted.updates
     autocast = autocast_dtype(x.device.type)
-    p_drop = _dropout_p(adapters[0][3]) if len(adapters) == 1 else None
-    if p_drop is not None and adapters[0][1].bias is None:
-        a, b, scaling, _ = adapters[0]
+    p_drop = _dropout_p(updates[0].dropout) if len(updates) == 1 else None
+    if p_drop is not None and updates[0].b.bias is None:
+        u = updates[0]
         args = (x, base.weight, base.bias if bias else None)
         if autocast is not None:  # the adapter matrices are cast inside (see _ChannelFirstLoRA)
             args = cast_for_autocast(autocast, *args)
         dtypes = {t.dtype for t in args if t is not None}
         if autocast is None:
-            dtypes |= {a.weight.dtype, b.weight.dtype}
+            dtypes |= {u.a.weight.dtype, u.b.weight.dtype}
         if len(dtypes) == 1:  # else as PEFT: outside autocast an adapter computes in its own dtype
-            return _ChannelFirstLoRA.apply(*args, a.weight, b.weight, float(scaling), channels_last_out, p_drop)
+            return _ChannelFirstLoRA.apply(*args, u.a.weight, u.b.weight, float(u.scaling), channels_last_out, p_drop)
     out = channel_first_linear(x, base.weight, base.bias if bias else None, channels_last_out)
-    for a, b, scaling, dropout in adapters:
-        xa = dropout(x)
+    for u in updates:
+        xa = u.dropout(x)
         if autocast is None:
-            xa = xa.to(a.weight.dtype)  # as PEFT does: the adapter computes in its own dtype
-        h = channel_first_linear(xa, a.weight)                     # (batch, r, seqlen)
-        upd = channel_first_linear(h, b.weight, b.bias, channels_last_out)
-        out = torch.add(out, upd.to(out.dtype), alpha=scaling)
+            xa = xa.to(u.a.weight.dtype)  # as PEFT does: the adapter computes in its own dtype
+        h = channel_first_linear(xa, u.a.weight)                     # (batch, r, seqlen)
+        upd = channel_first_linear(h, u.b.weight, u.b.bias, channels_last_out)
+        out = torch.add(out, upd.to(out.dtype), alpha=u.scaling)
     return out
