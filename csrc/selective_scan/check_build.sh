@@ -2,7 +2,7 @@
 # Build check of the scan kernels without a GPU or a CUDA build of torch (only nvcc): compiles the
 # six kernel translation units for sm_90 with the extension's flags, links them into one shared
 # object (catches symbols defined in several units, which a single-unit compile does not), and
-# prints ptxas's registers and spills of the impl-2 kernels. Run it before spending device time.
+# prints ptxas's registers and spills of the kernels. Run it before spending device time.
 #   bash csrc/selective_scan/check_build.sh [out_dir]
 set -euo pipefail
 cd "$(dirname "$0")"

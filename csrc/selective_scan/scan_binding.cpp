@@ -66,8 +66,6 @@ bool aligned16(const Tensor& t, int64_t elem_bytes, int64_t s0, int64_t s1, int6
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ok(s0) && ok(s1) && ok(s2);
 }
 
-int impl_from_env() { return env_flag("MAMBA_SSM_SCAN_IMPL") ? 1 : 2; }
-
 int pick_cpb(int dpg, int cpb_max) {
   int c = 1;
   while (c * 2 <= cpb_max && dpg % (c * 2) == 0) c *= 2;
@@ -142,7 +140,7 @@ void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_wave
 // blocks (4 warps at each barrier) took 0.825 ms against 0.881 for 16 (run 24, H100).
 bool use_fwd_tp(ssm::ScanParams& p) {
   const int dpg = p.dim / p.groups;
-  if (p.impl == 1 || p.dstate > 16 || dpg % 4 != 0) return false;
+  if (p.dstate > 16 || dpg % 4 != 0) return false;
   const char* cap_env = std::getenv("MAMBA_SSM_SCAN_TP_CPB");
   const int cap = cap_env ? std::atoi(cap_env) : 8;
   p.tp_cpb = 4;
@@ -218,7 +216,6 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   };
   p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
   p.vec_o = (L % 4) == 0;
-  p.impl = impl_from_env();
   p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
   p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
   p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
@@ -250,9 +247,9 @@ void launch_bwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t 
 
 // The forward's launch choices: kernel layout, channels per block, sequence split.
 void plan_fwd(ssm::ScanParams& p) {
-  p.cpb = pick_cpb(p.dim / p.groups, p.impl == 1 ? 8 : 16);
+  p.cpb = pick_cpb(p.dim / p.groups, 16);
   p.fwd_tp = use_fwd_tp(p);
-  if (p.impl != 1) pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
+  pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
 }
 
 // What fwd would launch for these inputs and the present environment, without launching it
@@ -265,9 +262,9 @@ py::dict fwd_plan(const Tensor& u, const Tensor& delta, const Tensor& A, const T
   auto& p = q.p;
   plan_fwd(p);
   py::dict d;
-  d["kernel"] = p.impl == 1 ? "fwd" : (p.fwd_tp ? "fwd_tp" : "fwd2");
-  d["full"] = p.impl != 1 && (p.fwd_tp ? ssm::fwd_tp_full(p) : ssm::fwd2_full(p));
-  d["d16"] = p.impl != 1 && !p.fwd_tp && ssm::fwd2_d16(p);
+  d["kernel"] = p.fwd_tp ? "fwd_tp" : "fwd2";
+  d["full"] = p.fwd_tp ? ssm::fwd_tp_full(p) : ssm::fwd2_full(p);
+  d["d16"] = !p.fwd_tp && ssm::fwd2_d16(p);
   d["channels_per_block"] = p.fwd_tp ? p.tp_cpb : p.cpb;
   d["nsplit"] = p.nsplit;
   return d;
@@ -287,9 +284,9 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
   Tensor ckpt;
   if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
-  // y before the z gate, for the backward's dz (impl 2 only; without z, dz does not exist)
+  // y before the z gate, for the backward's dz (without z, dz does not exist)
   Tensor y;
-  if (save_ckpt && save_y && q.z.defined() && p.impl != 1) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  if (save_ckpt && save_y && q.z.defined()) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor carry_w, carry_sdt;
   if (p.nsplit > 1) {
     carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
@@ -317,20 +314,16 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
   auto& p = q.p;
   const int dpg = p.dim / p.groups;
-  if (p.impl == 1) {
-    p.cpb = pick_cpb(dpg, p.dstate <= 16 ? 16 : (p.dstate <= 64 ? 8 : 4));
-  } else {
-    // largest power-of-two channel count (<= 32) whose shared memory leaves room for 2 blocks per SM
-    int cap = 32;
-    while (cap > 1) {
-      p.cpb = cap;
-      if (ssm::scan_bwd2_smem_floats(p) * 4 <= 110 * 1024) break;
-      cap /= 2;
-    }
-    p.cpb = pick_cpb(dpg, cap);
+  // largest power-of-two channel count (<= 32) whose shared memory leaves room for 2 blocks per SM
+  int cap = 32;
+  while (cap > 1) {
+    p.cpb = cap;
+    if (ssm::scan_bwd2_smem_floats(p) * 4 <= 110 * 1024) break;
+    cap /= 2;
   }
+  p.cpb = pick_cpb(dpg, cap);
   const int P = dpg / p.cpb;
-  if (p.impl != 1) pick_split(p, 12, true);
+  pick_split(p, 12, true);
   const bool poison = poison_enabled();
   const auto st = u.scalar_type();
   const auto f32 = u.options().dtype(at::kFloat);
@@ -343,11 +336,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   Tensor ddelta = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor dz;
   if (q.z.defined()) dz = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
-  const bool v2 = p.impl != 1;
-  std::vector<int64_t> part_shape = v2 ? std::vector<int64_t>{P, p.batch, p.groups, p.seqlen, p.dstate}
-                                       : std::vector<int64_t>{P, p.batch, p.groups, p.dstate, p.seqlen};
-  Tensor dBpart = new_out(part_shape, f32, poison);
-  Tensor dCpart = new_out(part_shape, f32, poison);
+  Tensor dBpart = new_out({P, p.batch, p.groups, p.seqlen, p.dstate}, f32, poison);
+  Tensor dCpart = new_out({P, p.batch, p.groups, p.seqlen, p.dstate}, f32, poison);
   Tensor dApart = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
   Tensor dDpart = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
   Tensor dbpart = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
@@ -367,8 +357,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
   p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
   p.ckpt_in = ckpt.data_ptr<float>();
-  // the forward's y before the z gate, if it saved one (impl 2): dz from it instead of recomputing y
-  if (y_in.has_value() && y_in->defined() && q.z.defined() && p.impl != 1) {
+  // the forward's y before the z gate, if it saved one: dz from it instead of recomputing y
+  if (y_in.has_value() && y_in->defined() && q.z.defined()) {
     TORCH_CHECK(y_in->sizes() == u.sizes() && y_in->is_contiguous() && y_in->scalar_type() == st,
                 "selective_scan_cuda: the saved y must be a contiguous (batch, dim, seqlen) tensor of u's dtype");
     p.y = y_in->data_ptr();
@@ -384,12 +374,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
 
   // Fixed-order reductions of the partials (deterministic).
-  Tensor dB = dBpart.sum(0);   // (batch, groups, N, L), or (batch, groups, L, N) for impl 2
-  Tensor dC = dCpart.sum(0);
-  if (v2) {
-    dB = dB.transpose(-1, -2);
-    dC = dC.transpose(-1, -2);
-  }
+  Tensor dB = dBpart.sum(0).transpose(-1, -2);  // (batch, groups, L, N) -> (batch, groups, N, L)
+  Tensor dC = dCpart.sum(0).transpose(-1, -2);
   if (!q.grouped_B) dB = p.groups == 1 ? dB.squeeze(1) : dB.sum(1);
   if (!q.grouped_C) dC = p.groups == 1 ? dC.squeeze(1) : dC.sum(1);
   dB = dB.to(B.scalar_type()).contiguous();

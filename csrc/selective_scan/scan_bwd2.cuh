@@ -1,9 +1,14 @@
-// Selective scan backward, impl 2 (default). Same layout as scan_fwd2.cuh: 4 lanes per
-// channel, 4 states per lane per 16-state slot, 16-step sub-chunks with B, C, dt, dt*u, dy
-// staged in shared memory (synchronously here).
+// Selective scan backward. Same layout as scan_fwd2.cuh: 4 lanes per channel, 4 states per
+// lane per 16-state slot, 16-step sub-chunks with B, C, dt, dt*u, dy staged in shared memory
+// (synchronously here).
 //
-// With g_t = dL/dh_t and dy_t = dout_t * silu(z_t) (see scan_bwd.cuh for the equations),
-// per segment of R sub-chunks (walking backwards): the states at the sub-chunk starts are
+// With g_t = dL/dh_t (through y and later states), dy_t = dout_t * silu(z_t), a_t = exp(dt_t A):
+//   g_t   = C_t dy_t + a_{t+1} g_{t+1}              (reverse scan; g_{L-1} also gets dlast)
+//   dB_t += g_t dt_t u_t        dC_t += dy_t h_t     (summed over the channels sharing B/C)
+//   d(dt_t) = sum_n g_t a_t h_{t-1} A_n + u_t sum_n g_t B_t
+//   du_t    = dt_t sum_n g_t B_t + D dy_t
+//   dA_n   += sum_t g_t a_t h_{t-1} dt_t
+// Per segment of R sub-chunks (walking backwards): the states at the sub-chunk starts are
 // recomputed from the segment's saved start state; then per sub-chunk, in reverse, each
 // lane recomputes its 16 states forward (keeping h_{t-1} in registers, and y for dz), then
 // runs the reverse recurrence, recomputing exp(dt A). dB/dC are summed over the block's

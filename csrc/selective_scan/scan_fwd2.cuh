@@ -1,4 +1,4 @@
-// Selective scan forward, impl 2 (default).
+// Selective scan forward, fwd2: the layout for grids that fill the GPU (batch > 1).
 //
 // A block covers cpb channels of one batch row with 4 lanes per channel (tid = 4c + l);
 // lane l owns the states 16k + 4l + {0..3} of each 16-state slot k (k < spl). Time runs in

@@ -18,14 +18,14 @@ struct ScanParams {
   bool softplus = false;
   bool exact_softplus = false;  // log1pf instead of the special-function-unit softplus
   bool vec_B = false, vec_C = false;  // B / C rows 16-byte aligned
-  bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
+  bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (vector loads)
   bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
-  int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
-  bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
-  bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
-  bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
+  int unused0_ = 0;  // (was the kernel design: kept so that the layout, and the kernels' SASS, stay as tuned)
+  bool bwd_perm = true;  // the backward may use the lane-permuted reduction (scan_bwd2_red_mode)
+  bool bwd_prefetch = true;  // the backward prefetches the next sub-chunk's inputs into L1
+  bool fwd_full = true;      // the forward may use its bounds-check-free instantiation (fwd2_full)
   bool fwd_d16 = true;       // and, where it applies, its instantiation for dstate 16 (fwd2_d16)
-  bool fwd_tp = false;       // impl 2 forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
+  bool fwd_tp = false;       // the forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
   int tp_cpb = 4;            // its channels per block: 4, 8 or 16 (dividing dim / groups)
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
@@ -44,7 +44,7 @@ struct ScanParams {
   float* last = nullptr;        // (batch, dim, dstate)
   float* ckpt = nullptr;        // (batch, dim, nseg, dstate) state at each segment start, or null
   // y = C h + D u before the z gate, (batch, dim, seqlen) contiguous, u's dtype, or null: written
-  // by the impl-2 forward when set, read by the impl-2 backward for dz instead of recomputing it.
+  // by the forward when set, read by the backward for dz instead of recomputing it.
   void* y = nullptr;
 
   // Backward.
@@ -54,13 +54,13 @@ struct ScanParams {
   void* du = nullptr;           // (batch, dim, seqlen) contiguous
   void* ddelta = nullptr;
   void* dz = nullptr;
-  float* dBpart = nullptr;      // impl 1: (P, batch, groups, dstate, seqlen); impl 2: (P, batch, groups, seqlen, dstate)
+  float* dBpart = nullptr;      // (P, batch, groups, seqlen, dstate), P = dim / groups / cpb
   float* dCpart = nullptr;
-  float* dApart = nullptr;      // (batch, dim, dstate), impl 2: (nsplit, batch, dim, dstate)
-  float* dDpart = nullptr;      // (batch, dim), impl 2: (nsplit, batch, dim)
-  float* dbiaspart = nullptr;   // (batch, dim), impl 2: (nsplit, batch, dim)
+  float* dApart = nullptr;      // (nsplit, batch, dim, dstate)
+  float* dDpart = nullptr;      // (nsplit, batch, dim)
+  float* dbiaspart = nullptr;   // (nsplit, batch, dim)
 
-  // impl 2 backward split along the sequence (for grids too small to fill the GPU): group z
+  // Split along the sequence (for grids too small to fill the GPU): group z
   // covers checkpoint segments [z * gseg, (z + 1) * gseg). A first kernel computes, for each
   // group z >= 1 alone (zero incoming gradient), the gradient it passes to the state before
   // it (carry_w) and its sum of dt (carry_sdt); each group then starts from
@@ -78,19 +78,10 @@ void scan_bwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream);
 void scan_bwd_f16(ScanParams& p, bool w_f32, cudaStream_t stream);
 void scan_bwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream);
 
-// Dynamic shared memory (bytes) each kernel needs for a launch described by p.
-inline int scan_threads(const ScanParams& p) { return p.cpb * (p.impl == 1 ? 16 : 4); }
-inline int scan_fwd_smem_floats(const ScanParams& p) {
-  return p.cpb * 32 + p.spl * scan_threads(p);
-}
-constexpr int kBwdRedRow = 20;  // 16 steps + 4 floats of padding (bank spread)
-inline int scan_bwd_smem_floats(const ScanParams& p) {
-  const int nthr = scan_threads(p);
-  const int nwarps = (nthr + 31) / 32;
-  return p.cpb * 64 + (p.R + 2) * p.spl * nthr + nwarps * 2 * (p.spl * 16) * kBwdRedRow;
-}
+// Threads of a fwd2 / bwd2 block: 4 lanes per channel.
+inline int scan_threads(const ScanParams& p) { return p.cpb * 4; }
 
-// impl 2 shared-memory sizes (floats).
+// Shared-memory sizes (floats).
 inline int scan2_bw(const ScanParams& p) { return p.spl * 16 + 4; }
 inline int scan_fwd2_smem_floats(const ScanParams& p) {
   return 2 * 2 * 16 * scan2_bw(p) + 2 * p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);

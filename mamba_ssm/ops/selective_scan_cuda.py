@@ -13,8 +13,7 @@ backward recompute the states inside each segment once more (on an H200 at (8, 4
 16) bf16, forward+backward took 4.80 ms with 16 and 5.26 ms with 64). With z, the output before
 the gate, y = C h + D u, is saved too (one more tensor of u's size and dtype, as upstream's
 kernel saves): the backward takes dz from it instead of recomputing y. ``MAMBA_SSM_SCAN_SAVE_Y=0``
-recomputes it instead and saves that memory. ``MAMBA_SSM_SCAN_IMPL=1``
-selects the first kernel design (16 lanes per channel; slower, kept as a cross-check).
+recomputes it instead and saves that memory.
 """
 from __future__ import annotations
 
@@ -74,7 +73,7 @@ class SelectiveScanCudaFn(torch.autograd.Function):
 
 def forward_plan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False) -> dict:
     """What the CUDA forward would launch for these inputs under the present environment, without
-    launching it: ``kernel`` ("fwd2", "fwd_tp": the time-parallel layout, or "fwd": impl 1),
+    launching it: ``kernel`` ("fwd2", or "fwd_tp": the time-parallel layout),
     ``full`` (its instantiation without bounds checks), ``d16`` (fwd2's dstate-16 one),
     ``channels_per_block`` and ``nsplit`` (sequence groups). For performance questions: a shape
     that misses ``full`` pays for bounds checks (misaligned rows, seqlen not a multiple of 16 or
