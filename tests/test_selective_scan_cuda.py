@@ -296,43 +296,58 @@ def test_softplus_over_its_whole_range(monkeypatch, exact, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("perm", ["0", "1"])
 @pytest.mark.parametrize("save_y", ["0", "1"])
-def test_backward_reduction_and_saved_y(monkeypatch, perm, save_y):
-    # the backward's dB/dC sum over a warp's channels with and without the lane-permuted state
-    # order (MAMBA_SSM_SCAN_BWD_PERM), and dz from the forward's saved y or from y recomputed
-    # (MAMBA_SSM_SCAN_SAVE_Y); dstate 7 and 13 leave padded states inside a lane's 4
-    monkeypatch.setenv("MAMBA_SSM_SCAN_BWD_PERM", perm)
+def test_backward_reduction_modes_and_saved_y(monkeypatch, save_y):
+    # the backward's dB/dC sum over a block's channels in each of its shape-driven modes
+    # (scan_bwd2_red_mode): lane-permuted shuffles (dstate <= 16, 8+ channels per block), shuffles
+    # with selects (several state slots), per channel in shared memory (fewer than 8 channels per
+    # block); and dz from the forward's saved y or from y recomputed (MAMBA_SSM_SCAN_SAVE_Y).
+    # dstate 7, 13 and 20 leave padded states inside a lane's 4
     monkeypatch.setenv("MAMBA_SSM_SCAN_SAVE_Y", save_y)
     check_case(41, 2, 32, 300, 7, torch.bfloat16, 2, True, True, True, True)
     check_case(42, 1, 64, 129, 16, torch.float32, None, True, True, True, True)
     check_case(43, 2, 16, 77, 13, torch.float16, None, False, True, False, True)
     check_case(44, 2, 8, 250, 16, torch.float32, 1, True, False, True, True)  # no z: nothing to save
+    check_case(45, 2, 32, 200, 20, torch.bfloat16, None, True, True, True, True)  # 2 slots: with selects
+    check_case(46, 2, 32, 200, 32, torch.float32, 1, True, True, True, True)
+    check_case(47, 2, 12, 200, 16, torch.bfloat16, 3, True, True, True, True)  # 4 channels per block
+    check_case(48, 2, 6, 150, 64, torch.float32, None, True, True, True, True)  # 2 channels per block
+
+
+def misaligned(t):
+    """t's values in rows that start 1 element past a 16-byte boundary (rules out vector loads)."""
+    buf = torch.empty(*t.shape[:-1], t.shape[-1] + 1, device=t.device, dtype=t.dtype)
+    buf[..., 1:] = t
+    return buf[..., 1:]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N, switch", [(32, "MAMBA_SSM_SCAN_FWD_FULL"), (16, "MAMBA_SSM_SCAN_FWD_D16")])
-def test_forward_without_bounds_checks_matches(monkeypatch, dtype, N, switch):
-    # whole sub-chunks, aligned rows and dstate 32 take fwd2's instantiation without bounds checks
-    # (MAMBA_SSM_SCAN_FWD_FULL=0 turns it off), dstate 16 with 16-channel blocks its dstate-16 one
-    # (MAMBA_SSM_SCAN_FWD_D16=0): the same arithmetic, so the same bits, and against float64 with
-    # gradients (the backward uses its checkpoints and saved y)
+@pytest.mark.parametrize("N", [32, 16])
+def test_forward_instantiations_match(monkeypatch, dtype, N):
+    # whole sub-chunks, aligned rows and dstate 32 take fwd2's instantiation without bounds checks,
+    # dstate 16 with 16-channel blocks its dstate-16 one; the same values in misaligned rows take
+    # the bounds-checked one: the same arithmetic, so the same bits. Then against float64 with
+    # gradients (the backward uses its checkpoints and saved y), aligned and not a whole number of
+    # sub-chunks (bounds-checked)
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
     inputs = make_inputs(51, 2, 32, 256, N, dtype, None, True, True, True, True)
+    u, delta, A, B, C, D, z, bias = inputs
+    checked = (misaligned(u), misaligned(delta), A, B, C, D, misaligned(z), bias)
     with torch.no_grad():
         got = plan(*inputs, True)
         del got["nsplit"]  # (a small grid: split by the usual rule)
         assert got == {"kernel": "fwd2", "full": True, "d16": N == 16, "channels_per_block": 16}
         fast = ours(*inputs, True)
-        monkeypatch.setenv(switch, "0")
-        got = plan(*inputs, True)
-        assert not got["d16"] and got["full"] == (switch != "MAMBA_SSM_SCAN_FWD_FULL")
-        plain = ours(*inputs, True)
+        got = plan(*checked, True)
+        assert not got["d16"] and not got["full"]
+        plain = ours(*checked, True)
     for a, b in zip(fast, plain):
         assert torch.equal(a, b)
-    monkeypatch.delenv(switch)
     check_case(52, 2, 32, 256, N, dtype, None, True, True, True, True)
+    odd = make_inputs(53, 2, 32, 250, N, dtype, None, True, True, True, True)
+    assert not plan(*odd, True)["full"]
+    check_case(53, 2, 32, 250, N, dtype, None, True, True, True, True)
 
 
 @pytest.mark.cuda
@@ -400,20 +415,21 @@ def test_time_parallel_forward_sub_chunk_counts(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
     # whole 32-step sub-chunks, dstate 16, aligned rows: the time-parallel forward's instantiation
-    # without bounds checks gives the same bits as its general one (MAMBA_SSM_SCAN_FWD_FULL=0),
-    # also with a sequence split into groups of whole sub-chunks; and it agrees with fwd2
+    # without bounds checks gives the same bits as its bounds-checked one (the same values in
+    # misaligned rows), also with a sequence split into groups of whole sub-chunks; and it agrees
+    # with fwd2
     monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
     inputs = make_inputs(61, 1, 16, 512, 16, dtype, None, True, True, True, True)
+    u, delta, A, B, C, D, z, bias = inputs
+    checked = (misaligned(u), misaligned(delta), A, B, C, D, misaligned(z), bias)
     for split in ["1", "2"]:
         monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
         with torch.no_grad():
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "1")
             assert plan(*inputs, True) == {"kernel": "fwd_tp", "full": True, "d16": False, "channels_per_block": 8,
                                            "nsplit": int(split)}
             full = ours(*inputs, True)
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
-            assert plan(*inputs, True)["full"] is False
-            plain = ours(*inputs, True)
+            assert plan(*checked, True)["full"] is False
+            plain = ours(*checked, True)
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
             fwd2 = ours(*inputs, True)
             monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
@@ -421,7 +437,6 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
             assert torch.equal(a, b)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert rel_err(full[0], fwd2[0]) < tol and rel_err(full[1], fwd2[1]) < 1e-5
-    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
     # a checkpoint every other chunk (R = 2): its checkpoints take the general instantiation
     monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "32")
     assert plan(*inputs, True)["full"] is False

@@ -35,12 +35,6 @@ bool env_flag(const char* name) {
   return v != nullptr && v[0] == '1';
 }
 
-// Default-on switches: off only when set to 0.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '0';
-}
-
 bool poison_enabled() { return env_flag("MAMBA_SSM_POISON"); }
 
 Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
@@ -217,10 +211,6 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
   p.vec_o = (L % 4) == 0;
   p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
-  p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
-  p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
-  p.fwd_full = !env_off("MAMBA_SSM_SCAN_FWD_FULL");  // 0: the forward with bounds checks (A/B runs)
-  p.fwd_d16 = !env_off("MAMBA_SSM_SCAN_FWD_D16");    // 0: fwd2 without its dstate-16 instantiation
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;

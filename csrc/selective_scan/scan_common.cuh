@@ -251,8 +251,10 @@ __device__ __forceinline__ float reduce8_perm(float (&b)[4], float (&d)[4], int 
   return (hi ? d[0] : b[0]) + __shfl_xor_sync(mask, hi ? b[0] : d[0], 16);
 }
 
-// Blocks of the backward kept resident per SM (bounds its registers: 65536 / (128 * this)).
-constexpr int kBwd2MinBlocks = SSM_BWD2_MIN_BLOCKS;
-constexpr bool kBwd2HpSmem = SSM_BWD2_HP_SMEM != 0;
+// Blocks kept resident per SM, which bound the registers: fwd2 8 x 64 threads (128 registers;
+// 10 or 12 blocks spilled and lost at every shape), bwd2 3 x 128 threads (168 registers; 13-31%
+// faster than 2 blocks at 255 at batch 8).
+constexpr int kFwd2MinBlocks = 8;
+constexpr int kBwd2MinBlocks = 3;
 
 }  // namespace ssm

@@ -29,7 +29,7 @@ struct Fwd2Stage {
 };
 
 template <typename T, typename TW, bool kFull, bool kD16>
-__global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const ScanParams p) {
   static_assert(kFull || !kD16, "kD16 specializes kFull");
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
