@@ -11,7 +11,8 @@
 // operations; the sum over states is a 4-lane transposing butterfly once per sub-chunk.
 // kFull (fwd2_full), Mamba's case: every sub-chunk whole, every row 16-byte aligned, dstate a
 // multiple of 16, z given, delta through the default softplus. No load, store or step then needs
-// a bounds check or a branch on the options (forward 6-11% faster on an H200, NOTES runs 20-21).
+// a bounds check or a branch on the options (forward 6-11% faster on an H200,
+// docs/selective_scan.md).
 // kD16 (fwd2_d16), Mamba's shape on top of kFull: dstate 16 and 16-channel blocks, so the state
 // slot count, shared-memory layout and block size are constants and the state stays in registers
 // between sub-chunks.
