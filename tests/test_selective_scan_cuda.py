@@ -645,7 +645,7 @@ def run_sanitizer(tool, case, tmp_path):
     """Runs the script `case` under compute-sanitizer's `tool`; returns its exit code and output."""
     script = tmp_path / "case.py"
     script.write_text(case)
-    env = dict(os.environ, MAMBA_SSM_POISON="1")
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
     proc = subprocess.run(
         ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
