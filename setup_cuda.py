@@ -80,8 +80,8 @@ def cuda_extensions():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + _gencode_flags()
-    # Extra flags for kernel experiments, e.g. MAMBA_SSM_NVCC_EXTRA="-DSSM_BWD2_MIN_BLOCKS=2"
-    # (see csrc/selective_scan/scan_params.h); -D flags reach the C++ binding too.
+    # Extra flags for kernel experiments, e.g. MAMBA_SSM_NVCC_EXTRA="-Xptxas -warn-spills" or a -D of
+    # an experiment's own macro; -D flags reach the C++ binding too.
     extra = os.environ.get("MAMBA_SSM_NVCC_EXTRA", "").split()
     nvcc_flags += extra
     cxx_flags = ["-O3", "-std=c++17"] + [f for f in extra if f.startswith("-D")]

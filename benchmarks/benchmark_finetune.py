@@ -9,9 +9,10 @@ anchor's train_fwdbwd_tok_per_s, which has no optimizer). Writes JSON to benchma
     python benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 --rank 64
     # smoke test on a CPU
     python benchmarks/benchmark_finetune.py --shape tiny --seqlen 128 --batch-size 2 --steps 3
-    # A/B of settings read at each call (e.g. the scan's MAMBA_SSM_SCAN_* switches) in one process:
-    # the steps alternate between the default environment and the variant's
-    python benchmarks/benchmark_finetune.py --ab-env "old:MAMBA_SSM_SCAN_SAVE_Y=0,MAMBA_SSM_SCAN_BWD_PERM=0"
+    # A/B of settings in one process (the scan's MAMBA_SSM_SCAN_* settings, read once at import,
+    # through override_settings; other variables through os.environ): the steps alternate between
+    # the default environment and the variant's
+    python benchmarks/benchmark_finetune.py --ab-env "nosavey:MAMBA_SSM_SCAN_SAVE_Y=0,MAMBA_SSM_SCAN_SEGMENT=64"
 
 The frozen base weights are stored in --base-dtype (bf16 by default: what a LoRA user loads);
 the adapters stay fp32 under bf16 autocast. Tokens/s counts batch x seqlen per step.
@@ -67,11 +68,16 @@ def _sync(device):
 
 @contextlib.contextmanager
 def _environ(env: dict):
-    """os.environ with `env` applied inside the block, as it was after."""
+    """os.environ with `env` applied inside the block, as it was after; the CUDA scan's settings
+    among them (read once at import) also through its override_settings."""
+    from mamba_ssm.ops.selective_scan_settings import env_fields, override_settings
+
+    fields = env_fields(env)  # (a bad value raises here, before anything is changed)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield
+        with override_settings(**fields):
+            yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -238,7 +244,7 @@ def main(argv=None):
     p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_<shape>_<device>_<time>.json)")
     p.add_argument("--ab-env", metavar="NAME:VAR=V,...",
                    help="also time a variant environment, its steps alternating with the default's (settings "
-                        "read at each call only, e.g. MAMBA_SSM_SCAN_*)")
+                        "read at each call, and the scan's MAMBA_SSM_SCAN_* settings)")
     a = p.parse_args(argv)
     ab = None
     if a.ab_env:

@@ -1,10 +1,13 @@
 """Selective scan: our CUDA kernels vs upstream mamba-ssm vs our PyTorch reference, on one GPU.
 
     python benchmarks/benchmark_selective_scan.py [--upstream-path DIR] [--out-dir DIR]
+        [--variants 'name:VAR=value,VAR=value;name2:...']
 
 Each implementation runs in its own subprocess (upstream's package is also called
 `mamba_ssm`: its worker gets PYTHONPATH=DIR and neither our repository nor the current
-directory on its path). Inputs are made from one seed in every worker, so all see the same
+directory on its path). A variant is ours again with more environment variables: scan settings
+(MAMBA_SSM_SCAN_*, read once when its worker imports mamba_ssm), or PYTHONPATH=DIR to time
+another tree of ours, e.g. a baseline commit, whose own variables it may set too. Inputs are made from one seed in every worker, so all see the same
 values. Shapes (batch, dim, seqlen, dstate) in bf16 with z, D, delta_bias, softplus, B/C
 (batch, dstate, seqlen) bf16, A fp32 = -(1..dstate) (Mamba's initialisation), delta_bias
 the inverse softplus of a log-uniform dt in [1e-3, 1e-1].
@@ -33,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 
-SHAPES = [(8, 4096, 2048, 16), (1, 4096, 16384, 16), (8, 1536, 2048, 16)]
+SHAPES = [(8, 4096, 2048, 16), (1, 4096, 16384, 16), (8, 1536, 2048, 16), (1, 2048, 2048, 16), (1, 1536, 1024, 16)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFU_PER_CLOCK = 16
 CLOCK_HZ = 1.98e9
@@ -107,6 +110,13 @@ def worker(impl, shapes, with_accuracy, ref_reps):
 
         set_backend("cuda")
         version = "repo"
+        try:  # (a baseline tree may predate the settings module)
+            import dataclasses
+
+            from mamba_ssm.ops.selective_scan_settings import current_settings
+            settings = dataclasses.asdict(current_settings())
+        except ImportError:
+            settings = None
     elif impl == "ref":
         from mamba_ssm.ops.selective_scan_interface import selective_scan_ref as fn
 
@@ -115,6 +125,8 @@ def worker(impl, shapes, with_accuracy, ref_reps):
         raise SystemExit(f"unknown impl {impl}")
 
     results = {"impl": impl, "version": version, "module": fn.__module__}
+    if impl == "ours" and settings is not None:
+        results["settings"] = settings
     for shape in shapes:
         key = "[" + ",".join(map(str, shape)) + "]"
         xs = _inputs(shape)

@@ -22,3 +22,9 @@ _spec.loader.exec_module(bss)
 def test_result_file_names_the_card(name, tag):
     # result files are named after the card that ran them (an H100 run once went to an h200 name)
     assert bss.gpu_tag(name) == tag
+
+
+def test_default_shapes_cover_batch1_prefill_sizes():
+    # the three shapes, and two batch-1 shapes of smaller models (time-parallel forward, split)
+    assert bss.SHAPES[:3] == [(8, 4096, 2048, 16), (1, 4096, 16384, 16), (8, 1536, 2048, 16)]
+    assert (1, 2048, 2048, 16) in bss.SHAPES and (1, 1536, 1024, 16) in bss.SHAPES

@@ -4,11 +4,15 @@ Every result is compared with a float64 scan (written here: selective_scan_ref c
 float32) run on the same low-precision input values. The tolerance of each tensor is judged
 against the package's reference run in the test's dtype: our error must be within a small
 multiple of the reference's own error, or under a per-dtype floor (fp32 6e-4, fp16 1e-2,
-bf16 3e-2, relative). Outputs are poisoned with NaN before each launch (MAMBA_SSM_POISON=1),
-so an element the kernels fail to write shows up as NaN.
+bf16 3e-2, relative). Outputs are poisoned with NaN before each launch (the poison setting),
+so an element the kernels fail to write shows up as NaN. Settings change through
+``override_settings`` (the ``scan`` fixture), not the environment, which is read once at import.
+
+With a CUDA device these tests fail, not skip, when the extension did not build or load.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -24,20 +28,41 @@ import torch.nn.functional as F
 
 from mamba_ssm.ops import selective_scan_cuda as ssc
 from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+from mamba_ssm.ops.selective_scan_settings import ScanSettings, override_settings
 
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not ssc.is_available(), reason="mamba_ssm._selective_scan_cuda is not built"),
 ]
+DEFAULT = ScanSettings()
 
 FLOOR = {torch.float32: 6e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 MULT = 4.0  # ours may be this many times the low-precision reference's error
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setenv("MAMBA_SSM_POISON", "1")
+def _extension_and_poison():
+    # a CUDA device without the extension is a failed build, not a reason to skip
+    if ssc._ext is None:
+        pytest.fail(f"CUDA is available but mamba_ssm._selective_scan_cuda did not load: {ssc.import_error()}")
+    with override_settings(poison=True):
+        yield
+
+
+class ScanSettingsPatch:
+    """Scan settings changed for one test and undone at its end (monkeypatch's setenv for settings)."""
+
+    def __init__(self, stack):
+        self._stack = stack
+
+    def set(self, **fields):
+        self._stack.enter_context(override_settings(**fields))
+
+
+@pytest.fixture
+def scan():
+    with contextlib.ExitStack() as stack:
+        yield ScanSettingsPatch(stack)
 
 
 def scan64(u, delta, A, B, C, D, z, delta_bias, softplus):
@@ -120,7 +145,7 @@ def ours(u, delta, A, B, C, D, z, bias, softplus):
 
 
 def plan(u, delta, A, B, C, D, z, bias, softplus):
-    """What the forward launches for these inputs under the present environment."""
+    """What the forward launches for these inputs under the settings in force."""
     return ssc.forward_plan(u, delta, A, B, C, D, z, bias, softplus)
 
 
@@ -251,11 +276,9 @@ GRID_LAYOUTS = [(c, lay) for c in GRID for lay in _layouts(c)]
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case, layout", GRID_LAYOUTS, ids=[f"{_id(c)}-{lay}" for c, lay in GRID_LAYOUTS])
-def test_against_float64(monkeypatch, case, layout):
+def test_against_float64(scan, case, layout):
     dtype, L, N, groups, has_D, has_z, has_bias, softplus, batch, dim = case
-    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_TP", raising=False)
-    if layout == "fwd2":
-        monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
+    scan.set(fwd_tp=False if layout == "fwd2" else None)
     seed = zlib.crc32(_id(case).encode()) % (2**31)
     check_case(seed, batch, dim, L, N, dtype, groups, has_D, has_z, has_bias, softplus)
 
@@ -274,105 +297,114 @@ def test_strided_inputs(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("split", ["1", "3", "64"])
-def test_sequence_split(monkeypatch, split):
+@pytest.mark.parametrize("split", [1, 3, 64])
+def test_sequence_split(scan, split):
     # forward and backward split into groups along the sequence (chosen automatically for small
     # batch * dim) agrees with float64 whatever the number of groups, also with longer segments
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
+    scan.set(split=split)
     check_case(21, 1, 64, 2000, 16, torch.bfloat16, None, True, True, True, True)
     check_case(22, 2, 8, 517, 64, torch.float32, 2, True, True, False, True)
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "64")
+    scan.set(segment=64)
     check_case(23, 1, 16, 1500, 32, torch.float16, 1, False, True, True, True)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("exact", ["0", "1"])
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softplus_over_its_whole_range(monkeypatch, exact, dtype):
+def test_softplus_over_its_whole_range(scan, exact, dtype):
     # delta + bias from -25 to 25 through the special-function-unit softplus (the default) and
-    # through log1pf (MAMBA_SSM_SCAN_EXACT_SOFTPLUS=1): outputs and every gradient against float64
-    monkeypatch.setenv("MAMBA_SSM_SCAN_EXACT_SOFTPLUS", exact)
+    # through log1pf (exact_softplus): outputs and every gradient against float64
+    scan.set(exact_softplus=exact)
     check_case(31, 2, 16, 300, 16, dtype, None, True, True, True, True, wide_delta=True)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("perm", ["0", "1"])
-@pytest.mark.parametrize("save_y", ["0", "1"])
-def test_backward_reduction_and_saved_y(monkeypatch, perm, save_y):
-    # the backward's dB/dC sum over a warp's channels with and without the lane-permuted state
-    # order (MAMBA_SSM_SCAN_BWD_PERM), and dz from the forward's saved y or from y recomputed
-    # (MAMBA_SSM_SCAN_SAVE_Y); dstate 7 and 13 leave padded states inside a lane's 4
-    monkeypatch.setenv("MAMBA_SSM_SCAN_BWD_PERM", perm)
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SAVE_Y", save_y)
+@pytest.mark.parametrize("save_y", [False, True])
+def test_backward_reduction_modes_and_saved_y(scan, save_y):
+    # the backward's dB/dC sum over a block's channels in each of its shape-driven modes
+    # (scan_bwd2_red_mode): lane-permuted shuffles (dstate <= 16, 8+ channels per block), shuffles
+    # with selects (several state slots), per channel in shared memory (fewer than 8 channels per
+    # block); and dz from the forward's saved y or from y recomputed (save_y).
+    # dstate 7, 13 and 20 leave padded states inside a lane's 4
+    scan.set(save_y=save_y)
     check_case(41, 2, 32, 300, 7, torch.bfloat16, 2, True, True, True, True)
     check_case(42, 1, 64, 129, 16, torch.float32, None, True, True, True, True)
     check_case(43, 2, 16, 77, 13, torch.float16, None, False, True, False, True)
     check_case(44, 2, 8, 250, 16, torch.float32, 1, True, False, True, True)  # no z: nothing to save
+    check_case(45, 2, 32, 200, 20, torch.bfloat16, None, True, True, True, True)  # 2 slots: with selects
+    check_case(46, 2, 32, 200, 32, torch.float32, 1, True, True, True, True)
+    check_case(47, 2, 12, 200, 16, torch.bfloat16, 3, True, True, True, True)  # 4 channels per block
+    check_case(48, 2, 6, 150, 64, torch.float32, None, True, True, True, True)  # 2 channels per block
+
+
+def misaligned(t):
+    """t's values in rows that start 1 element past a 16-byte boundary (rules out vector loads)."""
+    buf = torch.empty(*t.shape[:-1], t.shape[-1] + 1, device=t.device, dtype=t.dtype)
+    buf[..., 1:] = t
+    return buf[..., 1:]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N, switch", [(32, "MAMBA_SSM_SCAN_FWD_FULL"), (16, "MAMBA_SSM_SCAN_FWD_D16")])
-def test_forward_without_bounds_checks_matches(monkeypatch, dtype, N, switch):
-    # whole sub-chunks, aligned rows and dstate 32 take fwd2's instantiation without bounds checks
-    # (MAMBA_SSM_SCAN_FWD_FULL=0 turns it off), dstate 16 with 16-channel blocks its dstate-16 one
-    # (MAMBA_SSM_SCAN_FWD_D16=0): the same arithmetic, so the same bits, and against float64 with
-    # gradients (the backward uses its checkpoints and saved y)
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
+@pytest.mark.parametrize("N", [32, 16])
+def test_forward_instantiations_match(scan, dtype, N):
+    # whole sub-chunks, aligned rows and dstate 32 take fwd2's instantiation without bounds checks,
+    # dstate 16 with 16-channel blocks its dstate-16 one; the same values in misaligned rows take
+    # the bounds-checked one: the same arithmetic, so the same bits. Then against float64 with
+    # gradients (the backward uses its checkpoints and saved y), aligned and not a whole number of
+    # sub-chunks (bounds-checked)
+    scan.set(fwd_tp=False)
     inputs = make_inputs(51, 2, 32, 256, N, dtype, None, True, True, True, True)
+    u, delta, A, B, C, D, z, bias = inputs
+    checked = (misaligned(u), misaligned(delta), A, B, C, D, misaligned(z), bias)
     with torch.no_grad():
         got = plan(*inputs, True)
         del got["nsplit"]  # (a small grid: split by the usual rule)
         assert got == {"kernel": "fwd2", "full": True, "d16": N == 16, "channels_per_block": 16}
         fast = ours(*inputs, True)
-        monkeypatch.setenv(switch, "0")
-        got = plan(*inputs, True)
-        assert not got["d16"] and got["full"] == (switch != "MAMBA_SSM_SCAN_FWD_FULL")
-        plain = ours(*inputs, True)
+        got = plan(*checked, True)
+        assert not got["d16"] and not got["full"]
+        plain = ours(*checked, True)
     for a, b in zip(fast, plain):
         assert torch.equal(a, b)
-    monkeypatch.delenv(switch)
     check_case(52, 2, 32, 256, N, dtype, None, True, True, True, True)
+    odd = make_inputs(53, 2, 32, 250, N, dtype, None, True, True, True, True)
+    assert not plan(*odd, True)["full"]
+    check_case(53, 2, 32, 250, N, dtype, None, True, True, True, True)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tp", ["0", "1"])
+@pytest.mark.parametrize("tp", [False, True])
 @pytest.mark.parametrize("dim, L, N, groups, dtype, flags, split, segment", [
     # lengths around the 32-step sub-chunk, dstate below a lane's 4 states and not a multiple of 4
     (8, 1, 16, None, torch.float32, "DzbS", None, None),
     (8, 31, 1, 2, torch.bfloat16, "zS", None, None),
     (8, 33, 7, None, torch.float16, "DbS", None, None),
-    (12, 100, 13, 1, torch.float32, "DzS", None, "64"),
+    (12, 100, 13, 1, torch.float32, "DzS", None, 64),
     (4, 2048, 16, None, torch.bfloat16, "DzbS", None, None),
     (32, 100, 16, None, torch.bfloat16, "DzbS", None, None),
-    (8, 257, 16, None, torch.float32, "Db", None, "48"),
+    (8, 257, 16, None, torch.float32, "Db", None, 48),
     # sequence groups of odd sub-chunk counts (a group ends inside a 32-step sub-chunk)
-    (8, 1000, 16, 2, torch.bfloat16, "DzbS", "3", None),
-    (8, 515, 12, None, torch.float32, "DzbS", "5", "32"),
-    (4, 4097, 16, None, torch.float32, "DzbS", "2", None),
+    (8, 1000, 16, 2, torch.bfloat16, "DzbS", 3, None),
+    (8, 515, 12, None, torch.float32, "DzbS", 5, 32),
+    (4, 4097, 16, None, torch.float32, "DzbS", 2, None),
 ])
-def test_time_parallel_forward(monkeypatch, tp, dim, L, N, groups, dtype, flags, split, segment):
-    # the forward's time-parallel layout (MAMBA_SSM_SCAN_FWD_TP=1; =auto on small grids) and fwd2
-    # (=0) against float64, with every gradient (the backward starts from the checkpoints and saved
-    # y the forward wrote); dim 4, 12: blocks of 4 channels, 8 and 32: of 8 (or 4 with 2 groups)
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", tp)
-    if split:
-        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
-    if segment:
-        monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)
-    seed = zlib.crc32(f"tp{dim}-{L}-{N}-{groups}-{dtype}-{flags}-{split}".encode()) % (2**31)
+def test_time_parallel_forward(scan, tp, dim, L, N, groups, dtype, flags, split, segment):
+    # the forward's time-parallel layout (fwd_tp True; auto on small grids) and fwd2 (False)
+    # against float64, with every gradient (the backward starts from the checkpoints and saved y
+    # the forward wrote); dim 4, 12: blocks of 4 channels, 8 and 32: of 8 (or 4 with 2 groups)
+    scan.set(fwd_tp=tp, split=split, segment=segment or DEFAULT.segment)
+    seed = zlib.crc32(f"tp{dim}-{L}-{N}-{groups}-{dtype}-{flags}-{split and str(split)}".encode()) % (2**31)
     check_case(seed, 1, dim, L, N, dtype, groups, *(ch in flags for ch in "DzbS"))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cap, cpb", [("4", 4), ("8", 8), ("16", 16)])
+@pytest.mark.parametrize("cap, cpb", [(4, 4), (8, 8), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_time_parallel_forward_block_sizes(monkeypatch, cap, cpb, dtype):
-    # the time-parallel forward in blocks of 4, 8 and 16 channels (MAMBA_SSM_SCAN_TP_CPB; 8 by
-    # default, 16 only when asked for), each against float64 with gradients, in both instantiations
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
-    monkeypatch.setenv("MAMBA_SSM_SCAN_TP_CPB", cap)
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", "1")  # (splits of odd sub-chunk counts take the general one)
+def test_time_parallel_forward_block_sizes(scan, cap, cpb, dtype):
+    # the time-parallel forward in blocks of 4, 8 and 16 channels (tp_cpb; 8 by default, 16 only
+    # when asked for), each against float64 with gradients, in both instantiations
+    scan.set(fwd_tp=True, tp_cpb=cap, split=1)  # (splits of odd sub-chunk counts take the general one)
     for L in (512, 300):  # whole 32-step sub-chunks (branch-free) and not
         inputs = make_inputs(63, 1, 32, L, 16, dtype, None, True, True, True, True)
         got = plan(*inputs, True)
@@ -381,55 +413,53 @@ def test_time_parallel_forward_block_sizes(monkeypatch, cap, cpb, dtype):
 
 
 @pytest.mark.cuda
-def test_time_parallel_forward_sub_chunk_counts(monkeypatch):
+def test_time_parallel_forward_sub_chunk_counts(scan):
     # the time-parallel forward against float64 with gradients over 1 to 5 whole 32-step
     # sub-chunks (the branch-free instantiation's last sub-chunk reloads itself instead of reading
     # past the end; the carry into slice 0 goes through shared memory), a general instantiation,
     # and sequence splits
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
-    for L, split in [(32, "1"), (64, "1"), (96, "1"), (128, "1"), (160, "1"), (300, "1"), (320, "2"), (1000, "3")]:
-        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
-        inputs = make_inputs(5, 1, 16, L, 16, torch.bfloat16, None, True, True, True, True)
-        got = plan(*inputs, True)
-        assert (got["kernel"], got["full"]) == ("fwd_tp", L % 32 == 0 and (split == "1" or L == 320)), (L, split, got)
-        check_case(zlib.crc32(f"tpopt{L}-{split}".encode()) % (2**31), 1, 16, L, 16, torch.bfloat16, None,
-                   True, True, True, True)
+    scan.set(fwd_tp=True)
+    for L, split in [(32, 1), (64, 1), (96, 1), (128, 1), (160, 1), (300, 1), (320, 2), (1000, 3)]:
+        with override_settings(split=split):
+            inputs = make_inputs(5, 1, 16, L, 16, torch.bfloat16, None, True, True, True, True)
+            got = plan(*inputs, True)
+            assert (got["kernel"], got["full"]) == ("fwd_tp", L % 32 == 0 and (split == 1 or L == 320)), (L, split, got)
+            check_case(zlib.crc32(f"tpopt{L}-{split}".encode()) % (2**31), 1, 16, L, 16, torch.bfloat16, None,
+                       True, True, True, True)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
+def test_time_parallel_forward_without_bounds_checks(scan, dtype):
     # whole 32-step sub-chunks, dstate 16, aligned rows: the time-parallel forward's instantiation
-    # without bounds checks gives the same bits as its general one (MAMBA_SSM_SCAN_FWD_FULL=0),
-    # also with a sequence split into groups of whole sub-chunks; and it agrees with fwd2
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+    # without bounds checks gives the same bits as its bounds-checked one (the same values in
+    # misaligned rows), also with a sequence split into groups of whole sub-chunks; and it agrees
+    # with fwd2
+    scan.set(fwd_tp=True)
     inputs = make_inputs(61, 1, 16, 512, 16, dtype, None, True, True, True, True)
-    for split in ["1", "2"]:
-        monkeypatch.setenv("MAMBA_SSM_SCAN_SPLIT", split)
-        with torch.no_grad():
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "1")
+    u, delta, A, B, C, D, z, bias = inputs
+    checked = (misaligned(u), misaligned(delta), A, B, C, D, misaligned(z), bias)
+    for split in [1, 2]:
+        with torch.no_grad(), override_settings(split=split):
             assert plan(*inputs, True) == {"kernel": "fwd_tp", "full": True, "d16": False, "channels_per_block": 8,
-                                           "nsplit": int(split)}
+                                           "nsplit": split}
             full = ours(*inputs, True)
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_FULL", "0")
-            assert plan(*inputs, True)["full"] is False
-            plain = ours(*inputs, True)
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
-            fwd2 = ours(*inputs, True)
-            monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
+            assert plan(*checked, True)["full"] is False
+            plain = ours(*checked, True)
+            with override_settings(fwd_tp=False):
+                fwd2 = ours(*inputs, True)
         for a, b in zip(full, plain):
             assert torch.equal(a, b)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert rel_err(full[0], fwd2[0]) < tol and rel_err(full[1], fwd2[1]) < 1e-5
-    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_FULL")
     # a checkpoint every other chunk (R = 2): its checkpoints take the general instantiation
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", "32")
-    assert plan(*inputs, True)["full"] is False
-    monkeypatch.delenv("MAMBA_SSM_SCAN_SEGMENT")
+    with override_settings(segment=32):
+        assert plan(*inputs, True)["full"] is False
+    assert ssc.forward_plan(*inputs, True, segment=32)["full"] is False
     # with gradients: the backward starts from the checkpoints the branch-free instantiation wrote
     # (split in 2: also those of the second group)
-    check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
-    monkeypatch.delenv("MAMBA_SSM_SCAN_SPLIT")
+    with override_settings(split=2):
+        check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
     check_case(62, 1, 16, 512, 16, dtype, None, True, True, True, True)
 
 
@@ -441,27 +471,63 @@ def test_time_parallel_forward_without_bounds_checks(monkeypatch, dtype):
     ((1, 4096, 2048, 64), "fwd2", 16),     # dstate above the time-parallel layout's 16
     ((1, 24, 2048, 16), "fwd_tp", 8),      # 24 channels: blocks of 8
 ])
-def test_forward_plan_at_benchmark_shapes(monkeypatch, shape, kernel, cpb):
+def test_forward_plan_at_benchmark_shapes(shape, kernel, cpb):
     # the default choice of layout at the benchmark's shapes (bf16, z, D, delta_bias, softplus), in
-    # the instantiation without bounds checks; MAMBA_SSM_SCAN_FWD_TP=0 and =1 override it
+    # the instantiation without bounds checks; fwd_tp False and True override it
     batch, dim, L, N = shape
-    monkeypatch.delenv("MAMBA_SSM_SCAN_FWD_TP", raising=False)
     inputs = make_inputs(7, batch, dim, L, N, torch.bfloat16, None, True, True, True, True)
     got = plan(*inputs, True)
     assert (got["kernel"], got["full"], got["channels_per_block"]) == (kernel, True, cpb)
     assert got["d16"] == (kernel == "fwd2" and N == 16)  # Mamba's shape: fwd2's dstate-16 instantiation
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "0")
-    assert plan(*inputs, True)["kernel"] == "fwd2"
-    monkeypatch.setenv("MAMBA_SSM_SCAN_FWD_TP", "1")
-    assert plan(*inputs, True)["kernel"] == ("fwd_tp" if N <= 16 else "fwd2")
+    with override_settings(fwd_tp=False):
+        assert plan(*inputs, True)["kernel"] == "fwd2"
+    with override_settings(fwd_tp=True):
+        assert plan(*inputs, True)["kernel"] == ("fwd_tp" if N <= 16 else "fwd2")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("segment", ["16", "256"])
-def test_segment_lengths(monkeypatch, segment):
-    monkeypatch.setenv("MAMBA_SSM_SCAN_SEGMENT", segment)
+@pytest.mark.parametrize("segment", [16, 256])
+def test_segment_lengths(scan, segment):
+    scan.set(segment=segment)
     check_case(5, 2, 16, 1000, 16, torch.float32, None, True, True, True, True)
     check_case(6, 1, 4, 333, 64, torch.bfloat16, 2, True, False, True, False)
+
+
+@pytest.mark.cuda
+def test_user_settings_as_keyword_arguments():
+    # segment and save_y as keyword arguments do what the settings do (same kernels, same bits)
+    inputs = make_inputs(8, 2, 16, 300, 16, torch.bfloat16, None, True, True, True, True)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+    gout = torch.randn(2, 16, 300, device="cuda", dtype=torch.float64)
+    glast = torch.randn(2, 16, 16, device="cuda", dtype=torch.float64)
+
+    def run(**kwargs):
+        x = [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+        out, last = ssc.selective_scan_cuda(*x, True, True, **kwargs)
+        loss = (out.double() * gout).sum() + (last.double() * glast).sum()
+        return [out, last, *torch.autograd.grad(loss, [x[i] for i in present])]
+
+    for fields in ({"segment": 64}, {"save_y": False}, {"segment": 48, "save_y": False}):
+        by_keyword = run(**fields)
+        with override_settings(**fields):
+            by_setting = run()
+        for a, b in zip(by_keyword, by_setting):
+            assert torch.equal(a, b), fields
+    with pytest.raises(ValueError, match="MAMBA_SSM_SCAN_SEGMENT"):
+        ssc.selective_scan_cuda(*inputs, True, segment=0)
+
+
+@pytest.mark.cuda
+def test_binding_checks_the_plan():
+    # the binding takes the plan's integers and rejects those that do not fit the inputs
+    u, delta, A, B, C, D, z, bias = make_inputs(9, 1, 24, 64, 16, torch.float32, None, True, True, True, True)
+    ok = dict(fwd_tp=False, cpb=8, tp_cpb=8, nsplit=1, gseg=4, exact_softplus=False, poison=False)
+    args = (u, delta, A, B, C, D, z, bias, True, 1, False, False)
+    assert ssc._ext.fwd(*args, **ok)[0].shape == u.shape
+    for bad, message in [({"cpb": 16}, "cpb=16"), ({"cpb": 3}, "cpb=3"), ({"nsplit": 2}, "nsplit=2"),
+                         ({"fwd_tp": True, "tp_cpb": 16}, "tp_cpb=16")]:
+        with pytest.raises(RuntimeError, match=message):
+            ssc._ext.fwd(*args, **{**ok, **bad})
 
 
 @pytest.mark.cuda
@@ -524,33 +590,29 @@ def test_no_grad_forward_matches():
 SMALL_CASE = textwrap.dedent(
     """
     import torch
-    from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+    from mamba_ssm.ops.selective_scan_cuda import override_settings, selective_scan_cuda
     torch.manual_seed(0)
-    # (2, 32, 50, 16) and (1, 16, 64, 16) take the lane-permuted backward; (1, 16, 64, 32) fwd2's
-    # forward without bounds checks, (1, 16, 64, 16) with tp "0" its dstate-16 instantiation (and
-    # carry pass: split in 4), with tp "1" and no split the time-parallel forward's without bounds
-    # checks (a split in groups of one 16-step chunk would take the general one), and
-    # (2, 32, 50, 16) its general one
-    import os
+    # (2, 32, 50, 16) and (1, 16, 64, 16) take the lane-permuted backward, (1, 4, 70, 64) and
+    # (2, 5, 37, 16) the per-channel one; (1, 16, 64, 32) fwd2's forward without bounds checks,
+    # (1, 16, 64, 16) with tp False its dstate-16 instantiation (and carry pass: split in 4), with
+    # tp True and no split the time-parallel forward's without bounds checks (a split in groups of
+    # one 16-step chunk would take the general one), and (2, 32, 50, 16) its general one
     for (b, d, L, n, g, tp, split) in [
-            (2, 5, 37, 16, None, "0", None), (1, 4, 70, 64, 2, "0", None), (1, 2, 17, 256, None, "0", None),
-            (2, 32, 50, 16, 1, "1", None), (1, 16, 64, 32, None, "0", None), (1, 16, 64, 16, None, "1", "1"),
-            (1, 16, 64, 16, None, "0", None)]:
-        os.environ["MAMBA_SSM_SCAN_FWD_TP"] = tp
-        os.environ.pop("MAMBA_SSM_SCAN_SPLIT", None)
-        if split:
-            os.environ["MAMBA_SSM_SCAN_SPLIT"] = split
-        u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)
-        shp = (b, n, L) if g is None else (b, g, n, L)
-        B = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        C = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        D = torch.randn(d, device="cuda", requires_grad=True)
-        z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        bias = torch.rand(d, device="cuda", requires_grad=True)
-        out, last = selective_scan_cuda(u, dt, A, B, C, D, z, bias, True, True)
-        (out.float().sum() + last.sum()).backward()
+            (2, 5, 37, 16, None, False, None), (1, 4, 70, 64, 2, False, None), (1, 2, 17, 256, None, False, None),
+            (2, 32, 50, 16, 1, True, None), (1, 16, 64, 32, None, False, None), (1, 16, 64, 16, None, True, 1),
+            (1, 16, 64, 16, None, False, None)]:
+        with override_settings(fwd_tp=tp, split=split, poison=True):
+            u = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dt = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            A = (-torch.rand(d, n, device="cuda") - 0.1).requires_grad_(True)
+            shp = (b, n, L) if g is None else (b, g, n, L)
+            B = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            C = torch.randn(*shp, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            D = torch.randn(d, device="cuda", requires_grad=True)
+            z = torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            bias = torch.rand(d, device="cuda", requires_grad=True)
+            out, last = selective_scan_cuda(u, dt, A, B, C, D, z, bias, True, True)
+            (out.float().sum() + last.sum()).backward()
     torch.cuda.synchronize()
     print("small case done")
     """
@@ -559,24 +621,21 @@ SMALL_CASE = textwrap.dedent(
 
 TP_FORWARD_CASE = textwrap.dedent(
     """
-    import os
     import torch
-    from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+    from mamba_ssm.ops.selective_scan_cuda import override_settings, selective_scan_cuda
     torch.manual_seed(0)
     # the time-parallel forward alone: branch-free (64 steps, unsplit), general (50 steps, groups),
-    # and in 3 sequence groups (with fwd2's carry pass), in blocks of 8, 4 and 16 channels
-    os.environ["MAMBA_SSM_SCAN_FWD_TP"] = "1"
-    os.environ["MAMBA_SSM_SCAN_TP_CPB"] = "16"
-    for (b, d, L, g, split) in [(1, 16, 64, None, "1"), (2, 32, 50, 1, "1"), (1, 16, 200, None, "3"),
-                                (1, 4, 96, None, "1"), (1, 8, 160, None, "1")]:
-        os.environ["MAMBA_SSM_SCAN_SPLIT"] = split
-        u, dt, z = (torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        A = -torch.rand(d, 16, device="cuda") - 0.1
-        shp = (b, 16, L) if g is None else (b, g, 16, L)
-        B, C = (torch.randn(*shp, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        D, bias = torch.randn(d, device="cuda"), torch.rand(d, device="cuda")
-        out, last = selective_scan_cuda(u, dt, A, B, C, D, z, bias, True, True)
-        torch.cuda.synchronize()
+    # and in 3 sequence groups (with fwd2's carry pass), in blocks of 16, 4 and 8 channels
+    for (b, d, L, g, split) in [(1, 16, 64, None, 1), (2, 32, 50, 1, 1), (1, 16, 200, None, 3),
+                                (1, 4, 96, None, 1), (1, 8, 160, None, 1)]:
+        with override_settings(fwd_tp=True, tp_cpb=16, split=split, poison=True):
+            u, dt, z = (torch.randn(b, d, L, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            A = -torch.rand(d, 16, device="cuda") - 0.1
+            shp = (b, 16, L) if g is None else (b, g, 16, L)
+            B, C = (torch.randn(*shp, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            D, bias = torch.randn(d, device="cuda"), torch.rand(d, device="cuda")
+            out, last = selective_scan_cuda(u, dt, A, B, C, D, z, bias, True, True)
+            torch.cuda.synchronize()
     print("tp case done")
     """
 )

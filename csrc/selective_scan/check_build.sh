@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build check of the scan kernels without a GPU or a CUDA build of torch (only nvcc): compiles the
-# six kernel translation units for sm_90 with the extension's flags, links them into one shared
-# object (catches symbols defined in several units, which a single-unit compile does not), and
-# prints ptxas's registers and spills of the impl-2 kernels. Run it before spending device time.
+# six kernel translation units (scan_{fwd,bwd}_{f32,f16,bf16}.cu) for sm_90 with the extension's
+# flags, links them into one shared object (catches symbols defined in several units, which a
+# single-unit compile does not), writes ptxas's registers and spills of every kernel to
+# $OUT/ptxas.txt (diff two of them to check that a change left the kernels alone) and prints the
+# bf16 ones; then a syntax check of the binding. Run it before spending device time.
 #   bash csrc/selective_scan/check_build.sh [out_dir]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,8 +23,16 @@ for p in "${pids[@]}"; do wait "$p" || rc=1; done
 if [ $rc != 0 ]; then grep -h -B2 -A5 "error" "$OUT"/*.log | head -40; echo "compile FAILED"; exit 1; fi
 # (a shared object may leave the CUDA runtime's symbols undefined: only clashes matter here)
 g++ -shared -o "$OUT/kernels.so" "$OUT"/*.o || { echo "link FAILED"; exit 1; }
-grep -h -A3 "Compiling entry function.*scan_\(fwd\|bwd\)\(2\|_tp\)_kernel" "$OUT"/scan_*_bf16.log | grep -E "entry|registers|spill" \
-  | sed -E 's/.*entry function .(_ZN3ssm[0-9]+)?//; s/ptxas info *: //'
+# one line per kernel: unit, mangled name, stack/spills, registers/barriers/shared memory
+for log in "$OUT"/scan_*.log; do
+  awk -v unit="$(basename "$log" .log)" '
+    /Compiling entry function/ { match($0, /function .[^'"'"']+/); name = substr($0, RSTART + 10, RLENGTH - 10); next }
+    /Function properties for/ { props = $NF; next }
+    /bytes stack frame/ && props == name { sub(/^ +/, ""); stack = $0; next }
+    /Used [0-9]+ registers/ && name != "" { sub(/.*Used/, "Used"); print unit, name, "|", stack, "|", $0; name = "" }
+  ' "$log"
+done | sort > "$OUT/ptxas.txt"
+grep "^scan_.*_bf16 " "$OUT/ptxas.txt" | sed -E 's/^[^ ]+ _ZN3ssm[0-9]+//'
 echo "compile and link OK ($OUT/kernels.so)"
 # The torch binding, syntax and types only, where a torch is importable (a CPU build ships the
 # c10/cuda headers but not its generated cuda_cmake_macros.h, stubbed here).

@@ -1,26 +1,26 @@
 // Torch binding of the selective scan kernels: module mamba_ssm._selective_scan_cuda.
 //
-//   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt, save_y)
-//       -> [out, last_state, ckpt, y]
-//   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?, y?)
-//       -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
-//   fwd_plan(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R) -> {kernel, full, d16, ...}
+//   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt, save_y,
+//       fwd_tp, cpb, tp_cpb, nsplit, gseg, exact_softplus, poison) -> [out, last_state, ckpt, y]
+//   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?, y?,
+//       cpb, nsplit, gseg, exact_softplus, poison) -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
+//   fwd_instantiation(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R,
+//       fwd_tp, cpb, tp_cpb, nsplit, gseg, exact_softplus) -> {full, d16}
 //
-// u, delta, z, dout share one dtype (fp32/fp16/bf16); B and C are that dtype or fp32 (if
-// either is fp32 both are read as fp32); A, D, delta_bias fp32. Any strides are accepted:
-// tensors whose last stride is not 1 are copied. With MAMBA_SSM_POISON=1 in the
-// environment every output is filled with NaN before the launch (tests use it to prove
-// that the kernels write every element).
+// The launch plan (fwd_tp, cpb, tp_cpb, nsplit, gseg) comes from mamba_ssm/ops/selective_scan_plan.py
+// and the settings (R, exact_softplus, poison) from selective_scan_settings.py; here they are only
+// checked. The kernel instantiation (bounds-checked or not, dstate 16) follows from alignment and
+// shape. u, delta, z, dout share one dtype (fp32/fp16/bf16); B and C are that dtype or fp32 (if
+// either is fp32 both are read as fp32); A, D, delta_bias fp32. Any strides are accepted: tensors
+// whose last stride is not 1 are copied. poison: every output is filled with NaN before the launch
+// (tests use it to prove that the kernels write every element).
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
-#include <cmath>
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <vector>
 
 #include "scan_params.h"
@@ -28,20 +28,6 @@
 namespace {
 
 using at::Tensor;
-
-// An on/off setting from the environment: on when it starts with '1'.
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '1';
-}
-
-// Default-on switches: off only when set to 0.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == '0';
-}
-
-bool poison_enabled() { return env_flag("MAMBA_SSM_POISON"); }
 
 Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
   Tensor t = at::empty(shape, opt);
@@ -66,91 +52,48 @@ bool aligned16(const Tensor& t, int64_t elem_bytes, int64_t s0, int64_t s1, int6
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && ok(s0) && ok(s1) && ok(s2);
 }
 
-int impl_from_env() { return env_flag("MAMBA_SSM_SCAN_IMPL") ? 1 : 2; }
-
-int pick_cpb(int dpg, int cpb_max) {
-  int c = 1;
-  while (c * 2 <= cpb_max && dpg % (c * 2) == 0) c *= 2;
-  return c;
+int max_smem_optin() {
+  int dev = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return bytes;
 }
 
-// A grid of one wave or more loses the idle part of its last one (1.29 waves of blocks run as
-// 2). Splitting the sequence in s groups gives s times as many blocks, each s times shorter:
-// take the s in 1..4 with the least estimated time ceil(waves * s) / s, a split charged 15% for
-// its carry pass (measured 9-11% at (8,1536,2048,16), where splitting gained no wave). Below one
-// wave the estimate does not hold (fewer warps per SM each run faster), so no split there.
-// Measured for the backward only (run 8 in NOTES.md: LoRA 1.4b at 4 x 2048, 1.29 waves, split 3).
-int64_t wave_balanced_split(int64_t warps, int64_t warps_per_wave) {
-  if (warps < warps_per_wave) return 1;
-  double best = std::ceil((double)warps / warps_per_wave);
-  int64_t n = 1;
-  for (int64_t s = 2; s <= 4; ++s) {
-    const double t = std::ceil((double)warps * s / warps_per_wave) / s * 1.15;
-    if (t < best - 1e-9) {
-      best = t;
-      n = s;
-    }
+// Checks of the plan's integers (selective_scan_plan.py chooses them).
+void check_cpb(const char* name, int64_t cpb, int64_t cpb_max, const ssm::ScanParams& p) {
+  const int64_t dpg = p.dim / p.groups;
+  TORCH_CHECK(cpb >= 1 && cpb <= cpb_max && (cpb & (cpb - 1)) == 0 && dpg % cpb == 0, "selective_scan_cuda: ", name,
+              "=", cpb, " must be a power of two <= ", cpb_max, " dividing dim / groups = ", dpg);
+}
+
+void set_split(ssm::ScanParams& p, int64_t nsplit, int64_t gseg) {
+  TORCH_CHECK(gseg >= 1 && nsplit == std::max<int64_t>(1, (p.nseg + gseg - 1) / gseg), "selective_scan_cuda: nsplit=",
+              nsplit, ", gseg=", gseg, " must cut the ", p.nseg, " segments into groups of gseg, none empty");
+  p.nsplit = (int)nsplit;
+  p.gseg = (int)gseg;
+}
+
+void check_smem(const char* kernel, int64_t floats) {
+  const int64_t limit = max_smem_optin();
+  TORCH_CHECK(floats * 4 <= limit, "selective_scan_cuda: ", kernel, " would need ", floats * 4,
+              " bytes of shared memory per block, the device allows ", limit, ": use fewer channels per block");
+}
+
+// The forward's plan, checked: fwd2 (or the split's carry pass) in blocks of cpb channels, or the
+// time-parallel layout (dstate <= 16) in blocks of tp_cpb (4, 8 or 16) channels.
+void set_fwd_plan(ssm::ScanParams& p, bool fwd_tp, int64_t cpb, int64_t tp_cpb, int64_t nsplit, int64_t gseg) {
+  check_cpb("cpb", cpb, 16, p);
+  p.cpb = (int)cpb;
+  p.fwd_tp = fwd_tp;
+  if (fwd_tp) {
+    TORCH_CHECK(p.dstate <= 16, "selective_scan_cuda: the time-parallel forward needs dstate <= 16, got ", p.dstate);
+    TORCH_CHECK(tp_cpb == 4 || tp_cpb == 8 || tp_cpb == 16, "selective_scan_cuda: tp_cpb=", tp_cpb,
+                " must be 4, 8 or 16");
+    check_cpb("tp_cpb", tp_cpb, 16, p);
+    p.tp_cpb = (int)tp_cpb;
   }
-  return n;
-}
-
-// Split along the sequence when batch * dim alone gives less than half a wave of warps (e.g.
-// batch 1, long sequences): then about two waves. Measured on an H200: (1,4096,16384,16) backward
-// 9.6 -> 6.3 ms with 7 groups; (8,1536,2048,16), 0.97 waves unsplit, was slower split in 3
-// (1.62 -> 1.77 ms), hence the half-wave threshold. The forward (16 resident warps per SM) splits
-// the same way (run 6 in NOTES.md); the backward (12) also when a split fills its last wave better
-// (balance_waves). With balance_waves the small-grid count is rounded down to whole waves: at
-// (1,4096,16384,16) the backward's 7 groups (2.26 waves, run as 3) took 4.46 ms, 6 groups (1.94
-// waves) 3.65 ms, same call (selective_scan_h200_2026-11-29_split_sweep.json; 3 and 12 groups,
-// also whole waves, 3.85 and 3.64). MAMBA_SSM_SCAN_SPLIT=n forces n groups (1: never split).
-int sm_count() {
-  int sms = 132;
-  int dev = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms;
-}
-
-// Warps of a launch giving each channel `lanes` threads, and whether they fill less than half of
-// the two waves the kernels are sized for (the sequence split's threshold, below).
-int64_t grid_warps(const ssm::ScanParams& p, int lanes) { return ((int64_t)p.batch * p.dim * lanes + 31) / 32; }
-bool small_grid(const ssm::ScanParams& p, int lanes, int resident_warps_per_sm) {
-  return 4 * grid_warps(p, lanes) < 2LL * resident_warps_per_sm * sm_count();
-}
-
-void pick_split(ssm::ScanParams& p, int resident_warps_per_sm, bool balance_waves, int lanes = 4) {
-  p.nsplit = 1;
-  p.gseg = std::max(1, p.nseg);
-  if (p.batch <= 0 || p.dim <= 0 || p.nseg <= 0) return;  // empty input: nothing is launched
-  const int sms = sm_count();
-  const int64_t warps = grid_warps(p, lanes);
-  const int64_t want = 2LL * resident_warps_per_sm * sms;
-  int64_t n = 1;
-  if (const char* v = std::getenv("MAMBA_SSM_SCAN_SPLIT")) n = std::max(1L, std::atol(v));
-  else if (small_grid(p, lanes, resident_warps_per_sm)) n = balance_waves ? want / warps : (want + warps - 1) / warps;
-  else if (balance_waves) n = wave_balanced_split(warps, (int64_t)resident_warps_per_sm * sms);
-  n = std::min<int64_t>({n, 64, p.nseg});
-  p.gseg = (int)((p.nseg + n - 1) / n);
-  p.nsplit = (p.nseg + p.gseg - 1) / p.gseg;  // no empty group
-}
-
-// The forward's time-parallel layout (scan_fwd_tp.cuh: 16 lanes per channel, dstate <= 16, no
-// exponential computed twice). By default (or MAMBA_SSM_SCAN_FWD_TP=auto) where fwd2's 4 lanes per
-// channel would leave the GPU mostly idle and split the sequence (batch 1: prefill); where both fill
-// the GPU fwd2 is faster (tp took 1.54x its time at (8,4096,2048,16), run 23). =1: wherever it applies
-// (tests); =0: never. Blocks of 8 channels where 8 divides dim / groups, else 4;
-// MAMBA_SSM_SCAN_TP_CPB=16 allows blocks of 16, =4 caps them at 4. At (1,4096,16384,16) 8-channel
-// blocks (4 warps at each barrier) took 0.825 ms against 0.881 for 16 (run 24, H100).
-bool use_fwd_tp(ssm::ScanParams& p) {
-  const int dpg = p.dim / p.groups;
-  if (p.impl == 1 || p.dstate > 16 || dpg % 4 != 0) return false;
-  const char* cap_env = std::getenv("MAMBA_SSM_SCAN_TP_CPB");
-  const int cap = cap_env ? std::atoi(cap_env) : 8;
-  p.tp_cpb = 4;
-  for (int c : {16, 8})
-    if (p.tp_cpb == 4 && c <= cap && dpg % c == 0) p.tp_cpb = c;
-  const char* mode = std::getenv("MAMBA_SSM_SCAN_FWD_TP");
-  if (mode == nullptr || std::string(mode) == "auto") return small_grid(p, 4, 16);
-  return env_flag("MAMBA_SSM_SCAN_FWD_TP");
+  set_split(p, nsplit, gseg);
+  check_smem("the forward", ssm::scan_fwd2_smem_floats(p));
 }
 
 struct Prepared {
@@ -162,7 +105,7 @@ struct Prepared {
 
 Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in, const Tensor& B_in,
                  const Tensor& C_in, const std::optional<Tensor>& D_in, const std::optional<Tensor>& z_in,
-                 const std::optional<Tensor>& bias_in, bool softplus, int64_t R) {
+                 const std::optional<Tensor>& bias_in, bool softplus, int64_t R, bool exact_softplus) {
   TORCH_CHECK(u_in.is_cuda(), "selective_scan_cuda: inputs must be CUDA tensors");
   TORCH_CHECK(u_in.dim() == 3, "selective_scan_cuda: u must be (batch, dim, seqlen)");
   Prepared q;
@@ -218,12 +161,7 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   };
   p.vec_x = x_ok(q.u) && x_ok(q.delta) && (!q.z.defined() || x_ok(q.z));
   p.vec_o = (L % 4) == 0;
-  p.impl = impl_from_env();
-  p.exact_softplus = env_flag("MAMBA_SSM_SCAN_EXACT_SOFTPLUS");
-  p.bwd_perm = !env_off("MAMBA_SSM_SCAN_BWD_PERM");  // 0: the select-based reduction (A/B runs)
-  p.bwd_prefetch = !env_off("MAMBA_SSM_SCAN_BWD_PREFETCH");  // 0: no L1 prefetch (A/B runs)
-  p.fwd_full = !env_off("MAMBA_SSM_SCAN_FWD_FULL");  // 0: the forward with bounds checks (A/B runs)
-  p.fwd_d16 = !env_off("MAMBA_SSM_SCAN_FWD_D16");    // 0: fwd2 without its dstate-16 instantiation
+  p.exact_softplus = exact_softplus;
   p.A = q.A.data_ptr<float>();
   p.D = q.D.defined() ? q.D.data_ptr<float>() : nullptr;
   p.bias = q.bias.defined() ? q.bias.data_ptr<float>() : nullptr;
@@ -248,48 +186,39 @@ void launch_bwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The forward's launch choices: kernel layout, channels per block, sequence split.
-void plan_fwd(ssm::ScanParams& p) {
-  p.cpb = pick_cpb(p.dim / p.groups, p.impl == 1 ? 8 : 16);
-  p.fwd_tp = use_fwd_tp(p);
-  if (p.impl != 1) pick_split(p, 16, false, p.fwd_tp ? 16 : 4);
-}
-
-// What fwd would launch for these inputs and the present environment, without launching it
-// (tests and benchmarks: which kernel, whether its bounds-check-free instantiation, the split).
-py::dict fwd_plan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
-                  const std::optional<Tensor>& D, const std::optional<Tensor>& z,
-                  const std::optional<Tensor>& delta_bias, bool softplus, int64_t R) {
+// Which instantiation the forward takes for these inputs and this plan, without launching it
+// (tests and benchmarks): full, without bounds checks; d16, fwd2's dstate-16 one.
+py::dict fwd_instantiation(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                           const std::optional<Tensor>& D, const std::optional<Tensor>& z,
+                           const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool fwd_tp, int64_t cpb,
+                           int64_t tp_cpb, int64_t nsplit, int64_t gseg, bool exact_softplus) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R, exact_softplus);
   auto& p = q.p;
-  plan_fwd(p);
+  set_fwd_plan(p, fwd_tp, cpb, tp_cpb, nsplit, gseg);
   py::dict d;
-  d["kernel"] = p.impl == 1 ? "fwd" : (p.fwd_tp ? "fwd_tp" : "fwd2");
-  d["full"] = p.impl != 1 && (p.fwd_tp ? ssm::fwd_tp_full(p) : ssm::fwd2_full(p));
-  d["d16"] = p.impl != 1 && !p.fwd_tp && ssm::fwd2_d16(p);
-  d["channels_per_block"] = p.fwd_tp ? p.tp_cpb : p.cpb;
-  d["nsplit"] = p.nsplit;
+  d["full"] = p.fwd_tp ? ssm::fwd_tp_full(p) : ssm::fwd2_full(p);
+  d["d16"] = !p.fwd_tp && ssm::fwd2_d16(p);
   return d;
 }
 
 std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                         const std::optional<Tensor>& D, const std::optional<Tensor>& z,
                         const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt,
-                        bool save_y) {
+                        bool save_y, bool fwd_tp, int64_t cpb, int64_t tp_cpb, int64_t nsplit, int64_t gseg,
+                        bool exact_softplus, bool poison) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R, exact_softplus);
   auto& p = q.p;
-  plan_fwd(p);
-  const bool poison = poison_enabled();
+  set_fwd_plan(p, fwd_tp, cpb, tp_cpb, nsplit, gseg);
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
   Tensor ckpt;
   if (save_ckpt) ckpt = new_out({p.batch, p.dim, p.nseg, p.dstate}, f32, poison);
-  // y before the z gate, for the backward's dz (impl 2 only; without z, dz does not exist)
+  // y before the z gate, for the backward's dz (without z, dz does not exist)
   Tensor y;
-  if (save_ckpt && save_y && q.z.defined() && p.impl != 1) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
+  if (save_ckpt && save_y && q.z.defined()) y = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor carry_w, carry_sdt;
   if (p.nsplit > 1) {
     carry_w = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
@@ -312,26 +241,16 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
                                        const Tensor& C, const std::optional<Tensor>& D,
                                        const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
                                        bool softplus, int64_t R, const Tensor& ckpt, const Tensor& dout_in,
-                                       const std::optional<Tensor>& dlast_in, const std::optional<Tensor>& y_in) {
+                                       const std::optional<Tensor>& dlast_in, const std::optional<Tensor>& y_in,
+                                       int64_t cpb, int64_t nsplit, int64_t gseg, bool exact_softplus, bool poison) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R);
+  Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R, exact_softplus);
   auto& p = q.p;
-  const int dpg = p.dim / p.groups;
-  if (p.impl == 1) {
-    p.cpb = pick_cpb(dpg, p.dstate <= 16 ? 16 : (p.dstate <= 64 ? 8 : 4));
-  } else {
-    // largest power-of-two channel count (<= 32) whose shared memory leaves room for 2 blocks per SM
-    int cap = 32;
-    while (cap > 1) {
-      p.cpb = cap;
-      if (ssm::scan_bwd2_smem_floats(p) * 4 <= 110 * 1024) break;
-      cap /= 2;
-    }
-    p.cpb = pick_cpb(dpg, cap);
-  }
-  const int P = dpg / p.cpb;
-  if (p.impl != 1) pick_split(p, 12, true);
-  const bool poison = poison_enabled();
+  check_cpb("cpb", cpb, 32, p);
+  p.cpb = (int)cpb;
+  const int P = p.dim / p.groups / p.cpb;
+  set_split(p, nsplit, gseg);
+  check_smem("the backward", ssm::scan_bwd2_smem_floats(p));
   const auto st = u.scalar_type();
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor dout = last_contig(dout_in.scalar_type() == st ? dout_in : dout_in.to(st));
@@ -343,11 +262,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   Tensor ddelta = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor dz;
   if (q.z.defined()) dz = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
-  const bool v2 = p.impl != 1;
-  std::vector<int64_t> part_shape = v2 ? std::vector<int64_t>{P, p.batch, p.groups, p.seqlen, p.dstate}
-                                       : std::vector<int64_t>{P, p.batch, p.groups, p.dstate, p.seqlen};
-  Tensor dBpart = new_out(part_shape, f32, poison);
-  Tensor dCpart = new_out(part_shape, f32, poison);
+  Tensor dBpart = new_out({P, p.batch, p.groups, p.seqlen, p.dstate}, f32, poison);
+  Tensor dCpart = new_out({P, p.batch, p.groups, p.seqlen, p.dstate}, f32, poison);
   Tensor dApart = new_out({p.nsplit, p.batch, p.dim, p.dstate}, f32, poison);
   Tensor dDpart = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
   Tensor dbpart = new_out({p.nsplit, p.batch, p.dim}, f32, poison);
@@ -367,8 +283,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
   p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
   p.ckpt_in = ckpt.data_ptr<float>();
-  // the forward's y before the z gate, if it saved one (impl 2): dz from it instead of recomputing y
-  if (y_in.has_value() && y_in->defined() && q.z.defined() && p.impl != 1) {
+  // the forward's y before the z gate, if it saved one: dz from it instead of recomputing y
+  if (y_in.has_value() && y_in->defined() && q.z.defined()) {
     TORCH_CHECK(y_in->sizes() == u.sizes() && y_in->is_contiguous() && y_in->scalar_type() == st,
                 "selective_scan_cuda: the saved y must be a contiguous (batch, dim, seqlen) tensor of u's dtype");
     p.y = y_in->data_ptr();
@@ -384,12 +300,8 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
   }
 
   // Fixed-order reductions of the partials (deterministic).
-  Tensor dB = dBpart.sum(0);   // (batch, groups, N, L), or (batch, groups, L, N) for impl 2
-  Tensor dC = dCpart.sum(0);
-  if (v2) {
-    dB = dB.transpose(-1, -2);
-    dC = dC.transpose(-1, -2);
-  }
+  Tensor dB = dBpart.sum(0).transpose(-1, -2);  // (batch, groups, L, N) -> (batch, groups, N, L)
+  Tensor dC = dCpart.sum(0).transpose(-1, -2);
   if (!q.grouped_B) dB = p.groups == 1 ? dB.squeeze(1) : dB.sum(1);
   if (!q.grouped_C) dC = p.groups == 1 ? dC.squeeze(1) : dC.sum(1);
   dB = dB.to(B.scalar_type()).contiguous();
@@ -406,8 +318,17 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "mamba_ssm selective scan CUDA kernels (forward, backward)";
-  m.def("fwd", &fwd, "selective scan forward");
-  m.def("bwd", &bwd, "selective scan backward");
-  m.def("fwd_plan", &fwd_plan, "the forward's launch plan for these inputs (kernel, full, d16, channels_per_block, nsplit)");
+  m.doc() = "mamba_ssm selective scan CUDA kernels (forward, backward); plans from mamba_ssm.ops.selective_scan_plan";
+  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
+        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("softplus"), py::arg("R"), py::arg("save_ckpt"),
+        py::arg("save_y"), py::arg("fwd_tp"), py::arg("cpb"), py::arg("tp_cpb"), py::arg("nsplit"), py::arg("gseg"),
+        py::arg("exact_softplus"), py::arg("poison"));
+  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
+        py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("softplus"), py::arg("R"),
+        py::arg("ckpt"), py::arg("dout"), py::arg("dlast"), py::arg("y"), py::arg("cpb"), py::arg("nsplit"),
+        py::arg("gseg"), py::arg("exact_softplus"), py::arg("poison"));
+  m.def("fwd_instantiation", &fwd_instantiation, "the forward's kernel instantiation for these inputs and plan (full, d16)",
+        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("delta_bias"), py::arg("softplus"), py::arg("R"), py::arg("fwd_tp"), py::arg("cpb"), py::arg("tp_cpb"),
+        py::arg("nsplit"), py::arg("gseg"), py::arg("exact_softplus"));
 }

@@ -1,11 +1,16 @@
-// Selective scan backward, impl 2 (default). Same layout as scan_fwd2.cuh: 4 lanes per
-// channel, 4 states per lane per 16-state slot, 16-step sub-chunks with B, C, dt, dt*u, dy
-// staged in shared memory (synchronously here).
+// Selective scan backward. Same layout as scan_fwd2.cuh: 4 lanes per channel, 4 states per
+// lane per 16-state slot, 16-step sub-chunks with B, C, dt, dt*u, dy staged in shared memory
+// (synchronously here).
 //
-// With g_t = dL/dh_t and dy_t = dout_t * silu(z_t) (see scan_bwd.cuh for the equations),
-// per segment of R sub-chunks (walking backwards): the states at the sub-chunk starts are
+// With g_t = dL/dh_t (through y and later states), dy_t = dout_t * silu(z_t), a_t = exp(dt_t A):
+//   g_t   = C_t dy_t + a_{t+1} g_{t+1}              (reverse scan; g_{L-1} also gets dlast)
+//   dB_t += g_t dt_t u_t        dC_t += dy_t h_t     (summed over the channels sharing B/C)
+//   d(dt_t) = sum_n g_t a_t h_{t-1} A_n + u_t sum_n g_t B_t
+//   du_t    = dt_t sum_n g_t B_t + D dy_t
+//   dA_n   += sum_t g_t a_t h_{t-1} dt_t
+// Per segment of R sub-chunks (walking backwards): the states at the sub-chunk starts are
 // recomputed from the segment's saved start state; then per sub-chunk, in reverse, each
-// lane recomputes its 16 states forward (keeping h_{t-1} in registers, and y for dz), then
+// lane recomputes its 16 states forward (keeping h_{t-1} in shared memory, and y for dz), then
 // runs the reverse recurrence, recomputing exp(dt A). dB/dC are summed over the block's
 // channels in shared memory and written as one partial per block, layout
 // (P, batch, groups, seqlen, dstate); the binding sums the partials in a fixed order.
@@ -51,9 +56,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   float4* sHS = reinterpret_cast<float4*>(sDT + cpb * 3 * 20);  // [R][spl][nthr]
   float4* sG = sHS + R * spl * nthr;                          // [spl][nthr]
   float4* sDA = sG + spl * nthr;                              // [spl][nthr]
-  float4* sHP = sDA + spl * nthr;                             // [16][nthr] if kBwd2HpSmem
+  float4* sHP = sDA + spl * nthr;                             // [16][nthr]
   // [slots][2 dB/dC][16][BW], dC kBwd2RedPad floats past the end of dB (scan_params.h)
-  float* sRed = reinterpret_cast<float*>(sHP + (kBwd2HpSmem ? 16 * nthr : 0));
+  float* sRed = reinterpret_cast<float*>(sHP + 16 * nthr);
   const int RH = 16 * BW + kBwd2RedPad;  // dB -> dC
   const int RS = 2 * RH;             // slot -> slot (see scan_bwd2_smem_floats)
   // dB/dC reduction slot of this thread: its warp (the warp's 8 channels are summed by shuffles)
@@ -242,7 +247,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
       __syncthreads();
       // The loads above wait on memory (ncu: a fifth of the stall samples at (8,4096,2048,16)):
       // prefetch the inputs of the sub-chunk processed next, ch - 1, while this one computes.
-      if (p.bwd_prefetch && ch > 0) {
+      if (ch > 0) {
         const int tn = t - 16;
         prefetch_l1(up + tn);
         prefetch_l1(dp + tn);
@@ -269,11 +274,9 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
         const int s0 = 16 * k + 4 * l;
         const float4 Av = load4f(Ap, k);
         const float4 A2 = make_float4(Av.x * kLog2e, Av.y * kLog2e, Av.z * kLog2e, Av.w * kLog2e);
-        // h_{t-1} of the sub-chunk's 16 steps, in shared memory (registers would cap occupancy)
-        // or in registers.
-        float4 hp_reg[kBwd2HpSmem ? 1 : 16];
-        float4* hp = kBwd2HpSmem ? sHP + tid : hp_reg;
-        const int hps = kBwd2HpSmem ? nthr : 1;
+        // h_{t-1} of the sub-chunk's 16 steps, in shared memory (in registers they cap occupancy)
+        float4* hp = sHP + tid;
+        const int hps = nthr;
         float4 h = sHS[(r * spl + k) * nthr + tid];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {

@@ -1,17 +1,11 @@
-// Instantiations of the selective scan bwd kernels for u/delta/z of type __nv_bfloat16.
-#include "scan_bwd.cuh"
+// Instantiations of the selective scan backward kernels for u/delta/z of type __nv_bfloat16.
 #include "scan_bwd2.cuh"
 
 namespace ssm {
 
 void scan_bwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream) {
-  if (p.impl == 1) {
-    if (w_f32) launch_scan_bwd<__nv_bfloat16, float>(p, stream);
-    else launch_scan_bwd<__nv_bfloat16, __nv_bfloat16>(p, stream);
-  } else {
-    if (w_f32) launch_scan_bwd2<__nv_bfloat16, float>(p, stream);
-    else launch_scan_bwd2<__nv_bfloat16, __nv_bfloat16>(p, stream);
-  }
+  if (w_f32) launch_scan_bwd2<__nv_bfloat16, float>(p, stream);
+  else launch_scan_bwd2<__nv_bfloat16, __nv_bfloat16>(p, stream);
 }
 
 }  // namespace ssm

@@ -1,12 +1,5 @@
-// Selective scan (Mamba S6) kernels: shared definitions.
-//
-// Thread layout used by both kernels: a block covers `cpb` channels of one batch row;
-// each channel is served by 16 consecutive threads ("lanes"). During the scan, lane l
-// owns the states s = l, l+16, l+32, ... (spl = ceil(dstate/16) slots) and walks the
-// sequence in sub-chunks of 16 time steps. Per-time-step quantities (dt, dt*u, dy)
-// are computed once per channel by lane l for step t0+l and shared through shared
-// memory; per-step sums over states are formed with a 16-lane transposing butterfly
-// (reduce16), after which lane l holds the sum for step t0+l.
+// Selective scan (Mamba S6) kernels: shared definitions (fast math, element types, row loads and
+// stores, the lane butterflies of fwd2 / bwd2 / fwd_tp). Design: docs/selective_scan.md.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -61,12 +54,10 @@ __device__ __forceinline__ float softplusf_(float x, bool exact) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Element types. Raw<T> holds 16 consecutive elements of a row as 32-bit words so that the
-// vector path is two (16-bit types) or four (fp32) 16-byte loads.
+// Element types: conversions to and from fp32, and element i of a row held as 32-bit words.
 template <typename T> struct TypeOps;
 
 template <> struct TypeOps<float> {
-  static constexpr int kWords = 16;
   __device__ __forceinline__ static float to_f(float v) { return v; }
   __device__ __forceinline__ static float from_f(float v) { return v; }
   __device__ __forceinline__ static uint32_t bits(float v) { return __float_as_uint(v); }
@@ -74,7 +65,6 @@ template <> struct TypeOps<float> {
 };
 
 template <> struct TypeOps<__nv_bfloat16> {
-  static constexpr int kWords = 8;
   __device__ __forceinline__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ __forceinline__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
   __device__ __forceinline__ static uint32_t bits(__nv_bfloat16 v) { return (uint32_t)__bfloat16_as_ushort(v); }
@@ -84,7 +74,6 @@ template <> struct TypeOps<__nv_bfloat16> {
 };
 
 template <> struct TypeOps<__half> {
-  static constexpr int kWords = 8;
   __device__ __forceinline__ static float to_f(__half v) { return __half2float(v); }
   __device__ __forceinline__ static __half from_f(float v) { return __float2half_rn(v); }
   __device__ __forceinline__ static uint32_t bits(__half v) { return (uint32_t)__half_as_ushort(v); }
@@ -93,59 +82,8 @@ template <> struct TypeOps<__half> {
   }
 };
 
-template <typename T> struct Raw16 {
-  uint32_t w[TypeOps<T>::kWords];
-  __device__ __forceinline__ float operator[](int i) const { return TypeOps<T>::word_elem(w, i); }
-};
-
-// Load elements [t0, t0+16) of a row (contiguous along time). Elements at or past L, or of
-// an invalid row, read as 0. `vec` says the row start is 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ void load_row16(Raw16<T>& r, const T* row, int t0, int L, bool valid, bool vec) {
-  constexpr int W = TypeOps<T>::kWords;
-  if (valid && vec && t0 + 16 <= L) {
-    const uint4* p = reinterpret_cast<const uint4*>(row + t0);
-#pragma unroll
-    for (int q = 0; q < W / 4; ++q) {
-      uint4 x = __ldg(p + q);
-      r.w[4 * q + 0] = x.x; r.w[4 * q + 1] = x.y; r.w[4 * q + 2] = x.z; r.w[4 * q + 3] = x.w;
-    }
-  } else {
-#pragma unroll
-    for (int q = 0; q < W; ++q) r.w[q] = 0u;
-    if (valid) {
-      if constexpr (W == 16) {
-#pragma unroll
-        for (int i = 0; i < 16; ++i)
-          if (t0 + i < L) r.w[i] = TypeOps<T>::bits(row[t0 + i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i)
-          if (t0 + i < L) r.w[i >> 1] |= TypeOps<T>::bits(row[t0 + i]) << ((i & 1) * 16);
-      }
-    }
-  }
-}
-
-// Transposing butterfly over the 16 lanes of a channel: on entry each lane holds v[0..16),
-// on exit the returned value of lane l is sum over the 16 lanes of v[l & 15].
-__device__ __forceinline__ float reduce16(float (&v)[16], int lane, unsigned mask) {
-#pragma unroll
-  for (int lvl = 3; lvl >= 0; --lvl) {
-    const int off = 1 << lvl;
-    const bool hi = (lane & off) != 0;
-#pragma unroll
-    for (int j = 0; j < off; ++j) {
-      const float send = hi ? v[j] : v[j + off];
-      const float keep = hi ? v[j + off] : v[j];
-      v[j] = keep + __shfl_xor_sync(mask, send, off);
-    }
-  }
-  return v[0];
-}
-
 // ---------------------------------------------------------------------------------------
-// impl 2 helpers: NE consecutive elements of a row held as 32-bit words.
+// NE consecutive elements of a row held as 32-bit words.
 template <typename T, int NE> struct RawN {
   static constexpr int kW = NE * (int)sizeof(T) / 4;
   uint32_t w[kW];
@@ -313,8 +251,10 @@ __device__ __forceinline__ float reduce8_perm(float (&b)[4], float (&d)[4], int 
   return (hi ? d[0] : b[0]) + __shfl_xor_sync(mask, hi ? b[0] : d[0], 16);
 }
 
-// Blocks of the backward kept resident per SM (bounds its registers: 65536 / (128 * this)).
-constexpr int kBwd2MinBlocks = SSM_BWD2_MIN_BLOCKS;
-constexpr bool kBwd2HpSmem = SSM_BWD2_HP_SMEM != 0;
+// Blocks kept resident per SM, which bound the registers: fwd2 8 x 64 threads (128 registers;
+// 10 or 12 blocks spilled and lost at every shape), bwd2 3 x 128 threads (168 registers; 13-31%
+// faster than 2 blocks at 255 at batch 8).
+constexpr int kFwd2MinBlocks = 8;
+constexpr int kBwd2MinBlocks = 3;
 
 }  // namespace ssm

@@ -1,4 +1,4 @@
-// Selective scan forward, impl 2 (default).
+// Selective scan forward, fwd2: the layout for grids that fill the GPU (batch > 1).
 //
 // A block covers cpb channels of one batch row with 4 lanes per channel (tid = 4c + l);
 // lane l owns the states 16k + 4l + {0..3} of each 16-state slot k (k < spl). Time runs in
@@ -11,7 +11,8 @@
 // operations; the sum over states is a 4-lane transposing butterfly once per sub-chunk.
 // kFull (fwd2_full), Mamba's case: every sub-chunk whole, every row 16-byte aligned, dstate a
 // multiple of 16, z given, delta through the default softplus. No load, store or step then needs
-// a bounds check or a branch on the options (forward 6-11% faster on an H200, NOTES runs 20-21).
+// a bounds check or a branch on the options (forward 6-11% faster on an H200,
+// docs/selective_scan.md).
 // kD16 (fwd2_d16), Mamba's shape on top of kFull: dstate 16 and 16-channel blocks, so the state
 // slot count, shared-memory layout and block size are constants and the state stays in registers
 // between sub-chunks.
@@ -29,7 +30,7 @@ struct Fwd2Stage {
 };
 
 template <typename T, typename TW, bool kFull, bool kD16>
-__global__ void __launch_bounds__(64, SSM_FWD2_MIN_BLOCKS) scan_fwd2_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const ScanParams p) {
   static_assert(kFull || !kD16, "kD16 specializes kFull");
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);

@@ -3,7 +3,7 @@
 //
 // fwd2 gives a channel 4 lanes and walks its time serially, so batch 1 x 4096 channels fills
 // a quarter of an H200's warp slots; splitting the sequence there costs a second pass of
-// exponentials (NOTES.md). Here a channel gets 16 lanes of a warp that holds two,
+// exponentials (docs/selective_scan.md). Here a channel gets 16 lanes of a warp that holds two,
 // lane = 8k + 2l + c':
 //   c' (0, 1): the channel 2w + c' of warp w;
 //   l (0..3): the states 4l..4l+3;

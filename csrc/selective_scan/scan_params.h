@@ -2,6 +2,7 @@
 // CUDA translation units (which do not include torch headers, to keep builds short).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -18,15 +19,13 @@ struct ScanParams {
   bool softplus = false;
   bool exact_softplus = false;  // log1pf instead of the special-function-unit softplus
   bool vec_B = false, vec_C = false;  // B / C rows 16-byte aligned
-  bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (v2 vector loads)
+  bool vec_x = false;  // u, delta, z, dout rows 16-byte aligned (vector loads)
   bool vec_o = false;  // freshly allocated (batch, dim, seqlen) outputs allow 4-element stores
-  int impl = 2;        // 1: 16 lanes x 1 state per channel; 2: 4 lanes x 4 states, staged B/C
-  bool bwd_perm = true;  // impl 2 backward may use the lane-permuted reduction (scan_bwd2_red_mode)
-  bool bwd_prefetch = true;  // impl 2 backward prefetches the next sub-chunk's inputs into L1
-  bool fwd_full = true;      // impl 2 forward may use its bounds-check-free instantiation (fwd2_full)
-  bool fwd_d16 = true;       // and, where it applies, its instantiation for dstate 16 (fwd2_d16)
-  bool fwd_tp = false;       // impl 2 forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
-  int tp_cpb = 4;            // its channels per block: 4, 8 or 16 (dividing dim / groups)
+  bool fwd_tp = false;  // the forward in the time-parallel layout (scan_fwd_tp.cuh; dstate <= 16)
+  int tp_cpb = 4;       // its channels per block: 4, 8 or 16 (dividing dim / groups)
+  // Unused, so that the pointers start at byte 64 as when the kernels were tuned: a layout 8 bytes
+  // shorter changed bwd2's register allocation and spills (ptxas, check_build.sh).
+  int unused_[4] = {0, 0, 0, 0};
 
   // Inputs. u, delta, z, dout: (batch, dim, seqlen), last stride 1, strides in elements.
   const void* u = nullptr;      int64_t u_b = 0, u_d = 0;
@@ -44,7 +43,7 @@ struct ScanParams {
   float* last = nullptr;        // (batch, dim, dstate)
   float* ckpt = nullptr;        // (batch, dim, nseg, dstate) state at each segment start, or null
   // y = C h + D u before the z gate, (batch, dim, seqlen) contiguous, u's dtype, or null: written
-  // by the impl-2 forward when set, read by the impl-2 backward for dz instead of recomputing it.
+  // by the forward when set, read by the backward for dz instead of recomputing it.
   void* y = nullptr;
 
   // Backward.
@@ -54,13 +53,13 @@ struct ScanParams {
   void* du = nullptr;           // (batch, dim, seqlen) contiguous
   void* ddelta = nullptr;
   void* dz = nullptr;
-  float* dBpart = nullptr;      // impl 1: (P, batch, groups, dstate, seqlen); impl 2: (P, batch, groups, seqlen, dstate)
+  float* dBpart = nullptr;      // (P, batch, groups, seqlen, dstate), P = dim / groups / cpb
   float* dCpart = nullptr;
-  float* dApart = nullptr;      // (batch, dim, dstate), impl 2: (nsplit, batch, dim, dstate)
-  float* dDpart = nullptr;      // (batch, dim), impl 2: (nsplit, batch, dim)
-  float* dbiaspart = nullptr;   // (batch, dim), impl 2: (nsplit, batch, dim)
+  float* dApart = nullptr;      // (nsplit, batch, dim, dstate)
+  float* dDpart = nullptr;      // (nsplit, batch, dim)
+  float* dbiaspart = nullptr;   // (nsplit, batch, dim)
 
-  // impl 2 backward split along the sequence (for grids too small to fill the GPU): group z
+  // Split along the sequence (for grids too small to fill the GPU): group z
   // covers checkpoint segments [z * gseg, (z + 1) * gseg). A first kernel computes, for each
   // group z >= 1 alone (zero incoming gradient), the gradient it passes to the state before
   // it (carry_w) and its sum of dt (carry_sdt); each group then starts from
@@ -69,6 +68,7 @@ struct ScanParams {
   float* carry_w = nullptr;     // (nsplit, batch, dim, dstate)
   float* carry_sdt = nullptr;   // (nsplit, batch, dim)
 };
+static_assert(offsetof(ScanParams, u) == 64, "the kernels were tuned with this layout (see unused_)");
 
 // Implemented in scan_fwd_*.cu / scan_bwd_*.cu. w_f32: B and C are fp32 (else u's dtype).
 void scan_fwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream);
@@ -78,48 +78,22 @@ void scan_bwd_f32(ScanParams& p, bool w_f32, cudaStream_t stream);
 void scan_bwd_f16(ScanParams& p, bool w_f32, cudaStream_t stream);
 void scan_bwd_bf16(ScanParams& p, bool w_f32, cudaStream_t stream);
 
-// Dynamic shared memory (bytes) each kernel needs for a launch described by p.
-inline int scan_threads(const ScanParams& p) { return p.cpb * (p.impl == 1 ? 16 : 4); }
-inline int scan_fwd_smem_floats(const ScanParams& p) {
-  return p.cpb * 32 + p.spl * scan_threads(p);
-}
-constexpr int kBwdRedRow = 20;  // 16 steps + 4 floats of padding (bank spread)
-inline int scan_bwd_smem_floats(const ScanParams& p) {
-  const int nthr = scan_threads(p);
-  const int nwarps = (nthr + 31) / 32;
-  return p.cpb * 64 + (p.R + 2) * p.spl * nthr + nwarps * 2 * (p.spl * 16) * kBwdRedRow;
-}
+// Threads of a fwd2 / bwd2 block: 4 lanes per channel.
+inline int scan_threads(const ScanParams& p) { return p.cpb * 4; }
 
-// impl 2 shared-memory sizes (floats).
+// Shared-memory sizes (floats).
 inline int scan2_bw(const ScanParams& p) { return p.spl * 16 + 4; }
 inline int scan_fwd2_smem_floats(const ScanParams& p) {
   return 2 * 2 * 16 * scan2_bw(p) + 2 * p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
-// Backward design switches (compile time; -D through MAMBA_SSM_NVCC_EXTRA for experiments).
-#ifndef SSM_BWD2_WARP_RED   // sum dB/dC over a warp's 8 channels with shuffles before shared memory
-#define SSM_BWD2_WARP_RED 1
-#endif
-#ifndef SSM_BWD2_HP_SMEM    // keep the sub-chunk's h_{t-1} history in shared memory, not registers
-#define SSM_BWD2_HP_SMEM 1
-#endif
-#ifndef SSM_BWD2_PERM       // dstate <= 16: lanes hold their 4 states in a lane-permuted order (see reduce8_perm)
-#define SSM_BWD2_PERM 1
-#endif
-#ifndef SSM_FWD2_MIN_BLOCKS  // forward: resident 64-thread blocks per SM (8: up to 128 registers)
-#define SSM_FWD2_MIN_BLOCKS 8
-#endif
-#ifndef SSM_BWD2_MIN_BLOCKS  // resident blocks per SM the compiler must allow (caps registers)
-#define SSM_BWD2_MIN_BLOCKS 3
-#endif
-
 // The forward's branch-free instantiation applies: whole sub-chunks, aligned rows, whole state
 // slots, z given, the default softplus on delta.
 inline bool fwd2_full(const ScanParams& p) {
-  return p.fwd_full && p.vec_x && p.vec_B && p.vec_C && p.vec_o && p.seqlen % 16 == 0 && p.dstate % 16 == 0 &&
+  return p.vec_x && p.vec_B && p.vec_C && p.vec_o && p.seqlen % 16 == 0 && p.dstate % 16 == 0 &&
          p.z != nullptr && p.softplus && !p.exact_softplus;
 }
 // fwd2's instantiation for Mamba's shape on top of fwd2_full: dstate 16 and 16-channel blocks.
-inline bool fwd2_d16(const ScanParams& p) { return p.fwd_d16 && fwd2_full(p) && p.dstate == 16 && p.cpb == 16; }
+inline bool fwd2_d16(const ScanParams& p) { return fwd2_full(p) && p.dstate == 16 && p.cpb == 16; }
 // The time-parallel forward's (scan_fwd_tp.cuh) branch-free instantiation: fwd2_full's conditions,
 // dstate 16 exactly, a checkpoint every 16-step chunk (R == 1: two per sub-chunk, stored without
 // tests), and every sequence group a whole number of its 32-step sub-chunks.
@@ -130,12 +104,13 @@ inline int scan2_carry_smem_floats(const ScanParams& p) {
   return 16 * scan2_bw(p) + p.cpb * 2 * 20 + 4 * p.spl * scan_threads(p);
 }
 
-// Backward dB/dC reduction over a block's channels: 0 per channel in shared memory; 1 over a
-// warp's 8 channels by shuffles first; 2 the same on lane-permuted state orders (one spl only:
-// it stages 4 permuted copies of B and C).
+// Backward dB/dC reduction over a block's channels, from the shape: 2 (dstate <= 16, blocks of 8+
+// channels) over a warp's 8 channels by shuffles on lane-permuted state orders (it stages 4
+// permuted copies of B and C); 1 (several state slots) the same with selects; 0 (blocks of fewer
+// than 8 channels) per channel in shared memory.
 inline int scan_bwd2_red_mode(const ScanParams& p) {
-  if (!(SSM_BWD2_WARP_RED && p.cpb >= 8)) return 0;
-  return (SSM_BWD2_PERM && p.bwd_perm && p.spl == 1) ? 2 : 1;
+  if (p.cpb < 8) return 0;
+  return p.spl == 1 ? 2 : 1;
 }
 // Reduction slots: one per warp when its 8 channels are summed by shuffles first, else one per channel.
 inline int scan_bwd2_red_slots(const ScanParams& p) { return scan_bwd2_red_mode(p) ? p.cpb / 8 : p.cpb; }
@@ -152,7 +127,7 @@ inline int scan_bwd2_bc_floats(const ScanParams& p) {
 inline int scan_bwd2_smem_floats(const ScanParams& p) {
   const int nthr = scan_threads(p);
   return scan_bwd2_bc_floats(p) + p.cpb * 3 * 20 + 4 * (p.R + 2) * p.spl * nthr +
-         SSM_BWD2_HP_SMEM * 4 * 16 * nthr + scan_bwd2_red_slots(p) * 2 * (16 * scan2_bw(p) + kBwd2RedPad);
+         4 * 16 * nthr + scan_bwd2_red_slots(p) * 2 * (16 * scan2_bw(p) + kBwd2RedPad);
 }
 
 }  // namespace ssm
