@@ -5,7 +5,7 @@ Backends, fastest first: ``cuda`` (our compiled kernels from ``csrc/``),
 device). The choice is made per call from the tensor's device and what is
 installed, and can be forced:
 
-* environment: ``MAMBA_SSM_BACKEND=torch`` (or ``cuda``, ``triton``, ``auto``);
+* environment: ``MAMBA_SSM_BACKEND=torch`` (or ``cuda``, ``triton``, ``auto``), read once at import;
 * code: ``mamba_ssm.backend.set_backend("torch")`` or ``with use_backend("torch"):``.
 
 A forced ``cuda`` or ``triton`` applies to the ops that have an implementation of that kind; the
@@ -17,6 +17,7 @@ tensor that has to fall back to PyTorch triggers one warning per op.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -41,11 +42,19 @@ _state = threading.local()
 _warned: set[str] = set()
 
 
-def _check_name(name: str) -> str:
+def _check_name(name: str, source: str = "backend") -> str:
     name = name.lower().strip()
     if name not in _VALID:
-        raise ValueError(f"backend must be one of {_VALID}, got {name!r}")
+        raise ValueError(f"{source} must be one of {_VALID}, got {name!r}")
     return name
+
+
+def backend_from_environment(environ=os.environ) -> str:
+    """MAMBA_SSM_BACKEND's choice ('auto' when unset or empty)."""
+    return _check_name(environ.get(ENV_VAR, "") or "auto", source=ENV_VAR)
+
+
+_ENV_CHOICE = backend_from_environment()
 
 
 def requested_backend() -> str:
@@ -53,7 +62,7 @@ def requested_backend() -> str:
     forced = getattr(_state, "forced", None)
     if forced is not None:
         return forced
-    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto")
+    return _ENV_CHOICE
 
 
 def set_backend(name: str | None) -> None:
@@ -82,14 +91,15 @@ def _provider_available(providers: dict, op: str) -> bool:
     return bool(module.is_available())
 
 
-def available_backends(op: str) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def available_backends(op: str) -> tuple:
     found = []
     if _provider_available(_CUDA_PROVIDERS, op):
         found.append("cuda")
     if _provider_available(_TRITON_PROVIDERS, op):
         found.append("triton")
     found.append("torch")
-    return found
+    return tuple(found)
 
 
 def choose_backend(op: str, on_cuda: bool) -> str:

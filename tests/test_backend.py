@@ -9,23 +9,36 @@ from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
 
 def test_cpu_tensors_use_torch_in_auto_mode(monkeypatch):
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "auto")
     assert backend.choose_backend("selective_scan", on_cuda=False) == "torch"
 
 
 def test_environment_variable_and_set_backend(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    """MAMBA_SSM_BACKEND is read once, at import; set_backend / use_backend win over it."""
+    assert backend.backend_from_environment({backend.ENV_VAR: "Torch"}) == "torch"
+    assert backend.backend_from_environment({}) == "auto"
+    with pytest.raises(ValueError, match="MAMBA_SSM_BACKEND must be one of .* got 'nonsense'"):
+        backend.backend_from_environment({backend.ENV_VAR: "nonsense"})
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "torch")  # as MAMBA_SSM_BACKEND=torch at import
     assert backend.requested_backend() == "torch"
     with backend.use_backend("auto"):
         assert backend.requested_backend() == "auto"
     assert backend.requested_backend() == "torch"
-    monkeypatch.setenv(backend.ENV_VAR, "nonsense")
     with pytest.raises(ValueError, match="backend must be one of"):
-        backend.requested_backend()
+        backend.set_backend("nonsense")
+
+
+def test_a_bad_environment_value_stops_the_import():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import mamba_ssm"], capture_output=True, text=True,
+                       env={**__import__("os").environ, backend.ENV_VAR: "gpu"})
+    assert r.returncode != 0 and "MAMBA_SSM_BACKEND must be one of" in r.stderr
 
 
 def test_forcing_an_unavailable_backend_is_an_error(monkeypatch):
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "auto")
     with backend.use_backend("cuda"):
         with pytest.raises(RuntimeError, match="not on a CUDA device"):
             backend.choose_backend("selective_scan", on_cuda=False)
@@ -38,7 +51,7 @@ def test_forcing_an_unavailable_backend_is_an_error(monkeypatch):
 def test_forcing_applies_to_ops_that_have_that_backend(monkeypatch):
     """Forcing cuda does not break the causal conv, which has no CUDA kernel: it is chosen as in
     auto mode (Triton where it runs, else PyTorch)."""
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "auto")
     monkeypatch.setattr(backend, "available_backends", lambda op: ["triton", "torch"])
     with backend.use_backend("cuda"):
         assert backend.choose_backend("causal_conv1d", on_cuda=True) == "triton"
@@ -49,7 +62,7 @@ def test_forcing_applies_to_ops_that_have_that_backend(monkeypatch):
 
 
 def test_cuda_fallback_warns_once(monkeypatch):
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "auto")
     monkeypatch.setattr(backend, "available_backends", lambda op: ["torch"])
     monkeypatch.setattr(backend, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
@@ -60,10 +73,11 @@ def test_cuda_fallback_warns_once(monkeypatch):
 
 
 def test_forced_torch_backend_runs_the_scan(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "torch")
-    u = torch.randn(1, 4, 5)
-    out = selective_scan_fn(u, torch.rand(1, 4, 5), -torch.rand(4, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
-    assert out.shape == (1, 4, 5)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "torch")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+    args = (torch.randn(1, 4, 5), torch.rand(1, 4, 5), -torch.rand(4, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
+    torch.testing.assert_close(selective_scan_fn(*args), selective_scan_ref(*args))
 
 
 def test_cuda_scan_entry_points_say_when_the_extension_is_missing(monkeypatch):

@@ -65,13 +65,17 @@ def test_turned_off_and_float64(monkeypatch):
 
     monkeypatch.setattr(triton_pkg, "triton_on_cuda", lambda: True)
     monkeypatch.setattr(backend, "available_backends", lambda op: ["triton", "torch"])
-    monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV", raising=False)
+    monkeypatch.setattr(backend, "_ENV_CHOICE", "auto")
+    monkeypatch.setattr(tc, "ENABLED", True)
     fp32, fp64 = torch.zeros(1, dtype=torch.float32), torch.zeros(1, dtype=torch.float64)
     assert tc.is_available() and cc._triton_conv_chosen(fp32)
     assert not cc._triton_conv_chosen(fp64)
-    monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "0")
+    monkeypatch.setattr(tc, "ENABLED", False)  # what MAMBA_SSM_TRITON_CONV=0 sets at import
     assert not tc.is_available() and not cc._triton_conv_chosen(fp32)
+    assert tc._enabled_by_env({"MAMBA_SSM_TRITON_CONV": "0"}) is False
+    assert tc._enabled_by_env({}) is True
+    with pytest.raises(ValueError, match="MAMBA_SSM_TRITON_CONV='off': expected 1"):
+        tc._enabled_by_env({"MAMBA_SSM_TRITON_CONV": "off"})
 
 
 @pytest.mark.cuda
@@ -92,10 +96,12 @@ def test_mixer_with_triton_conv_matches_pytorch_conv(monkeypatch):
         y.float().square().mean().backward()
         return y.float(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    monkeypatch.setenv("MAMBA_SSM_TRITON_CONV", "0")
-    y0, g0 = run()
-    monkeypatch.delenv("MAMBA_SSM_TRITON_CONV")
     from mamba_ssm.ops import causal_conv1d as cc
+    from mamba_ssm.ops.triton import causal_conv1d as tc
+
+    monkeypatch.setattr(tc, "ENABLED", False)
+    y0, g0 = run()
+    monkeypatch.setattr(tc, "ENABLED", True)
     assert cc._triton_conv_chosen(x)
     y1, g1 = run()
     torch.testing.assert_close(y1, y0, rtol=2e-2, atol=2e-2)

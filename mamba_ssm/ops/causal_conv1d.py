@@ -5,22 +5,20 @@ out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from mamba_ssm.backend import choose_backend
+from mamba_ssm.ops.channel_first import autocast_dtype, cast_for_autocast
+from mamba_ssm.ops.triton import causal_conv1d as triton_conv
 
 
 def _triton_conv_chosen(x) -> bool:
     # float64 stays in PyTorch (the kernel computes in float32); MAMBA_SSM_TRITON_CONV=0 opts out
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    from mamba_ssm.ops.triton.causal_conv1d import ENV_OPT_OUT
-
-    if os.environ.get(ENV_OPT_OUT, "1") == "0":  # asked for: no fall-back warning from the switch
+    if not triton_conv.ENABLED:  # turned off on purpose: no fall-back warning from the backend switch
         return False
-    from mamba_ssm.backend import choose_backend
-
     return choose_backend("causal_conv1d", True) == "triton"
 
 
@@ -37,13 +35,10 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
     if x.is_cuda and _triton_conv_chosen(x):
-        from mamba_ssm.ops.channel_first import autocast_dtype, cast_for_autocast
-        from mamba_ssm.ops.triton.causal_conv1d import causal_conv1d_triton
-
         dt = autocast_dtype("cuda")  # compute where F.conv1d would under autocast
         if dt is not None:
             x, weight, bias = cast_for_autocast(dt, x, weight, bias)
-        return causal_conv1d_triton(x, weight, bias, activation)
+        return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:
         out = _shifted_sum(x, weight, bias)

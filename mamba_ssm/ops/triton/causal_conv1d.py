@@ -22,11 +22,21 @@ import torch
 ENV_OPT_OUT = "MAMBA_SSM_TRITON_CONV"
 
 
+def _enabled_by_env(environ=os.environ) -> bool:
+    value = (environ.get(ENV_OPT_OUT) or "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_OPT_OUT}={value!r}: expected 1 (the Triton conv on CUDA, the default) or 0 (PyTorch's)")
+    return value == "1"
+
+
+ENABLED = _enabled_by_env()  # read once; tests set this attribute
+
+
 def is_available():
     """Not turned off (MAMBA_SSM_TRITON_CONV=0), Triton imports and a CUDA device is present."""
     from mamba_ssm.ops.triton import triton_on_cuda
 
-    return os.environ.get(ENV_OPT_OUT, "1") != "0" and triton_on_cuda()
+    return ENABLED and triton_on_cuda()
 
 
 _BLOCK_D, _BLOCK_T = 16, 128
