@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mamba_ssm.ops.selective_scan_ref import selective_scan_ref
+
 # Elements of one (T, b, K, d_block, n) intermediate; a block of channels is sized to this.
 BLOCK_ELEMS = 1 << 22
 # Chunk decays exp(A ΣΔ) are computed from max(A ΣΔ, EXP_FLOOR): below it exp only gives denormals or 0,
@@ -435,8 +437,6 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     back in each input's dtype.
     """
     if u.shape[-1] == 0:  # no time step: the reference gives the empty output and zero state
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return SelectiveScanChunkedFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                         bool(return_last_state), chunk_size, block_elems)

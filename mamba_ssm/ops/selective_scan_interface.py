@@ -1,4 +1,5 @@
-"""The selective scan (S6) of Mamba and the fused Mamba inner block.
+"""The selective scan (S6) of Mamba and the fused Mamba inner block, on the chosen backend
+(upstream's module: `selective_scan_fn`, `mamba_inner_fn` and their references).
 
 Glossary (paper symbol -> code name), shapes for Mamba-1:
 
@@ -17,116 +18,15 @@ Glossary (paper symbol -> code name), shapes for Mamba-1:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mamba_ssm.backend import choose_backend
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.channel_first import channel_first_linear
 from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
+from mamba_ssm.ops.selective_scan_ref import _shape, check_selective_scan_inputs, selective_scan_ref
 
-MAX_DSTATE = 256
-
-
-def _shape(t):
-    return tuple(t.shape) if t is not None else None
-
-
-def check_selective_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
-    """Raise a ValueError naming the argument when shapes or dtypes do not fit."""
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if u.dim() != 3:
-        raise ValueError(f"selective_scan: u must be (batch, dim, seqlen), got shape {_shape(u)}")
-    batch, dim, seqlen = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"selective_scan: delta must have u's shape {_shape(u)}, got {_shape(delta)}")
-    if A.is_complex():
-        raise ValueError("selective_scan: complex A is not supported (Mamba-1 uses real A); got dtype " + str(A.dtype))
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"selective_scan: A must be (dim, dstate) = ({dim}, dstate), got {_shape(A)}")
-    dstate = A.shape[1]
-    if dstate < 1 or dstate > MAX_DSTATE:
-        raise ValueError(f"selective_scan: dstate must be in [1, {MAX_DSTATE}], got {dstate}")
-    for name, t in (("B", B), ("C", C)):
-        if t.is_complex():
-            raise ValueError(f"selective_scan: complex {name} is not supported")
-        if t.dim() == 3:
-            expected = (batch, dstate, seqlen)
-            if tuple(t.shape) != expected:
-                raise ValueError(f"selective_scan: {name} must be (batch, dstate, seqlen) = {expected}, got {_shape(t)}")
-        elif t.dim() == 4:
-            groups = t.shape[1]
-            if groups < 1 or dim % groups != 0 or tuple(t.shape) != (batch, groups, dstate, seqlen):
-                raise ValueError(
-                    f"selective_scan: grouped {name} must be (batch, groups, dstate, seqlen) = "
-                    f"({batch}, groups dividing {dim}, {dstate}, {seqlen}), got {_shape(t)}"
-                )
-        else:
-            raise ValueError(
-                f"selective_scan: {name} must be (batch, dstate, seqlen) or (batch, groups, dstate, seqlen), got {_shape(t)}"
-            )
-    if D is not None and tuple(D.shape) != (dim,):
-        raise ValueError(f"selective_scan: D must be (dim,) = ({dim},), got {_shape(D)}")
-    if delta_bias is not None and tuple(delta_bias.shape) != (dim,):
-        raise ValueError(f"selective_scan: delta_bias must be (dim,) = ({dim},), got {_shape(delta_bias)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan: z must have u's shape {_shape(u)}, got {_shape(z)}")
-    devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"selective_scan: all inputs must be on one device, got {sorted(map(str, devices))}")
-
-
-def _expand_groups(X, dim):
-    """(batch, groups, dstate, L) -> (batch, dim, dstate, L); (batch, dstate, L) is left as is."""
-    if X.dim() == 4 and X.shape[1] != dim:
-        X = X.repeat_interleave(dim // X.shape[1], dim=1)
-    return X
-
-
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
-    """Reference selective scan: a plain loop over time steps, computed in fp32.
-
-    u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (batch, dstate, seqlen) or
-    (batch, groups, dstate, seqlen); D, delta_bias: (dim,).
-    Returns out (batch, dim, seqlen) in u's dtype, and last_state (batch, dim, dstate) fp32 if asked.
-    """
-    check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in = u.dtype
-    u = u.float()
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
-    batch, dim, seqlen = u.shape
-    A = A.float()
-    B = _expand_groups(B.float(), dim)
-    C = _expand_groups(C.float(), dim)
-    delta_A = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
-    if B.dim() == 3:
-        delta_B_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
-    else:
-        delta_B_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
-    # With seqlen 0 the zero state (and below the empty output) are sums over the empty time axis,
-    # so that they stay connected to the inputs (whose gradients are then zero).
-    x = delta_A.sum(2) if seqlen == 0 else A.new_zeros((batch, dim, A.shape[1]))
-    ys = []
-    for i in range(seqlen):
-        x = delta_A[:, :, i] * x + delta_B_u[:, :, i]
-        if C.dim() == 3:
-            y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
-        else:
-            y = torch.einsum("bdn,bdn->bd", x, C[:, :, :, i])
-        ys.append(y)
-    out = torch.stack(ys, dim=2) if ys else delta_B_u.sum(-1)
-    if D is not None:
-        out = out + u * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(dtype_in)
-    return (out, x) if return_last_state else out
+__all__ = ["selective_scan_fn", "selective_scan_ref", "mamba_inner_fn", "mamba_inner_ref",
+           "check_selective_scan_inputs"]
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
