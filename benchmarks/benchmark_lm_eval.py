@@ -1,5 +1,7 @@
 """lm-eval throughput: our `mamba` model against lm-eval's `hf` model running transformers'
-MambaForCausalLM, the same random weights, in one run. Writes JSON to benchmarks/results/.
+MambaForCausalLM, the same random weights, in one run. Writes JSON to
+benchmarks/results/lm_eval_<shape>_<card>.json (card: h100, h200, ... or cpu; the date is inside;
+the next run of that shape on that card overwrites it).
 
 Two workloads, built by lm-eval itself from the local tasks in evals/tasks:
   * loglikelihood: gsm8k_local_mc, --n_ll requests (default 500 = 125 problems x 4 choices);
@@ -45,6 +47,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from result_names import card_tag, results_path  # noqa: E402
 TASKS_DIR = REPO / "evals" / "tasks"
 SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
           "2.8b": (2560, 64)}
@@ -225,7 +229,8 @@ def main(argv=None):
                    help="transformers' MambaForCausalLM on its PyTorch path (default) or on the installed "
                         "mamba_ssm's kernels (ours), which transformers picks up when it can import them")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                   help="directory of the JSON (lm_eval_<shape>_<card>.json)")
     args = p.parse_args(argv)
 
     hf_impls = import_hf_mamba(args.hf_kernels == "mamba_ssm") if "hf" in args.models else {}
@@ -310,7 +315,7 @@ def main(argv=None):
         res["agreement"] = agreement(outputs["ours"], outputs["hf"], tokenizer)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"lm_eval_{args.shape}_{device.type}_{datetime.now(timezone.utc):%Y-%m-%dT%H%M}.json"
+    path = results_path("lm_eval", args.shape, card_tag(device), results_dir=out_dir)
     path.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: res.get(k) for k in ("speedup_ours_over_hf", "agreement")}, indent=1, default=str))
     print(f"wrote {path}")
