@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build upstream mamba-ssm (PyPI sdist) in place, for sm_90 only, for side-by-side benchmarks.
-#   bash benchmarks/build_upstream.sh .upstream/mamba_ssm-2.3.2.post1.tar.gz /tmp/upstream_build
+#   bash tools/device/build_upstream.sh .upstream/mamba_ssm-2.3.2.post1.tar.gz /tmp/upstream_build
 # Result: /tmp/upstream_build/mamba_ssm-2.3.2.post1 holds upstream's `mamba_ssm` package and its
 # `selective_scan_cuda` extension; put that directory (alone) on PYTHONPATH to use it.
 # Upstream's setup.py hard-codes many GPU architectures and tries to download a prebuilt

@@ -1,6 +1,6 @@
 """One forward and one backward of our CUDA selective scan, for `ncu` (no timing here).
 
-    ncu --clock-control none -k regex:scan_ python3 benchmarks/profile_scan_once.py 8 1536 2048 16 [--no-grad]
+    ncu --clock-control none -k regex:scan_ python3 tools/device/profile_scan_once.py 8 1536 2048 16 [--no-grad]
 """
 import sys
 

@@ -1,4 +1,4 @@
-# Shared start of the benchmarks/device_*.sh scripts (sourced, not run):
+# Shared start of the tools/device/device_*.sh scripts (sourced, not run):
 #   source "$(dirname "$0")/device_lib.sh" /tmp/default_out_dir
 # sets OUT (the device tool's $OUT, else the default), creates it, unbuffers Python's output, and
 # defines `stamp MESSAGE`: the message with the seconds since the start, also appended to

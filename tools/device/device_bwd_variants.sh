@@ -2,7 +2,7 @@
 # Kernel design experiment in one device call: build the extension once per compile-time variant
 # (csrc/selective_scan/scan_params.h switches), in parallel copies under /tmp, then check each
 # against float64 on a few cases and time it. Ours only; upstream's figures come from the full job.
-#   VARIANTS="name:-DX=1 -DY=2;name2:..." OUT=... bash benchmarks/device_bwd_variants.sh
+#   VARIANTS="name:-DX=1 -DY=2;name2:..." OUT=... bash tools/device/device_bwd_variants.sh
 set -u
 OUT=${OUT:-/tmp/variants_out}
 mkdir -p "$OUT"

@@ -2,7 +2,7 @@
 # LoRA training-step throughput, this tree against an earlier commit, in one device call (one H200,
 # about 4 minutes). Put the earlier commit in .baseline first and carry it:
 #   rm -rf .baseline && mkdir .baseline && git archive <commit> | tar -x -C .baseline
-#   device run (carry .baseline): OUT=$OUT bash benchmarks/device_lora_ab.sh
+#   device run (carry .baseline): OUT=$OUT bash tools/device/device_lora_ab.sh
 # The CUDA extension is built once, here; the baseline must have the same csrc/ (it gets a copy).
 # Also runs the GPU tests named in $TESTS, and profiles the 1.4b step of this tree (PROFILE=0: not).
 # EXTRA_ARGS go to every benchmark_finetune.py run (e.g. "--lora-dropout 0.05"; the baseline tree

@@ -21,7 +21,9 @@ fi
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   python3 -c "import pyarrow, lm_eval, datasets; print('pyarrow', pyarrow.__version__, 'lm_eval', lm_eval.__version__, 'datasets', datasets.__version__)"
 } >> "$OUT/job.log" 2>&1
-stamp "start"
+# the card in result names (h100, h200, ...), as the benchmarks name their default files
+CARD=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from result_names import card_tag; print(card_tag('cuda'))" 2>/dev/null || echo gpu)
+stamp "start ($CARD)"
 
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout "$(cap 240)" python3 setup.py build_ext --inplace > /tmp/build.log 2>&1
 stamp "build rc=$? $(ls mamba_ssm/_selective_scan_cuda*.so 2>/dev/null)"
@@ -34,11 +36,11 @@ stamp "gpu tests rc=$?: $(tail -1 "$OUT/tests.log")"
 
 timeout "$(cap ${GEN_S:-170})" python3 benchmarks/benchmark_generation_mamba_simple.py --model-name 1.4b \
   --promptlen 2048 --genlen 128 --batch 1 16 64 --repeats 2 --cg --tokenizer .devdata/gpt-neox-20b \
-  --out-json "$OUT/generation_1.4b_h200.json" --out-png "$OUT/generation_1.4b_h200.png" > /tmp/gen.log 2>&1
+  --out-json "$OUT/generation_1.4b_$CARD.json" --out-png "$OUT/generation_1.4b_$CARD.png" > /tmp/gen.log 2>&1
 stamp "generation rc=$?"; grep -E "tokens/s|Prompt length|Error|error" /tmp/gen.log | tail -12 | tee -a "$OUT/job.log"
 
 timeout "$(cap ${FT_S:-70})" python3 benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 \
-  --rank 64 --steps 6 --warmup 2 --device cuda --out "$OUT/finetune_1.4b_h200.json" > /tmp/ft.log 2>&1
+  --rank 64 --steps 6 --warmup 2 --device cuda --out "$OUT/finetune_lora_1.4b_$CARD.json" > /tmp/ft.log 2>&1
 stamp "finetune rc=$?"; tail -6 /tmp/ft.log | tee -a "$OUT/job.log"
 
 timeout "$(cap 400)" python3 benchmarks/benchmark_lm_eval.py --shape 1.4b --device cuda --batch_size 32 \

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One device call for issue 3: build ours and upstream (in parallel), GPU tests, compute-sanitizer
 # (inside the tests), benchmark. Logs and the JSON go to $OUT.
-#   run: bash benchmarks/device_scan_job.sh      (carry .upstream)
+#   run: bash tools/device/device_scan_job.sh      (carry .upstream)
 # Knobs (environment): SKIP_UPSTREAM=1, SKIP_TESTS=1, TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS (e.g.
 # "--no-ref --variants name:VAR=v,VAR=v;..."), NCU=0 (no profile), NCU_SHAPE="1 4096 16384 16"
 # (the profiled shape), NCU_ENV="MAMBA_SSM_SCAN_FWD_TP=1" (settings for the profiled run only),
 # NCU_KERNELS (a regex, default scan_), NCU_METRICS (more metrics, e.g. the stall reasons:
 # "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"), NCU_SOURCE=1 (also ncu's
 # source counters: where the warp-stall samples fall, and ncu_source.csv.gz, the counters of every SASS
-# instruction), RETURN_UPSTREAM_SO=1 (hand upstream's built extension back, gzipped, to carry as
+# instruction), NCU_SECTIONS (more ncu sections, e.g. "InstructionStats MemoryWorkloadAnalysis"),
+# RETURN_UPSTREAM_SO=1 (hand upstream's built extension back, gzipped, to carry as
 # .upstream/selective_scan_cuda*.so.gz: PREBUILT_SO skips its build).
+# A profile with little else: SKIP_UPSTREAM=1 SKIP_TESTS=1 NCU_SOURCE=1 NCU_SHAPE="8 4096 2048 16".
 # A baseline of ours: .upstream/baseline_tree.tar.gz (`git archive` of an earlier commit's setup.py,
 # csrc and mamba_ssm) is built beside ours and benchmarked as the variant "base".
 set -u
@@ -20,7 +22,7 @@ stamp "start"
 UP_SDIST=.upstream/mamba_ssm-2.3.2.post1.tar.gz
 if [ -f "$UP_SDIST" ] && [ "${SKIP_UPSTREAM:-0}" != 1 ]; then
   PREBUILT=$(ls .upstream/selective_scan_cuda*.so.gz 2>/dev/null | head -1)
-  ( PREBUILT_SO=$PREBUILT MAX_JOBS=10 bash benchmarks/build_upstream.sh "$UP_SDIST" /tmp/upstream_build > "$OUT/upstream_build.log" 2>&1; echo $? > /tmp/upstream_rc ) &
+  ( PREBUILT_SO=$PREBUILT MAX_JOBS=10 bash tools/device/build_upstream.sh "$UP_SDIST" /tmp/upstream_build > "$OUT/upstream_build.log" 2>&1; echo $? > /tmp/upstream_rc ) &
   UP_PID=$!
 fi
 
@@ -72,7 +74,8 @@ if [ "${NCU:-1}" = 1 ] && [ -n "$NCU_BIN" ]; then
   env PYTHONPATH=$PWD ${NCU_ENV:-} timeout ${NCU_TIMEOUT:-90} "$NCU_BIN" --clock-control none -k regex:${NCU_KERNELS:-scan_} \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     ${NCU_METRICS:+--metrics $NCU_METRICS} ${NCU_SOURCE:+--section SourceCounters -o /tmp/scan_job_prof -f} \
-    python3 benchmarks/profile_scan_once.py ${NCU_SHAPE:-8 1536 2048 16} > "$OUT/ncu.txt" 2>&1
+    $(for s in ${NCU_SECTIONS:-}; do printf -- '--section %s ' "$s"; done) \
+    python3 tools/device/profile_scan_once.py ${NCU_SHAPE:-8 1536 2048 16} > "$OUT/ncu.txt" 2>&1
   stamp "ncu rc=$?"
   if [ -n "${NCU_SOURCE:-}" ]; then  # (a report was saved: its details, and the counters per SASS instruction)
     "$NCU_BIN" --import /tmp/scan_job_prof.ncu-rep --page details >> "$OUT/ncu.txt" 2>&1
