@@ -5,7 +5,9 @@ left-padded input, then SiLU), in the same run.
 x is the first half of a (batch, 2*dim, seqlen) bf16 tensor, as in the mixer; the weight is frozen
 (a LoRA step) unless --weight-grad. Median ms of the forward and of forward + backward
 (triton.testing.do_bench), the largest difference of the output and of dx, and the achieved
-bandwidth of the Triton forward (x read, out written). JSON to benchmarks/results/.
+bandwidth of the Triton forward (x read, out written). JSON to
+benchmarks/results/causal_conv1d_<gpu>.json (the date is inside; the next run on that card
+overwrites it).
 
     python benchmarks/benchmark_causal_conv1d.py [--shapes '[[4,4096,2048],[16,1536,2048]]']
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mambakit.bench.results import gpu_tag, results_path  # noqa: E402
 
 SHAPES = [(4, 4096, 2048), (16, 1536, 2048), (8, 2048, 2048)]
 
@@ -68,7 +71,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", help="JSON list of [batch, dim, seqlen]")
     ap.add_argument("--weight-grad", action="store_true", help="also the weight and bias gradients")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/causal_conv1d_<gpu>_<time>.json)")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/causal_conv1d_<gpu>.json)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmark_causal_conv1d: needs a CUDA GPU", file=sys.stderr)
@@ -82,8 +85,7 @@ def main(argv=None):
            "machine": {"gpu": torch.cuda.get_device_name(), "host": platform.node()},
            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__},
            "results": rows}
-    out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / (
-        f"causal_conv1d_{torch.cuda.get_device_name().split()[-1].lower()}_{now:%Y-%m-%dT%H%M}.json")
+    out = Path(a.out) if a.out else results_path("causal_conv1d", gpu_tag(torch.cuda.get_device_name()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     for r in rows:

@@ -1,5 +1,6 @@
 """CPU benchmark of the whole model against transformers' MambaForCausalLM (its PyTorch path),
-same weights, in one run. Writes JSON to benchmarks/results/.
+same weights, in one run. Writes JSON to benchmarks/results/cpu_model_<size>.json (the date is
+inside; the next run of that size overwrites it).
 
   (b) forward and forward+backward tokens/s, batch 1, fp32;
   (c) our forward against the time of its matrix products alone (the CPU floor);
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mambakit.bench.results import RESULTS_DIR, results_path  # noqa: E402
 
 SHAPES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
 
@@ -83,7 +85,7 @@ def main(argv=None):
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true", help="measure ours only")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=str(RESULTS_DIR), help="directory of the JSON (cpu_model_<size>.json)")
     args = p.parse_args(argv)
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -159,10 +161,7 @@ def main(argv=None):
     })
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(timezone.utc)
-    path = out_dir / f"cpu_model_{args.size}_{now:%Y-%m-%d}.json"
-    if path.exists():  # never overwrite an earlier result of the same day
-        path = out_dir / f"cpu_model_{args.size}_{now:%Y-%m-%dT%H%M}.json"
+    path = results_path("cpu_model", args.size, results_dir=out_dir)
     path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["figures"], indent=1))
     print(f"wrote {path}")

@@ -3,8 +3,8 @@
 Shape (batch, dim, seqlen, dstate) = (1, 1536, 1024, 16) by default, fp32, with z, D, delta_bias and
 softplus, inputs drawn as in a freshly initialised Mamba layer. Times the forward (no grad) and the
 forward + backward (torch.autograd.grad of <out, cotangent> for all eight inputs), reports medians and
-speedups, checks that both give the same numbers, and writes JSON to
-benchmarks/results/cpu_scan_<date>.json.
+speedups, checks that both give the same numbers, and writes JSON to benchmarks/results/cpu_scan.json
+(the date is inside; the next run overwrites it).
 
 The reference's backward goes through autograd over a per-step loop and takes minutes at this shape,
 so it is timed fewer times (--ref-bwd-repeats). Other processes on the machine change every figure:
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mamba_ssm.backend import use_backend  # noqa: E402
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref  # noqa: E402
+from mambakit.bench.results import results_path  # noqa: E402
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -73,7 +74,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed runs of the chunked scan, fwd and fwd+bwd")
     p.add_argument("--ref-fwd-repeats", type=int, default=3)
     p.add_argument("--ref-bwd-repeats", type=int, default=1)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu_scan_<date>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu_scan.json)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,8 +150,7 @@ def main(argv=None):
         "max_rel_diff_chunked_vs_ref": check,
     }
     print(json.dumps({"speedup_median": speedup, "max_rel_diff": check}, indent=1))
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"cpu_scan_{now.strftime('%Y-%m-%d')}.json")
+    path = args.out or str(results_path("cpu_scan"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)

@@ -3,7 +3,9 @@
 One training step = forward + response-token cross-entropy + backward + AdamW step on the
 adapters, as the recipe in mambakit/finetune/ runs it (LoRA through PEFT on in_proj, x_proj,
 dt_proj and out_proj, bf16 autocast). Also timed: forward+backward alone (comparable with the
-anchor's train_fwdbwd_tok_per_s, which has no optimizer). Writes JSON to benchmarks/results/.
+anchor's train_fwdbwd_tok_per_s, which has no optimizer). Writes JSON to
+benchmarks/results/finetune_lora_<shape>_<card>.json (card: h100, h200, ... or cpu; the time is
+inside; the next run of that shape on that card overwrites it, so pass --out for variants).
 
     # on one GPU (the measurement)
     python benchmarks/benchmark_finetune.py --shape 1.4b --batch-size 4 --seqlen 2048 --rank 64
@@ -34,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mambakit.bench.results import gpu_tag, results_path  # noqa: E402
 
 SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
           "2.8b": (2560, 64)}
@@ -241,7 +244,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--profile", metavar="FILE", help="also profile 2 training steps and write the table to FILE")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_<shape>_<device>_<time>.json)")
+    p.add_argument("--out", help="JSON path (default benchmarks/results/finetune_lora_<shape>_<card>.json, card "
+                                 "h100, h200, ... or cpu)")
     p.add_argument("--ab-env", metavar="NAME:VAR=V,...",
                    help="also time a variant environment, its steps alternating with the default's (settings "
                         "read at each call, and the scan's MAMBA_SSM_SCAN_* settings)")
@@ -265,9 +269,8 @@ def main(argv=None):
     res["timestamp"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     res["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MAMBA_SSM_")}
     res["anchor_upstream_fwdbwd_tok_per_s_1.4b_bs4x2048_h200"] = 30341
-    kind = "gpu" if res["peak_mem_kind"].startswith("cuda") else "cpu"
-    out = Path(a.out) if a.out else Path(__file__).resolve().parent / "results" / (
-        f"finetune_{a.shape}_{kind}_{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H%M')}.json")
+    card = gpu_tag(torch.cuda.get_device_name()) if res["peak_mem_kind"].startswith("cuda") else "cpu"
+    out = Path(a.out) if a.out else results_path("finetune_lora", a.shape, card)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: res[k] for k in ("shape", "batch_size", "seqlen", "train_step_tok_per_s", "fwdbwd_tok_per_s",

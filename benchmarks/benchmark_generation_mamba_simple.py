@@ -11,7 +11,9 @@ the same run and a sweep over batch sizes (the logic lives in mambakit.bench.gen
 Prints the decoded text of the prompt's continuation, the prompt and generation lengths and, per
 model and batch size, the prompt processing + decoding time (mean of --repeats calls after a
 warm-up); writes a JSON (machine, versions, date, inputs, every figure) and a PNG of throughput
-against batch size to benchmarks/results/ (or --out-json / --out-png).
+against batch size to benchmarks/results/generation_<size>_<card>.json and .png (card: h100,
+h200, ... or cpu; the next run of that size on that card overwrites them), or --out-json /
+--out-png.
 """
 from mambakit.bench.generation import main
 

@@ -1,5 +1,7 @@
 """lm-eval throughput: our `mamba` model against lm-eval's `hf` model running transformers'
-MambaForCausalLM, the same random weights, in one run. Writes JSON to benchmarks/results/.
+MambaForCausalLM, the same random weights, in one run. Writes JSON to
+benchmarks/results/lm_eval_<shape>_<card>.json (card: h100, h200, ... or cpu; the date is inside;
+the next run of that shape on that card overwrites it).
 
 Two workloads, built by lm-eval itself from the local tasks in evals/tasks:
   * loglikelihood: gsm8k_local_mc, --n_ll requests (default 500 = 125 problems x 4 choices);
@@ -13,8 +15,11 @@ apart, in total_s). Each model gets a short warm-up first (CUDA init, kernel com
     # CPU smoke test
     python benchmarks/benchmark_lm_eval.py --shape tiny --device cpu --n_ll 40 --n_gen 8 --max_gen_toks 32
 
-Needs the GPT-NeoX tokenizer (--tokenizer, default ../shared/tokenizers/gpt-neox-20b) and the
-GSM8K files (--gsm8k_dir, default as the tasks: $MAMBAKIT_GSM8K_DIR or ../shared/data/gsm8k).
+Needs the GPT-NeoX tokenizer (--tokenizer DIR or tokenizer.json; default the hub's
+EleutherAI/gpt-neox-20b) and the GSM8K problems (--gsm8k_dir, default as the tasks:
+$MAMBAKIT_GSM8K_DIR, else the hub's openai/gsm8k). The script sets HF_HUB_OFFLINE=1 and
+HF_DATASETS_OFFLINE=1 unless they are set, so the hub defaults come from the local cache; export
+both as 0 to download.
 Dependencies beyond this repository: lm-eval and what it imports (datasets, accelerate for its
 `hf` model). Also recorded: how far the two models' loglikelihoods agree (they should, up to
 bf16 rounding) and how often their generations are identical (transformers' batched generation
@@ -42,8 +47,8 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from mambakit.bench.results import card_tag, results_path  # noqa: E402
 TASKS_DIR = REPO / "evals" / "tasks"
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b"
 SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
           "2.8b": (2560, 64)}
 LL_TASK, GEN_TASK, N_CHOICES = "gsm8k_local_mc", "gsm8k_local", 4
@@ -213,7 +218,8 @@ def main(argv=None):
     p.add_argument("--n_gen", type=int, default=100, help="generate_until requests")
     p.add_argument("--max_gen_toks", type=int, default=256)
     p.add_argument("--num_fewshot", type=int, default=None, help="default: the tasks' own (5)")
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
+    p.add_argument("--tokenizer", default=None,
+                   help="directory or tokenizer.json of GPT-NeoX-20B (default: the hub's EleutherAI/gpt-neox-20b)")
     p.add_argument("--gsm8k_dir", default=None)
     p.add_argument("--models", default="ours,hf", help="comma-separated subset of ours,hf")
     p.add_argument("--no_warmup", action="store_true")
@@ -222,7 +228,8 @@ def main(argv=None):
                    help="transformers' MambaForCausalLM on its PyTorch path (default) or on the installed "
                         "mamba_ssm's kernels (ours), which transformers picks up when it can import them")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
+                   help="directory of the JSON (lm_eval_<shape>_<card>.json)")
     args = p.parse_args(argv)
 
     hf_impls = import_hf_mamba(args.hf_kernels == "mamba_ssm") if "hf" in args.models else {}
@@ -232,8 +239,8 @@ def main(argv=None):
     from mambakit.evaluation.lm_eval_model import MambaEvalLM, parse_dtype
     from mambakit.tokenizer import load_tokenizer
 
-    tokenizer_dir = Path(args.tokenizer)
-    if not tokenizer_dir.exists():
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.exists():
         raise SystemExit(f"tokenizer {tokenizer_dir} not found: pass --tokenizer DIR (GPT-NeoX-20B's tokenizer.json)")
     if args.gsm8k_dir:
         os.environ["MAMBAKIT_GSM8K_DIR"] = str(Path(args.gsm8k_dir).resolve())
@@ -307,7 +314,7 @@ def main(argv=None):
         res["agreement"] = agreement(outputs["ours"], outputs["hf"], tokenizer)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"lm_eval_{args.shape}_{device.type}_{datetime.now(timezone.utc):%Y-%m-%dT%H%M}.json"
+    path = results_path("lm_eval", args.shape, card_tag(device), results_dir=out_dir)
     path.write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps({k: res.get(k) for k in ("speedup_ours_over_hf", "agreement")}, indent=1, default=str))
     print(f"wrote {path}")

@@ -21,8 +21,8 @@ Figures, per implementation and shape:
                 (multiprocessors x 16 ex2 per clock x 1.98 GHz)
   relerr        ||out - out64|| / ||out64|| over the whole output, out64 from a float64 scan of the
                 same (bf16-valued) inputs computed in the worker
-The JSON goes to benchmarks/results/selective_scan_<gpu>_<date>.json (gpu: h200, h100, ... from the
-device name; and --out-dir if given).
+The JSON goes to benchmarks/results/selective_scan_<gpu>.json (gpu: h200, h100, ... from the device
+name; the date is inside; the next run on that card overwrites it), and to --out-dir if given.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ import tempfile
 
 SHAPES = [(8, 4096, 2048, 16), (1, 4096, 16384, 16), (8, 1536, 2048, 16), (1, 2048, 2048, 16), (1, 1536, 1024, 16)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from mambakit.bench.results import gpu_tag, results_path  # noqa: E402
 SFU_PER_CLOCK = 16
 CLOCK_HZ = 1.98e9
 
@@ -230,14 +232,6 @@ def _derived(res, shapes):
     res["sfu_exp_per_s_ceiling"] = sfu_rate
 
 
-def gpu_tag(device_name: str) -> str:
-    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100': the card in result file names."""
-    import re
-
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_name)
-    return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", default=None)
@@ -287,7 +281,7 @@ def main():
         res["impls"]["ref"] = _run_worker("ref", args, REPO)
     _derived(res, shapes)
 
-    name = f"selective_scan_{gpu_tag(res['machine']['gpu'])}_{date}.json"
+    name = results_path("selective_scan", gpu_tag(res["machine"]["gpu"])).name
     dirs = [os.path.join(REPO, "benchmarks", "results")] + ([args.out_dir] if args.out_dir else [])
     for dd in dirs:
         os.makedirs(dd, exist_ok=True)

@@ -5,7 +5,7 @@ Every lm-eval option works as documented by lm-eval (this script only registers 
 for convenience, adds `--include_path evals/tasks` when a local task is named without it):
 
     python evals/lm_harness_eval.py --model mamba \
-        --model_args pretrained=state-spaces/mamba-130m,tokenizer=../shared/tokenizers/gpt-neox-20b,dtype=float32 \
+        --model_args pretrained=state-spaces/mamba-130m,tokenizer=/path/to/gpt-neox-20b,dtype=float32 \
         --tasks gsm8k_local --include_path evals/tasks --device cpu --batch_size auto --output_path results/
 
 `--model mamba_ssm` (lm-eval's own wrapper) also runs on our package; see evals/README.md.

@@ -15,7 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# A GSM8K sample (the first 200 train and 60 test problems) and the GPT-NeoX-20B tokenizer,
+# committed so that the tests need neither a network nor anything outside the repository.
+GSM8K_DIR = FIXTURES / "gsm8k"
+TOKENIZER_DIR = FIXTURES / "gpt-neox-20b"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,9 +30,3 @@ def pytest_collection_modifyitems(config, items):
         if "cuda" in item.keywords:
             item.add_marker(skip)
 
-
-@pytest.fixture
-def shared_dir():
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} (the workplace's shared data) is not present")
-    return SHARED

@@ -1,7 +1,7 @@
 """lm-eval integration: the `mamba` model, the local GSM8K tasks, the CLI wrapper and the report.
 
-A tiny random MambaLMHeadModel (d_model 64, 2 layers) with the real GPT-NeoX tokenizer from
-../shared, saved in both checkpoint layouts. Everything runs offline on the CPU.
+A tiny random MambaLMHeadModel (d_model 64, 2 layers) with the real GPT-NeoX tokenizer (the test
+fixture), saved in both checkpoint layouts; the local GSM8K tasks read the fixture's sample. Everything runs offline on the CPU.
 """
 from __future__ import annotations
 
@@ -21,13 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch = pytest.importorskip("torch")
 pytest.importorskip("lm_eval")
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b"
-GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
-TASKS_DIR = REPO / "evals" / "tasks"
+from conftest import GSM8K_DIR, TOKENIZER_DIR  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").exists(),
-                                reason="needs ../shared/tokenizers/gpt-neox-20b")
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "evals" / "tasks"
 
 LL_PAIRS = [
     ("Question: Janet has 3 apples and buys 4 more. How many apples does she have?\nAnswer:", " 7"),
@@ -346,6 +343,43 @@ def test_gsm8k_task_helpers(monkeypatch, tmp_path):
     monkeypatch.setenv(gsm8k_utils.ENV_VAR, str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=gsm8k_utils.ENV_VAR):
         gsm8k_utils.resolve_gsm8k_dir()
+    monkeypatch.setenv(gsm8k_utils.ENV_VAR, str(GSM8K_DIR))
+    assert gsm8k_utils.resolve_gsm8k_dir() == GSM8K_DIR.resolve()
+    dd = gsm8k_utils.load_gsm8k()
+    assert (dd["train"].num_rows, dd["test"].num_rows) == (200, 60)  # the fixture's sample
+    assert gsm8k_utils.load_gsm8k(gsm8k_dir=str(GSM8K_DIR))["test"][0] == dd["test"][0]
+
+
+def test_gsm8k_hub_fallback(monkeypatch):
+    """Neither metadata nor the environment variable: openai/gsm8k (main) through `datasets`, with
+    an error naming the local alternatives when that fails (offline)."""
+    import datasets
+
+    sys.path.insert(0, str(TASKS_DIR / "gsm8k_local"))
+    try:
+        import utils as gsm8k_utils
+    finally:
+        sys.path.pop(0)
+    monkeypatch.delenv(gsm8k_utils.ENV_VAR, raising=False)
+    assert gsm8k_utils.resolve_gsm8k_dir() is None
+    calls = []
+
+    def fake_load(name, config):
+        calls.append((name, config))
+        rows = [{"question": "1+1?", "answer": "1+1=2\n#### 2", "extra": 0}]
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s in ("train", "test")})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    dd = gsm8k_utils.load_gsm8k()
+    assert calls == [("openai/gsm8k", "main")]
+    assert dd["test"].column_names == ["question", "answer"] and dd["test"][0]["question"] == "1+1?"
+
+    def offline(name, config):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub (offline mode is enabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match=f"openai/gsm8k.*offline.*{gsm8k_utils.ENV_VAR}"):
+        gsm8k_utils.load_gsm8k()
 
 
 def test_gsm8k_answer_extraction_filters():
@@ -376,8 +410,7 @@ def test_gsm8k_answer_extraction_filters():
 
 def test_local_gsm8k_tasks_through_the_cli(tiny, tmp_path, monkeypatch):
     """evals/lm_harness_eval.py with --limit 8: generative and loglikelihood tasks, results written."""
-    if not (GSM8K_DIR / "test.jsonl").exists():
-        pytest.skip("needs ../shared/data/gsm8k")
+    monkeypatch.setenv("MAMBAKIT_GSM8K_DIR", str(GSM8K_DIR))
     sys.path.insert(0, str(REPO / "evals"))
     try:
         import lm_harness_eval

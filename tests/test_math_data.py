@@ -13,13 +13,10 @@ from mambakit.evaluation.math_answers import answers_match, exact_match_accuracy
 from mambakit.data.math_data import (IGNORE_INDEX, DataCollator, DataConfig, format_prompt, load_math_data,
                                 pack_examples, tokenize_examples)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b"
-GSM8K = SHARED / "data" / "gsm8k"
+from conftest import GSM8K_DIR as GSM8K, TOKENIZER_DIR as TOKENIZER
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-needs_tok = pytest.mark.skipif(not (TOKENIZER / "tokenizer.json").exists(), reason="../shared tokenizer absent")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,6 @@ def test_normalize_and_match():
         exact_match_accuracy(["a", "b"], ["c"])
 
 
-@needs_tok
 def test_tokenize_masks_prompt_and_appends_eos(tok):
     prompt = format_prompt("What is 2+3?")
     assert prompt == "Question: What is 2+3?\nAnswer:"
@@ -97,7 +93,6 @@ def _write(path: Path, rows, fmt):
         df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
 
 
-@needs_tok
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_file_types_and_mathinstruct_preset(tok, tmp_path, fmt):
     rows = [{"instruction": f"What is {i}+1?", "output": f"{i}+1={i + 1}\nThe answer is {i + 1}"} for i in range(12)]
@@ -108,7 +103,6 @@ def test_file_types_and_mathinstruct_preset(tok, tmp_path, fmt):
     assert d.eval_examples[0]["prompt"].startswith("Question: What is ")
 
 
-@needs_tok
 def test_custom_fields_and_errors(tok, tmp_path):
     f = tmp_path / "c.jsonl"
     _write(f, [{"problem": "1+1?", "solution": "#### 2"}] * 5, "jsonl")
@@ -133,8 +127,6 @@ def test_custom_fields_and_errors(tok, tmp_path):
         load_math_data(DataConfig(dataset=str(tmp_path / "x.txt")), tok)
 
 
-@needs_tok
-@pytest.mark.skipif(not (GSM8K / "test.jsonl").exists(), reason="../shared/data/gsm8k absent")
 def test_gsm8k_directory_with_test_split(tok):
     d = load_math_data(DataConfig(dataset=str(GSM8K), eval_split="test", max_examples=16, eval_max_examples=4,
                                   max_length=512), tok)
@@ -144,7 +136,6 @@ def test_gsm8k_directory_with_test_split(tok):
         load_math_data(DataConfig(dataset=str(GSM8K), eval_split="validation"), tok)
 
 
-@needs_tok
 def test_batched_generation_equals_generate_one_by_one(tok):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel

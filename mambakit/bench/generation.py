@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from mambakit.bench.results import gpu_tag
+
 # name: (d_model, n_layer) for Mamba; the Pythia model of about the same size:
 # (hidden, layers, heads, name)
 MAMBA_SIZES = {
@@ -334,10 +336,12 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
 
 
 def default_stem(cfg: BenchConfig, results: dict) -> str:
+    """generation_<size>_<card>: one file per model size and card, overwritten by the next run (the
+    date, inputs and versions are inside)."""
     size = results["models"]["mamba"].get("size") or Path(cfg.model_name.rstrip("/")).name
-    dev = "cuda" if str(results["inputs"]["device"]).startswith("cuda") else "cpu"
-    stamp = results["date"].replace(":", "").replace("-", "")
-    return f"generation_{size}_{dev}_p{results['sample']['prompt_length']}_g{cfg.genlen}_{stamp}"
+    gpu = results.get("machine", {}).get("gpu")
+    on_cuda = str(results["inputs"]["device"]).startswith("cuda")
+    return f"generation_{size}_{gpu_tag(gpu) if on_cuda and gpu else 'cpu'}"
 
 
 def write_results(results: dict, json_path, png_path=None) -> tuple:

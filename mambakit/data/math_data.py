@@ -2,7 +2,7 @@
 
 Sources (read through `datasets`): a hub id (e.g. ``openai/gsm8k`` with config ``main``), a local
 file (.json, .jsonl, .csv, .parquet) or a local directory holding ``{split}.{ext}`` files
-(e.g. ``../shared/data/gsm8k`` with train.jsonl and test.jsonl).
+(e.g. a ``gsm8k/`` directory with train.jsonl and test.jsonl).
 
 Field presets name the two columns of each example:
 

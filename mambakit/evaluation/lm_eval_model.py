@@ -1,14 +1,14 @@
 """lm-evaluation-harness model `mamba`: our MambaLMHeadModel behind lm-eval's `LM` interface.
 
     python evals/lm_harness_eval.py --model mamba \
-        --model_args pretrained=DIR_OR_HUB_ID,tokenizer=../shared/tokenizers/gpt-neox-20b,dtype=float32 \
+        --model_args pretrained=DIR_OR_HUB_ID,tokenizer=TOKENIZER_DIR,dtype=float32 \
         --tasks gsm8k_local --include_path evals/tasks --device cpu --batch_size auto
 
 model_args:
   pretrained      hub id or directory, upstream's or transformers' checkpoint layout (or, from
                   Python, an already-built MambaLMHeadModel)
-  tokenizer       directory or tokenizer.json; default: the model directory's, else the GPT-NeoX
-                  copy in ../shared/tokenizers/gpt-neox-20b, else the hub's EleutherAI/gpt-neox-20b
+  tokenizer       directory or tokenizer.json; default: the model directory's, else the hub's
+                  EleutherAI/gpt-neox-20b
   dtype           auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
   device          cuda, cuda:N, cpu (a CUDA request without CUDA falls back to the CPU, with a warning)
   peft            a PEFT adapter directory (LoRA, ...), applied on load; pretrained=ADAPTER_DIR
@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "mamba"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = REPO_ROOT.parent / "shared" / "tokenizers" / "gpt-neox-20b"
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -123,7 +122,7 @@ def _as_bool(v) -> bool:
 
 
 def resolve_tokenizer(tokenizer=None, model_dir=None):
-    """Explicit tokenizer, else the model directory's, else the shared GPT-NeoX copy, else the hub's."""
+    """Explicit tokenizer, else the model directory's, else the hub's EleutherAI/gpt-neox-20b."""
     from mambakit.tokenizer import load_tokenizer
 
     if tokenizer is not None:
@@ -132,8 +131,6 @@ def resolve_tokenizer(tokenizer=None, model_dir=None):
         d = Path(str(model_dir))
         if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
             return load_tokenizer(d)
-    if SHARED_TOKENIZER.is_dir():
-        return load_tokenizer(SHARED_TOKENIZER)
     return load_tokenizer(None)  # GPT-NeoX-20B from the hub (needs a network or a filled cache)
 
 

@@ -1,11 +1,12 @@
-"""Data plumbing for the offline GSM8K tasks (gsm8k_local, gsm8k_local_mc).
+"""Data plumbing for the GSM8K tasks (gsm8k_local, gsm8k_local_mc).
 
-Where the files come from, first match wins:
+Where the problems come from, first match wins:
   1. `--metadata gsm8k_dir=/path` (lm-eval hands task metadata to `load_gsm8k`),
   2. the environment variable MAMBAKIT_GSM8K_DIR,
-  3. <repository>/../shared/data/gsm8k (the study's checkout layout).
-The directory must hold train.jsonl and test.jsonl, one {"question", "answer"} object a line,
-the format of openai/grade-school-math (and of the hub data set openai/gsm8k, config main).
+  3. neither given: the hub data set openai/gsm8k, config main, through `datasets` (needs a
+     network or a filled cache; offline, the error says how to point at local files).
+A directory must hold train.jsonl and test.jsonl, one {"question", "answer"} object a line,
+the format of openai/grade-school-math (and of the hub data set).
 """
 from __future__ import annotations
 
@@ -16,28 +17,38 @@ import zlib
 from pathlib import Path
 
 ENV_VAR = "MAMBAKIT_GSM8K_DIR"
-DEFAULT_DIR = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "gsm8k"
+HUB_DATASET, HUB_CONFIG = "openai/gsm8k", "main"
 SPLITS = ("train", "test")
 N_CHOICES = 4
 
 
-def resolve_gsm8k_dir(gsm8k_dir: str | os.PathLike | None = None) -> Path:
-    """The directory to read, by the order above; an error names every place it looked."""
-    tried = []
-    for source, cand in (("metadata gsm8k_dir", gsm8k_dir), (f"${ENV_VAR}", os.environ.get(ENV_VAR)),
-                         ("default", DEFAULT_DIR)):
+def resolve_gsm8k_dir(gsm8k_dir: str | os.PathLike | None = None) -> Path | None:
+    """The local directory to read, by the order above; None when neither source names one (the
+    hub is used then). A named directory without both files is an error naming where it looked:
+    an explicit choice that is wrong is not a reason to fall back silently."""
+    for source, cand in (("metadata gsm8k_dir", gsm8k_dir), (f"${ENV_VAR}", os.environ.get(ENV_VAR))):
         if not cand:
             continue
         p = Path(cand).expanduser()
         if all((p / f"{s}.jsonl").is_file() for s in SPLITS):
             return p.resolve()
-        tried.append(f"{source}: {p}")
-        if source != "default":
-            # An explicit choice that is wrong is an error, not a reason to fall back silently.
-            break
-    raise FileNotFoundError(
-        "GSM8K files (train.jsonl, test.jsonl) not found; looked at " + "; ".join(tried)
-        + f". Pass --metadata gsm8k_dir=DIR or set {ENV_VAR}=DIR.")
+        raise FileNotFoundError(
+            f"GSM8K files (train.jsonl, test.jsonl) not found; looked at {source}: {p}. "
+            f"Pass --metadata gsm8k_dir=DIR or set {ENV_VAR}=DIR to a directory holding both.")
+    return None
+
+
+def _load_from_hub():
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(HUB_DATASET, HUB_CONFIG)
+    except Exception as e:  # offline, no cache, hub unreachable, ...
+        raise RuntimeError(
+            f"GSM8K: no local directory given and the hub data set {HUB_DATASET} (config {HUB_CONFIG}) "
+            f"could not be loaded ({type(e).__name__}: {e}). Offline, pass --metadata gsm8k_dir=DIR or set "
+            f"{ENV_VAR}=DIR to a directory with train.jsonl and test.jsonl.") from e
+    return datasets.DatasetDict({s: dd[s].select_columns(["question", "answer"]) for s in SPLITS})
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -72,6 +83,8 @@ def load_gsm8k(gsm8k_dir=None, **_metadata):
     import datasets
 
     root = resolve_gsm8k_dir(gsm8k_dir)
+    if root is None:
+        return _load_from_hub()
     return datasets.DatasetDict({s: datasets.Dataset.from_list(_read_jsonl(root / f"{s}.jsonl")) for s in SPLITS})
 
 

@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Render the latest benchmark results (benchmarks/results/*.json) as docs/results.md: one
+markdown table per area (kernels against upstream, generation, the LoRA training step,
+lm-eval, CPU), each row a figure, ours, the baseline, their ratio, the card, the date and the
+file it comes from.
+
+    python benchmarks/render_results.py            # writes docs/results.md
+    python benchmarks/render_results.py --check    # exit 1 when docs/results.md is out of date
+    python benchmarks/render_results.py --stdout   # print instead of writing
+
+`render(results_dir)` returns the markdown; tests/test_render_results.py checks it against the
+committed results and docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+from mambakit.bench.results import RESULTS_DIR, gpu_tag  # noqa: E402
+
+DOC = REPO / "docs" / "results.md"
+COMMAND = "python benchmarks/render_results.py"
+LINK_BASE = "../benchmarks/results"  # from docs/ to the results
+COLUMNS = ("figure", "ours", "baseline", "ratio", "card", "date", "file")
+
+# Upstream's forward+backward of the 1.4b LoRA shape on an H200, measured by the project (anchor);
+# benchmark_finetune.py records it in every file under this key.
+ANCHOR_KEY = "anchor_upstream_fwdbwd_tok_per_s_1.4b_bs4x2048_h200"
+
+
+def fmt(x) -> str:
+    """A figure with about three significant digits (thousands separated)."""
+    if x is None:
+        return "-"
+    x = float(x)
+    a = abs(x)
+    if a >= 1000:
+        return f"{x:,.0f}"
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 0.01:
+        return f"{x:.3f}"
+    return f"{x:.2e}"
+
+
+def ratio(ours, base, higher_is_better: bool) -> str:
+    """How many times better ours is: base/ours for times, ours/base for rates."""
+    if not ours or not base:
+        return "-"
+    r = ours / base if higher_is_better else base / ours
+    return f"{r:.2f}x"
+
+
+def _date(d: dict) -> str:
+    for k in ("date", "timestamp", "date_utc", "utc"):
+        if d.get(k):
+            return str(d[k])[:10]
+    return "-"
+
+
+def _card(name: str | None) -> str:
+    if not name or name in ("cpu", "x86_64", "aarch64", "arm64"):
+        return "CPU"
+    return gpu_tag(name).upper()
+
+
+def _shape(s) -> str:
+    return "(" + ", ".join(str(v) for v in s) + ")"
+
+
+class _Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, figure, ours, base, base_label, higher_is_better, card, date, file, ours_text=None):
+        base_text = "-" if base is None else f"{fmt(base)} ({base_label})" if base_label else fmt(base)
+        self.rows.append((figure, ours_text or fmt(ours), base_text,
+                          ratio(ours, base, higher_is_better) if base is not None else "-", card, date,
+                          f"[{file}]({LINK_BASE}/{file})"))
+
+    def markdown(self) -> str:
+        out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * 3 + ["---"] * 3) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(out)
+
+
+def _load(results_dir: Path, pattern: str):
+    for p in sorted(results_dir.glob(pattern)):
+        try:
+            yield p.name, json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+
+
+def kernels(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "selective_scan_*.json"):
+        impls = d.get("impls", {})
+        ours, up = impls.get("ours", {}), impls.get("upstream", {})
+        label = f"upstream {d.get('versions', {}).get('upstream') or ''}".strip()
+        card, date = _card(d.get("machine", {}).get("gpu")), _date(d)
+        for shape in d.get("shapes", []):
+            key = "[" + ",".join(str(v) for v in shape) + "]"
+            for metric, what in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
+                if ours.get(metric + key) is None:
+                    continue
+                t.add(f"selective scan {what}, ms, {_shape(shape)}", ours[metric + key], up.get(metric + key),
+                      label, False, card, date, name)
+    for name, d in _load(results_dir, "causal_conv1d_*.json"):
+        card, date = _card(d.get("machine", {}).get("gpu")), _date(d)
+        for r in d.get("results", []):
+            for what, key in (("forward", "fwd_ms"), ("forward+backward", "fwdbwd_ms")):
+                t.add(f"causal conv1d + SiLU {what}, ms, {_shape(r['shape'])}", r.get(f"triton_{key}"),
+                      r.get(f"torch_{key}"), "PyTorch", False, card, date, name)
+    return t
+
+
+def generation(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "generation_*.json"):
+        machine, inp, models = d.get("machine", {}), d.get("inputs", {}), d.get("models", {})
+        mamba = models.get("mamba", {})
+        size = mamba.get("size") or Path(str(mamba.get("checkpoint") or inp.get("model_name") or "?")).name
+        base_label = models.get("transformer", {}).get("shape", "transformer")
+        card = _card(machine.get("gpu") if str(inp.get("device", "")).startswith("cuda") else None)
+        runs = d.get("runs", [])
+        for batch in sorted({r["batch"] for r in runs}):
+            by = {r["model"]: r for r in runs if r["batch"] == batch and "tokens_per_s" in r}
+            if "mamba" not in by:
+                continue
+            fig = (f"Mamba {size} generation, tokens/s, batch {batch}, prompt {by['mamba'].get('promptlen')}, "
+                   f"{by['mamba'].get('genlen')} new")
+            t.add(fig, by["mamba"]["tokens_per_s"], by.get("transformer", {}).get("tokens_per_s"), base_label,
+                  True, card, _date(d), name)
+    return t
+
+
+def training(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "finetune_lora_*.json"):
+        cfg = f"{d.get('shape')}, batch {d.get('batch_size')} x {d.get('seqlen')}, r {d.get('lora_rank')}"
+        if d.get("lora_dropout"):
+            cfg += f", dropout {d['lora_dropout']}"
+        card = _card(d.get("device") if str(d.get("peak_mem_kind", "")).startswith("cuda") else None)
+        t.add(f"LoRA training step, tokens/s ({cfg})", d.get("train_step_tok_per_s"), None, None, True, card,
+              _date(d), name)
+        anchor = None
+        if (d.get("shape"), d.get("batch_size"), d.get("seqlen"), card) == ("1.4b", 4, 2048, "H200"):
+            anchor = d.get(ANCHOR_KEY)
+        t.add(f"LoRA forward+backward, tokens/s ({cfg})", d.get("fwdbwd_tok_per_s"), anchor,
+              "upstream, full fine-tune, *anchor*", True, card, _date(d), name)
+    for name, d in _load(results_dir, "ddp_check_*.json"):
+        card = d.get("card") or "-"
+        card = card.replace("NVIDIA ", "")
+        what = f"{d.get('label', 'DDP check')}: optimizer steps/s, {d.get('shape', '?')}, global batch {d.get('global_batch')}"
+        t.add(what, d.get("steady_steps_per_s_b"), d.get("steady_steps_per_s_a"), "1 GPU", True, card, _date(d), name)
+        t.add(f"{d.get('label', 'DDP check')}: largest relative loss difference over {d.get('steps_compared')} steps",
+              d.get("max_rel_loss_diff"), None, None, False, card, _date(d), name)
+    return t
+
+
+def lm_eval(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "lm_eval_*.json"):
+        models = d.get("models", {})
+        ours, hf = models.get("ours", {}), models.get("hf", {})
+        card = _card(d.get("device_name") if str(d.get("device", "")).startswith("cuda") else None)
+        impls = set(d.get("hf_kernel_implementations", {}).values())
+        hf_label = "lm-eval `hf`, transformers" + (
+            "" if all(i.startswith("transformers.") for i in impls) else " on mamba_ssm's kernels")
+        for task, r in ours.items():
+            fig = (f"{task} ({r.get('requests')} {r.get('request_type')} requests), requests/s, "
+                   f"{d.get('shape')}, batch {d.get('ours_batch_size') or d.get('batch_size')}")
+            t.add(fig, r.get("requests_per_s"), hf.get(task, {}).get("requests_per_s"),
+                  hf_label, True, card, _date(d), name)
+    return t
+
+
+def cpu(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "cpu_model_*.json"):
+        f, inp, date = d.get("figures", {}), d.get("inputs", {}), _date(d)
+        size, hf = inp.get("size", "?"), "transformers"
+        t.add(f"{size} forward, tokens/s, batch 1, {inp.get('seqlen')} tokens", f.get("ours_fwd_tok_per_s"),
+              f.get("hf_fwd_tok_per_s"), hf, True, "CPU", date, name)
+        t.add(f"{size} forward, s, {inp.get('seqlen')} tokens, against its matrix products alone",
+              f.get("ours_fwd_s"), f.get("matmul_floor_fwd_s"), "floor", False, "CPU", date, name)
+        t.add(f"{size} forward+backward, s, {inp.get('hf_bwd_seqlen')} tokens",
+              f.get(f"ours_fwdbwd_s[L={inp.get('hf_bwd_seqlen')}]"),
+              f.get(f"hf_fwdbwd_s[L={inp.get('hf_bwd_seqlen')}]"), hf, False, "CPU", date, name)
+        mode = f"; ours: {inp['greedy_mode']}" if inp.get("greedy_mode") else ""
+        t.add(f"{size} greedy decoding, tokens/s, prompt {inp.get('prompt_len')}, {inp.get('gen_len')} new{mode}",
+              f.get("ours_greedy_tok_per_s"), f.get("hf_greedy_tok_per_s"), hf, True, "CPU", date, name)
+    for name, d in _load(results_dir, "cpu_scan*.json"):
+        r, date = d.get("results", {}), _date(d)
+        shape = _shape(d.get("inputs", {}).get("shape_batch_dim_seqlen_dstate", []))
+        threads = d.get("machine", {}).get("torch_threads")
+        for what, key in (("forward", "fwd"), ("forward+backward", "fwd_bwd")):
+            t.add(f"selective scan {what} (chunked), s, {shape}, {threads} threads",
+                  r.get(f"chunked_{key}", {}).get("median_s"), r.get(f"ref_{key}", {}).get("median_s"),
+                  "per-step reference", False, "CPU", date, name)
+    return t
+
+
+AREAS = (
+    ("Kernels", "The selective scan against upstream mamba-ssm's CUDA kernel, built and timed in the same "
+                "job; the causal conv + SiLU (Triton) against PyTorch's conv. bf16, median ms.", kernels),
+    ("Generation", "Mamba against a same-size GPT-NeoX transformer (transformers; its shape in the baseline "
+                   "column), random weights unless a checkpoint is named, greedy; "
+                   "tokens/s = batch x new tokens / (prefill + decode).", generation),
+    ("Training: the LoRA step", "LoRA on in_proj/x_proj/dt_proj/out_proj, bf16 autocast, random weights; the "
+                                "baseline of forward+backward is upstream's full model (an *anchor*: measured "
+                                "by the project on an H200, not in the same job).", training),
+    ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
+                "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
+                "requests/s of the models' calls.", lm_eval),
+    ("CPU", "Whole 130m-shape model against transformers' MambaForCausalLM (fp32, batch 1), and the chunked "
+            "CPU scan against the per-step reference loop.", cpu),
+)
+
+
+def render(results_dir: str | Path = RESULTS_DIR) -> str:
+    """The markdown of docs/results.md for the result files in results_dir."""
+    results_dir = Path(results_dir)
+    parts = [
+        "<!-- Generated by `" + COMMAND + "` from benchmarks/results/; do not edit by hand. -->",
+        "# Benchmark results",
+        "",
+        f"Generated by `{COMMAND}` from the latest result file of each benchmark and configuration in "
+        "`benchmarks/results/` (the file names the run; date, card and versions are inside it). "
+        "*ratio*: how many times better ours is than the baseline (baseline time / ours, or ours / "
+        "baseline for rates). Figures from different cards are not comparable with each other.",
+    ]
+    for title, intro, fn in AREAS:
+        table = fn(results_dir)
+        if not table.rows:
+            continue
+        parts += ["", f"## {title}", "", intro, "", table.markdown()]
+    study = results_dir / "study_default" / "finetune_summary.json"
+    if study.exists():
+        s = json.loads(study.read_text())
+        parts += ["", "## The embedded study", "",
+                  f"`bash run.sh` (2-core CPU): {s.get('model')} fine-tuned for {s.get('steps')} steps, held-out exact "
+                  f"match {fmt(s.get('accuracy_base'))} before and {fmt(s.get('accuracy_finetuned'))} after "
+                  f"([report]({LINK_BASE}/study_default/report.md), files in `benchmarks/results/study_default/`)."]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(RESULTS_DIR), help="results directory (default benchmarks/results)")
+    p.add_argument("--out", default=str(DOC), help="markdown file to write (default docs/results.md)")
+    p.add_argument("--check", action="store_true", help="only compare with --out; exit 1 when it differs")
+    p.add_argument("--stdout", action="store_true", help="print instead of writing")
+    a = p.parse_args(argv)
+    text = render(a.results)
+    out = Path(a.out)
+    if a.stdout:
+        sys.stdout.write(text)
+        return 0
+    if a.check:
+        if not out.exists() or out.read_text() != text:
+            print(f"{out} is out of date: run {COMMAND}", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
