@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mamba_ssm.models.checkpoint import looks_like_hub_id
+
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 
 
@@ -43,10 +45,11 @@ def load_tokenizer(tokenizer: str | os.PathLike | None = None, model_dir: str | 
                 tok = _from_tokenizer_json(p / "tokenizer.json")
             else:
                 raise FileNotFoundError(f"tokenizer directory {p} holds neither tokenizer.json nor tokenizer_config.json")
-        elif os.sep in str(tokenizer) or str(tokenizer).startswith("."):
-            raise FileNotFoundError(f"tokenizer path {tokenizer} does not exist")
+        elif looks_like_hub_id(str(tokenizer)):
+            tok = AutoTokenizer.from_pretrained(str(tokenizer))
         else:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer))  # a hub id
+            raise FileNotFoundError(f"tokenizer {tokenizer}: no such file or directory, and not a hub id "
+                                    f"(expected a tokenizer.json, a directory holding one, or e.g. {DEFAULT_TOKENIZER})")
     elif model_dir is not None and Path(model_dir).is_dir() and (
             (Path(model_dir) / "tokenizer.json").exists() or (Path(model_dir) / "tokenizer_config.json").exists()):
         return load_tokenizer(model_dir)

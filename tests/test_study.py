@@ -287,3 +287,27 @@ def test_pretrain_tiny_writes_a_loadable_model(tmp_path):
     tok = load_tokenizer(tmp_path / "m")
     assert tok.eos_token_id == 0 and model.config.vocab_size >= len(tok)
     assert not (tmp_path / "m.tmp").exists()
+
+
+def test_load_tokenizer_tells_hub_ids_from_paths(tmp_path, monkeypatch):
+    """A hub id (owner/name) goes to the hub; a missing path is a clear error, not a hub lookup."""
+    import mambakit.tokenizer as mt
+
+    asked = []
+    real = mt.load_tokenizer(ROOT / "mambakit" / "assets" / "tiny-mamba-arith")
+
+    class FakeAuto:
+        @staticmethod
+        def from_pretrained(name):
+            asked.append(name)
+            return real
+
+    import transformers
+
+    monkeypatch.setattr(transformers, "AutoTokenizer", FakeAuto)
+    tok = mt.load_tokenizer("EleutherAI/gpt-neox-20b")
+    assert asked == ["EleutherAI/gpt-neox-20b"] and tok.eos_token is not None
+    for missing in (tmp_path / "no-tokenizer", "./no-tokenizer", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory, and not a hub id"):
+            mt.load_tokenizer(missing)
+    assert asked == ["EleutherAI/gpt-neox-20b"]

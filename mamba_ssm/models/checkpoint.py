@@ -292,7 +292,8 @@ def _split_hub_options(kwargs: dict):
     return hub, kwargs
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """`name` reads as a hub repository id ("owner/name" or "name"), not as a local path."""
     if not name or name.startswith((".", "/", "~", "\\")) or os.path.isabs(name) or name.count("/") > 1:
         return False
     try:
@@ -317,7 +318,7 @@ class _Location:
         elif os.path.exists(path):
             raise NotADirectoryError(f"{path}: expected a checkpoint directory (holding config.json and the "
                                      f"weights), got a file")
-        elif _looks_like_hub_id(self.name):
+        elif looks_like_hub_id(self.name):
             self.local_dir = None
         else:
             raise FileNotFoundError(f"checkpoint directory not found: {path} (no such file or directory)")

@@ -5,12 +5,9 @@ import os
 
 import torch
 
+from mamba_ssm.models.checkpoint import looks_like_hub_id
 from mambakit.data.math_data import load_math_data, tokenize_examples
 from mambakit.finetune.config import FinetuneConfig
-
-
-def _looks_local(name: str) -> bool:
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1
 
 
 def load_model(cfg: FinetuneConfig, device=None):
@@ -18,7 +15,7 @@ def load_model(cfg: FinetuneConfig, device=None):
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     name = os.path.expanduser(cfg.model)
-    if _looks_local(name) and not os.path.isdir(name):
+    if not os.path.isdir(name) and not looks_like_hub_id(name):
         raise FileNotFoundError(f"model={cfg.model!r}: no such directory (expected a model directory with "
                                 f"config.json and weights, or a hub id such as state-spaces/mamba-130m)")
     try:
