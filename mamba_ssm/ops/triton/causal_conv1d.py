@@ -7,11 +7,10 @@ forward and 310 us backward per layer, its separate SiLU another 200 us, about 1
 the data it moves would take ~50 us. Here the conv and the SiLU are one pass each way, in fp32
 registers; the backward recomputes the pre-activation instead of saving it.
 
-On an H200 (benchmarks/results/causal_conv1d_h200_2026-11-29.json, first version) it took the
-(4, 4096, 2048) bf16 forward from 0.488 to 0.069 ms and forward+backward from 1.047 to 0.662 ms;
-in a 1.4b LoRA step the backward then took 0.37 ms a call, 0.21 ms in two passes (profiles in
-benchmarks/results/logs/). The backend switch picks it for CUDA tensors of 16- and 32-bit floats;
-MAMBA_SSM_TRITON_CONV=0 turns it off.
+On an H200 the first version took the (4, 4096, 2048) bf16 forward from 0.488 to 0.069 ms and
+forward+backward from 1.047 to 0.662 ms; in a 1.4b LoRA step the backward then took 0.37 ms a
+call, 0.21 ms in two passes (the latest figures: benchmarks/results/causal_conv1d_h200.json).
+The backend switch picks it for CUDA tensors of 16- and 32-bit floats; MAMBA_SSM_TRITON_CONV=0 turns it off.
 """
 from __future__ import annotations
 
