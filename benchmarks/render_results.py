@@ -174,10 +174,14 @@ def lm_eval(results_dir: Path) -> _Table:
         hf_label = "lm-eval `hf`, transformers" + (
             "" if all(i.startswith("transformers.") for i in impls) else " on mamba_ssm's kernels")
         for task, r in ours.items():
-            fig = (f"{task} ({r.get('requests')} {r.get('request_type')} requests), requests/s, "
-                   f"{d.get('shape')}, batch {d.get('ours_batch_size') or d.get('batch_size')}")
-            t.add(fig, r.get("requests_per_s"), hf.get(task, {}).get("requests_per_s"),
+            base = hf.get(task, {})
+            what = (f"{task} ({r.get('requests')} {r.get('request_type')} requests), requests/s, "
+                    f"{d.get('shape')}, batch {d.get('ours_batch_size') or d.get('batch_size')}")
+            t.add(what + ", model time", r.get("requests_per_s"), base.get("requests_per_s"),
                   hf_label, True, card, _date(d), name)
+            n = r.get("requests")
+            if n and r.get("total_s") and base.get("total_s"):  # lm-eval's whole call: tokenising, tasks, scoring
+                t.add(what + ", wall time", n / r["total_s"], n / base["total_s"], hf_label, True, card, _date(d), name)
     return t
 
 
@@ -218,7 +222,7 @@ AREAS = (
                                 "by the project on an H200, not in the same job).", training),
     ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
                 "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
-                "requests/s of the models' calls.", lm_eval),
+                "requests/s counting the model's calls alone (*model time*) and lm-eval's whole run (*wall time*).", lm_eval),
     ("CPU", "Whole 130m-shape model against transformers' MambaForCausalLM (fp32, batch 1), and the chunked "
             "CPU scan against the per-step reference loop.", cpu),
 )
