@@ -183,7 +183,7 @@ def _get_step_fn(model, batch_size, max_length, cg):
     if cg and next(model.parameters()).device.type == "cpu":
         from mamba_ssm.utils import compiled_step
 
-        if compiled_step.enabled_by_env():
+        if compiled_step.ENABLED:
             step = compiled_step.CompiledStep.build(model, batch_size)
             if step is not None:
                 return step
