@@ -14,30 +14,15 @@ once and falls back to it. Greedy tokens are the same either way; logits agree t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-
-@dataclass
-class InferenceParams:
-    """Decoding state: cache per layer (key_value_memory_dict[layer_idx] = (conv_state, ssm_state))."""
-
-    max_seqlen: int
-    max_batch_size: int
-    seqlen_offset: int = 0
-    batch_size_offset: int = 0
-    key_value_memory_dict: dict = field(default_factory=dict)
-    lengths_per_sample: Optional[Tensor] = None
-
-    def reset(self, max_seqlen, max_batch_size):
-        self.max_seqlen = max_seqlen
-        self.max_batch_size = max_batch_size
-        self.seqlen_offset = 0
-        if self.lengths_per_sample is not None:
-            self.lengths_per_sample.zero_()
+from mamba_ssm.utils import compiled_step
+from mamba_ssm.utils.cuda_graph import CudaGraphStep
+from mamba_ssm.utils.inference_params import InferenceParams  # noqa: F401  (upstream's import path)
 
 
 @dataclass
@@ -177,12 +162,8 @@ def _get_step_fn(model, batch_size, max_length, cg):
     or the eager step when compilation is off (MAMBA_SSM_COMPILED_STEP=0) or fails (one warning).
     """
     if cg and next(model.parameters()).is_cuda:
-        from mamba_ssm.utils.cuda_graph import CudaGraphStep
-
         return CudaGraphStep(model, batch_size, max_length)
     if cg and next(model.parameters()).device.type == "cpu":
-        from mamba_ssm.utils import compiled_step
-
         if compiled_step.ENABLED:
             step = compiled_step.CompiledStep.build(model, batch_size)
             if step is not None:
