@@ -120,8 +120,8 @@ def test_setting_is_read_once_at_import_and_a_bad_value_is_named(monkeypatch):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False"]  # changing the variable later changes nothing
     env["MAMBA_SSM_COMPILED_STEP"] = "maybe"
-    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env, capture_output=True, text=True,
-                         cwd=REPO)
+    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
+                         capture_output=True, text=True, cwd=REPO)
     assert run.returncode != 0
     assert "MAMBA_SSM_COMPILED_STEP='maybe': expected one of 1, true, yes, on" in run.stderr
     with pytest.raises(ValueError, match="MAMBA_SSM_COMPILED_STEP='2'"):

@@ -186,6 +186,28 @@ def test_session_steps_equal_the_full_forward():
     assert session.steps == 5 and session.step_kind == "eager"
 
 
+def test_decode_streams_every_token_and_times_itself(capsys):
+    model = loud_model(seed=3)
+    prompt = torch.randint(0, VOCAB, (2, 4))
+
+    class Streamer:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, t):
+            self.puts.append(t)
+
+        def end(self):
+            self.ended = True
+
+    streamer = Streamer()
+    seq = model.generate(prompt, max_length=11, streamer=streamer, enable_timing=True)
+    assert streamer.ended and torch.equal(streamer.puts[0], prompt)
+    assert torch.equal(torch.cat([streamer.puts[0]] + [t[:, None] for t in streamer.puts[1:]], dim=1), seq)
+    assert "Prompt processing + decoding time" in capsys.readouterr().out
+    assert torch.equal(seq, model.generate(prompt, max_length=11))
+
+
 # ---------------------------------------------------------------------------------------------------
 # LoRA adapters: cached decoding against the full forward
 # ---------------------------------------------------------------------------------------------------
