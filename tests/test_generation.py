@@ -120,6 +120,12 @@ def test_ragged_batch_gives_each_prompt_its_own_tokens(cg):
     assert len(set(ends)) >= 3 and sum(eos not in w for w in want) >= 2, want
     for drop in (True, False):
         assert generate_ragged(model, prompts, 12, eos_token_id=eos, cg=cg, drop_finished=drop) == want_eos
+    # the repetition penalty sees each row's own prompt and tokens (prompts ending in tokens the model
+    # goes on to repeat, so that the penalty on the prompt matters)
+    longer = [p + w[:4] for p, w in zip(prompts, want)]
+    penalised = [model.generate(torch.tensor([p]), max_length=len(p) + 8, repetition_penalty=2.0)[0, len(p):].tolist()
+                 for p in longer]
+    assert generate_ragged(model, longer, 8, repetition_penalty=2.0, cg=cg) == penalised
 
 
 def test_session_drops_finished_rows_and_prefills_rows_in_any_order():
