@@ -171,6 +171,32 @@ def test_our_transformers_layout_save_loads_in_transformers(tmp_path, shape):
     assert rel_err(hf_logits(ref, ids), theirs[..., :kwargs["vocab_size"]]) < 1e-4
 
 
+def test_bare_backbone_layout_loads_as_the_same_model(tmp_path):
+    """transformers' MambaModel (no LM head) saves its keys without the `backbone.` prefix:
+    embeddings.weight, layers.{i}.*, norm_f.weight. Its checkpoint is the full model's, head tied."""
+    kwargs = HF_SHAPES["tied-v101-d32-n8"]
+    ref = hf_model(seed=4, **kwargs)
+    ref.save_pretrained(tmp_path / "full")
+    ref.backbone.save_pretrained(tmp_path / "bare")
+    bare = safetensors_torch.load_file(str(tmp_path / "bare" / "model.safetensors"))
+    assert "norm_f.weight" in bare and "embeddings.weight" in bare and "layers.1.mixer.D" in bare
+    assert not any(k.startswith(("backbone.", "lm_head.")) for k in bare)
+    # the key conversion: every bare key gets the prefix, embeddings -> embedding
+    converted = ckpt.state_dict_from_transformers(bare)
+    full = ours(vocab_size=kwargs["vocab_size"], d_model=32, ssm_cfg={"d_state": 8}).state_dict()
+    assert set(converted) == set(full) - {"lm_head.weight"}
+    assert converted["backbone.norm_f.weight"] is bare["norm_f.weight"]
+    assert converted["backbone.embedding.weight"] is bare["embeddings.weight"]
+    # the files: the same model as from the full checkpoint, norm_f included
+    want = MambaLMHeadModel.from_pretrained(str(tmp_path / "full"))
+    model = MambaLMHeadModel.from_pretrained(str(tmp_path / "bare"))
+    assert_same_state(want, model)
+    assert torch.equal(model.backbone.norm_f.weight, ref.backbone.norm_f.weight)
+    ids = torch.randint(0, kwargs["vocab_size"], (2, 11))
+    assert torch.equal(logits(model, ids), logits(want, ids))
+    assert rel_err(hf_logits(ref, ids), logits(model, ids)[..., :kwargs["vocab_size"]]) < 1e-4
+
+
 def test_fresh_model_saved_in_transformers_layout(tmp_path):
     model = ours(seed=3, vocab_size=96, ssm_cfg={"d_state": 12, "d_conv": 3, "dt_rank": 3})
     model.save_pretrained(tmp_path / "out", layout="transformers", safe_serialization=False)

@@ -1,5 +1,7 @@
 """The CPU decoding step compiled with torch.compile (generate(..., cg=True) on a CPU) against the eager step."""
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import torch
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 from mamba_ssm.utils import compiled_step
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # the first compile of a shape takes tens of seconds on 2 cores
 
@@ -67,10 +71,10 @@ def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch):
     assert torch.equal(fallback, eager) and torch.equal(again, eager)
 
 
-def test_env_var_and_unsupported_models_keep_the_eager_step(monkeypatch):
+def test_setting_off_and_unsupported_models_keep_the_eager_step(monkeypatch):
     model = tiny_model(seed=14)
     prompt = torch.randint(0, 101, (1, 4))
-    monkeypatch.setenv(compiled_step.ENV_VAR, "0")
+    monkeypatch.setattr(compiled_step, "ENABLED", False)  # as MAMBA_SSM_COMPILED_STEP=0 at import
     monkeypatch.setattr(compiled_step, "_compiled", None)
     monkeypatch.setattr(compiled_step.CompiledStep, "build", None)  # would raise if called
     assert torch.equal(model.generate(prompt, max_length=9, cg=True), model.generate(prompt, max_length=9))
@@ -96,3 +100,34 @@ def test_no_working_cxx_compiler_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="compiled CPU decoding step unavailable"):
         seq = model.generate(prompt, max_length=9, cg=True)
     assert torch.equal(seq, model.generate(prompt, max_length=9))
+
+
+@pytest.mark.parametrize("value,want", [(None, True), ("", True), ("1", True), (" On ", True), ("yes", True),
+                                        ("TRUE", True), ("0", False), ("off", False), ("No", False),
+                                        ("false", False)])
+def test_setting_values(value, want):
+    assert compiled_step.parse_setting(value) is want
+
+
+def test_setting_is_read_once_at_import_and_a_bad_value_is_named(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import os; from mamba_ssm.utils import compiled_step as c; a = c.ENABLED; "
+            "os.environ['MAMBA_SSM_COMPILED_STEP'] = '1'; print(a, c.ENABLED)")
+    env = dict(os.environ, MAMBA_SSM_COMPILED_STEP="off")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]  # changing the variable later changes nothing
+    env["MAMBA_SSM_COMPILED_STEP"] = "maybe"
+    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0
+    assert "MAMBA_SSM_COMPILED_STEP='maybe': expected one of 1, true, yes, on" in run.stderr
+    with pytest.raises(ValueError, match="MAMBA_SSM_COMPILED_STEP='2'"):
+        compiled_step.parse_setting("2")
+    monkeypatch.setattr(compiled_step, "ENABLED", compiled_step.ENABLED)  # restored after the test
+    compiled_step.set_enabled(False)
+    assert compiled_step.ENABLED is False
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'no'"):
+        compiled_step.set_enabled("no")

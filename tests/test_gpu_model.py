@@ -91,3 +91,99 @@ def test_lora_adapters_on_the_fast_path_match_peft_on_cuda():
     for name in g_ref:
         assert g_fast[name].abs().sum() > 0, name
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def loud(seed=0):
+    """Untied, loudly initialised: greedy continuations that differ from prompt to prompt."""
+    torch.manual_seed(seed)
+    model = MambaLMHeadModel(MambaConfig(d_model=64, n_layer=2, vocab_size=257, ssm_cfg={"d_state": 16},
+                                         tie_embeddings=False), initializer_cfg={"initializer_range": 0.5})
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(3.0)
+    return model.eval()
+
+
+def test_cuda_graphs_one_per_batch_size_reused_across_calls_and_lengths(monkeypatch):
+    import warnings
+
+    from mamba_ssm.utils import cuda_graph
+
+    captures = []
+
+    class Counted(cuda_graph._CapturedStep):
+        def __init__(self, model, batch_size):
+            captures.append(batch_size)
+            super().__init__(model, batch_size)
+
+    monkeypatch.setattr(cuda_graph, "_CapturedStep", Counted)
+    model = loud(seed=4).cuda()
+    # (batch, prompt length, new tokens): smaller batches after larger ones and back (upstream 2.3.2
+    # fails on a batch-size change), other prompt and generation lengths for a batch size seen before
+    runs = [(4, 3, 8), (2, 5, 6), (4, 9, 4), (1, 2, 10), (2, 1, 3), (4, 1, 12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a capture failure would fall back to eager unseen
+        for batch, plen, new in runs:
+            prompt = torch.randint(0, 257, (batch, plen), device="cuda")
+            eager = model.generate(prompt, max_length=plen + new, cg=False)
+            graphed = model.generate(prompt, max_length=plen + new, cg=True)
+            assert torch.equal(graphed, eager), (batch, plen, new)
+    assert captures == [4, 2, 1]
+    assert cuda_graph.cached_graphs(model) == [(b, torch.float32, torch.device("cuda", 0)) for b in (1, 2, 4)]
+    # weights moved (there and back): the old graphs read the old memory, so they are captured again
+    old = [p.data for p in model.parameters()]  # held, so that the new weights cannot take its place
+    model.to(torch.bfloat16).to(torch.float32)
+    assert [p.data_ptr() for p in model.parameters()] != [t.data_ptr() for t in old]
+    del old
+    prompt = torch.randint(0, 257, (2, 4), device="cuda")
+    assert torch.equal(model.generate(prompt, max_length=12, cg=True), model.generate(prompt, max_length=12))
+    assert captures == [4, 2, 1, 2]
+    # another dtype: graphs of its own
+    model.to(torch.bfloat16)
+    assert torch.equal(model.generate(prompt, max_length=12, cg=True), model.generate(prompt, max_length=12))
+    assert (2, torch.bfloat16, torch.device("cuda", 0)) in cuda_graph.cached_graphs(model)
+
+
+def test_ragged_batch_with_cuda_graph_gives_each_prompt_its_own_tokens():
+    import warnings
+
+    from mamba_ssm.utils.generation import DecodingSession, generate_ragged
+
+    model = loud(seed=5).cuda()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 1, 3, 5, 1, 8)]
+
+    def alone(p, eos=None):
+        seq = model.generate(torch.tensor([p], device="cuda"), max_length=len(p) + 12)[0, len(p):].tolist()
+        return seq[:seq.index(eos) + 1] if eos in seq else seq
+
+    want = [alone(p) for p in prompts]
+    assert len({tuple(w) for w in want}) == len(want)
+    eos = want[0][3]
+    want_eos = [alone(p, eos) for p in prompts]
+    assert sum(w[-1] == eos for w in want_eos) >= 2 and any(eos not in w for w in want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert generate_ragged(model, prompts, 12, cg=True) == want
+        assert generate_ragged(model, prompts, 12, cg=True, eos_token_id=eos) == want_eos
+        assert generate_ragged(model, prompts, 12, cg=False, eos_token_id=eos) == want_eos
+        session = DecodingSession(model, batch_size=6, max_seqlen=20, cg=True)
+        session.prepare_step()  # capture first: the chunks below are prefilled into the graph's cache
+        for rows in ([5, 0], [2], [4, 1, 3]):
+            session.prefill([prompts[r] for r in rows], rows=rows)
+        assert session.generate(12, eos_token_id=eos).to_lists() == want_eos
+        assert session.step_kind == "cuda_graph"
+
+
+def test_two_cuda_graph_sessions_of_one_batch_size_do_not_share_states_silently():
+    from mamba_ssm.utils.generation import DecodingSession
+
+    model = loud(seed=6).cuda()
+    first = DecodingSession(model, batch_size=2, max_seqlen=16, cg=True)
+    first.prefill([[1, 2, 3], [4]])
+    first.step(torch.tensor([5, 6], device="cuda"))
+    second = DecodingSession(model, batch_size=2, max_seqlen=16, cg=True)
+    second.prefill([[7], [8, 9]])
+    second.step(torch.tensor([1, 1], device="cuda"))  # binds the graph's static cache to `second`
+    with pytest.raises(RuntimeError, match="not bound to the graph of batch size 2"):
+        first.step(torch.tensor([5, 6], device="cuda"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -158,11 +157,22 @@ def test_loglikelihood_rolling_equals_direct_computation(tiny):
                         max_length=512)
     (got,) = whole.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
     assert got == pytest.approx(want, abs=1e-3)
-    # With windows shorter than the text the result differs (less context), and stays finite.
+    # With windows shorter than the text: the sum over lm-eval's disjoint windows, each scored on its
+    # own context (less context than the whole text had, so another number).
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
     short = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
                         max_length=16, batch_size=4)
     (windowed,) = short.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
-    assert math.isfinite(windowed) and windowed != pytest.approx(want, abs=1e-3)
+    want_windows = 0.0
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+            token_list=toks, prefix_token=tiny["tok"].bos_token_id, max_seq_len=16, context_len=1)):
+        ids = torch.tensor([(ctx + cont)[:-1]])
+        with torch.no_grad():
+            lp = torch.log_softmax(tiny["model"](ids).logits[0, -len(cont):].double(), -1)
+        want_windows += float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum())
+    assert windowed == pytest.approx(want_windows, abs=1e-3)
+    assert windowed != pytest.approx(want, abs=1e-3)
 
 
 def test_same_numbers_as_lm_eval_hf_model_on_transformers_layout(tiny):
@@ -222,17 +232,8 @@ def test_peft_adapter_is_applied(tiny, tmp_path):
 # --- generation ---------------------------------------------------------------------------------------
 
 def _with_fixed_batch_steps(lm):
-    """Make `lm` decode as it does with a CUDA graph: one static cache, no dropping of rows."""
-    class EagerGraph:
-        def __init__(self, states):
-            self.captured = type("Captured", (), {})()
-            self.captured.cache = {k: tuple(x.clone() for x in v) for k, v in states.items()}
-
-        def __call__(self, token, params):
-            assert params.key_value_memory_dict is self.captured.cache
-            return lm._core(token, inference_params=params, num_last_tokens=1).logits[:, -1]
-
-    lm._graph_step = lambda n, max_seqlen, states: EagerGraph(states)
+    """Make `lm` decode as it does with a CUDA graph: a fixed batch, finished rows keep stepping."""
+    lm._compact = False
     return lm
 
 
@@ -249,13 +250,35 @@ def test_prompts_of_different_lengths_batched_equal_alone(tiny, lm):
     batched = _gen(batched_lm, PROMPTS, until=["\n\n"], max_gen_toks=12)
     assert batched == alone
     assert any(len(t) > 0 for t in alone)
-    # The fixed-batch loop used with CUDA graphs (finished rows keep stepping), run here with an
-    # eager stand-in for the captured graph, gives the same text.
+    # The fixed batch used with CUDA graphs (finished rows keep stepping), here with eager steps,
+    # gives the same text.
     assert _gen(_with_fixed_batch_steps(batched_lm), PROMPTS, until=["\n\n"], max_gen_toks=12) == alone
     # Greedy decoding from the recurrent cache agrees with mamba_ssm's own generate.
     ids = tiny["tok"].encode(PROMPTS[0], add_special_tokens=False)
     seq = tiny["model"].generate(torch.tensor([ids]), max_length=len(ids) + 12, top_k=1, vocab_size=len(tiny["tok"]))
     assert alone[0] == tiny["tok"].decode(seq[0, len(ids):].tolist(), skip_special_tokens=True).split("\n\n")[0]
+
+
+def test_out_of_memory_in_prefill_is_retried_with_fewer_rows(tiny, lm, monkeypatch):
+    from mambakit.lm_eval_model import MambaEvalLM
+
+    alone = [_gen(lm, [p], until=["\n\n"], max_gen_toks=8)[0] for p in PROMPTS]
+    small = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
+                        batch_size=4)
+    forward = small._core.forward
+    prefills = []
+
+    def forward_short_of_memory(input_ids, *args, **kwargs):
+        if kwargs["inference_params"].seqlen_offset == 0:  # a prefill: more than one row "runs out of memory"
+            prefills.append(input_ids.shape[0])
+            if input_ids.shape[0] > 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(small._core, "forward", forward_short_of_memory)
+    assert _gen(small, PROMPTS, until=["\n\n"], max_gen_toks=8) == alone
+    assert prefills.count(2) == 1 and prefills.count(1) == len(PROMPTS)  # "x" and "y" together, then alone
+    assert small.stats["forward_rows"] == len(PROMPTS)
 
 
 def test_context_matters_in_the_tiny_model(tiny, lm):
@@ -319,9 +342,26 @@ def test_sampled_generation(tiny, lm):
     torch.manual_seed(123)
     b = _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8, do_sample=True, temperature=1.0, top_p=0.9)
     assert a == b and all(isinstance(t, str) for t in a)
-    # do_sample with temperature 0 is greedy, as in lm-eval's HF model.
-    assert _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8, do_sample=True, temperature=0.0) == \
-        _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8)
+    greedy = _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8)
+    # do_sample with temperature 0 is greedy, as in lm-eval's HF model; so is sampling from the top 1
+    assert _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8, do_sample=True, temperature=0.0) == greedy
+    assert _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8, do_sample=True, top_k=1) == greedy
+    # sampling with a near-zero top_p keeps only the most likely token: greedy again
+    assert _gen(lm, PROMPTS[:2], until=["\n\n"], max_gen_toks=8, do_sample=True, top_p=1e-6) == greedy
+
+
+@pytest.mark.cuda
+def test_cuda_graph_generation_equals_eager_and_cpu(tiny, lm):
+    from mambakit.lm_eval_model import MambaEvalLM
+
+    cpu = _gen(lm, PROMPTS, until=["\n\n"], max_gen_toks=12)
+    runs = {}
+    for graph in (True, False):
+        gpu = MambaEvalLM(pretrained=str(tiny["ours"]), device="cuda", dtype="float32", batch_size=8,
+                          cuda_graph=graph)
+        runs[graph] = _gen(gpu, PROMPTS, until=["\n\n"], max_gen_toks=12)
+        assert gpu._cuda_graph is graph  # no capture failure
+    assert runs[True] == runs[False] == cpu
 
 
 # --- local tasks ---------------------------------------------------------------------------------------

@@ -159,5 +159,9 @@ def test_batched_generation_equals_generate_one_by_one(tok):
         new = (seq.sequences if hasattr(seq, "sequences") else seq)[0, ids.shape[1]:].tolist()
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert got == tok.decode(new, skip_special_tokens=True).split("\nQuestion:")[0], p
+    # the scores are those of generate_greedy's texts
+    short = generate_greedy(model, tok, prompts, max_new_tokens=3)
     res = evaluate_exact_match(model, tok, [{"prompt": p, "response": "#### 4"} for p in prompts], max_new_tokens=3)
-    assert res["n"] == 8 and 0 <= res["accuracy"] <= 1 and len(res["samples"]) == 5
+    want = sum(answers_match(extract_answer(g), "4") for g in short)
+    assert res["n"] == 8 and res["correct"] == want and res["accuracy"] == want / 8
+    assert [(x["generation"], x["predicted"]) for x in res["samples"]] == [(g, extract_answer(g)) for g in short[:5]]

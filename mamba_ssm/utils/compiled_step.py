@@ -20,7 +20,8 @@ Per layer, the same arithmetic as the eager Block.forward -> Mamba.step:
 Compilation can fail (no C++ compiler, an unsupported torch build): `CompiledStep.build` compiles
 and runs the step once on scratch states, and if that raises it warns once and returns None, and
 decoding runs the eager step (the real cache is never touched by a failed attempt). The
-environment variable `MAMBA_SSM_COMPILED_STEP=0` turns the compiled step off.
+environment variable `MAMBA_SSM_COMPILED_STEP=0` turns the compiled step off; it is read once, when
+this module is imported (`set_enabled` changes the setting afterwards).
 """
 from __future__ import annotations
 
@@ -119,9 +120,31 @@ def unsupported_reason(model):
     return None
 
 
-def enabled_by_env():
-    """False when MAMBA_SSM_COMPILED_STEP is 0 / false / no / off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_setting(value):
+    """The value of MAMBA_SSM_COMPILED_STEP as a bool: unset or empty -> True; 1/true/yes/on -> True;
+    0/false/no/off -> False (any case); anything else is a ValueError."""
+    if value is None or value.strip() == "":
+        return True
+    v = value.strip().lower()
+    if v in _ON or v in _OFF:
+        return v in _ON
+    raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(_ON)} (compiled CPU decoding step) "
+                     f"or {', '.join(_OFF)} (eager step)")
+
+
+# Read once, at import. Tests and programs change it with set_enabled (or by setting ENABLED).
+ENABLED = parse_setting(os.environ.get(ENV_VAR))
+
+
+def set_enabled(enabled):
+    """Turn the compiled CPU step on or off for this process (True / False)."""
+    global ENABLED
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_enabled: enabled must be True or False, got {enabled!r}")
+    ENABLED = enabled
 
 
 def step_logits(token, conv_states, ssm_states, layers, emb_w, norm_f_w, norm_f_b, head_w, head_b, eps: float,

@@ -29,10 +29,10 @@ the maximum length whatever the stop sequences. Here:
     positions, so padding after the last real token cannot change a result), identical inputs
     computed once (multiple-choice continuations of one token share everything), and the LM head
     applied only at the positions that are scored;
-  * generate_until: each prompt (or each set of prompts of one length) is prefilled on its own, the
-    per-layer recurrent states are stacked, and one batched `step` per token decodes every row,
-    whatever its prompt length; a row leaves the batch when it emits EOS or one of the stop strings,
-    and the loop ends as soon as every row has;
+  * generate_until: mamba_ssm's DecodingSession: each prompt (or each set of prompts of one length)
+    is prefilled on its own into its row of the batch's cache, and one batched `step` per token
+    decodes every row, whatever its prompt length; a row leaves the batch when it emits EOS or one
+    of the stop strings, and the loop ends as soon as every row has;
   * loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
 """
 from __future__ import annotations
@@ -462,132 +462,62 @@ class MambaEvalLM(TemplateLM):
                 "temperature": temperature if sample else 0.0, "top_k": top_k if sample else 1,
                 "top_p": top_p if sample else 1.0, "min_p": min_p if sample else 0.0}
 
-    def _choose(self, logits, s):
-        from mamba_ssm.utils.generation import sample
-
-        logits = logits[:, : self.vocab_size]  # never emit the padding rows of the embedding
-        if not s["sample"]:
-            return logits.argmax(dim=-1)
-        top_p = s["top_p"] if s["top_p"] < 1.0 else 0.0
-        return sample(logits, top_k=s["top_k"], top_p=top_p, min_p=s["min_p"], temperature=s["temperature"])
-
-    def _prefill(self, prompts: list[list[int]], budget: _TokenBudget):
-        """Run each prompt (prompts of one length together) to its end.
-
-        Returns the last-position logits (B, vocab) in prompt order and the per-layer states
-        {layer: (conv_state (B, ...), ssm_state (B, ...))} stacked in the same order.
-        """
-        from mamba_ssm.utils.generation import InferenceParams
-
+    def _prefill(self, session, prompts: list[list[int]], budget: _TokenBudget):
+        """Prefill each row of `session` with its prompt: prompts of one length together, longest
+        first, in chunks of the budget's rows; a chunk that runs out of memory is retried smaller."""
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             by_len[len(p)].append(i)
-        order, logits_parts, state_parts = [], [], defaultdict(list)
         for length, idxs in sorted(by_len.items(), reverse=True):
             start = 0
             while start < len(idxs):
-                n = min(budget.rows(length), len(idxs) - start)
-                chunk = idxs[start:start + n]
-                ids = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=self._device)
-                params = InferenceParams(max_seqlen=length + 1, max_batch_size=len(chunk))
+                chunk = idxs[start:start + budget.rows(length)]
                 try:
-                    out = self._core(ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+                    session.prefill([prompts[i] for i in chunk], rows=chunk)
                 except Exception as e:  # noqa: BLE001
                     if _is_oom(e) and budget.shrink(len(chunk), length):
                         continue
                     raise
                 self.stats["forward_rows"] += len(chunk)
-                order += chunk
-                logits_parts.append(out)
-                for layer, states in params.key_value_memory_dict.items():
-                    state_parts[layer].append(states)
-                start += n
-        inv = torch.empty(len(order), dtype=torch.long)
-        inv[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        inv = inv.to(self._device)
-        logits = torch.cat(logits_parts)[inv]
-        states = {layer: tuple(torch.cat([p[j] for p in parts])[inv] for j in range(len(parts[0])))
-                  for layer, parts in state_parts.items()}
-        return logits, states
+                start += len(chunk)
 
-    def _graph_step(self, n: int, max_seqlen: int, states: dict):
-        """A CUDA-graph step for n rows with `states` copied into its static cache, or None when
-        graphs are off or capture fails (then eager steps are used, with a warning)."""
-        if not (self._cuda_graph and self._device.type == "cuda"):
+    def _stop_strings(self, until):
+        """stop(row, tokens) for DecodingSession.generate: True once the text ends in a stop string."""
+        if not until:
             return None
-        try:
-            from mamba_ssm.utils.cuda_graph import CudaGraphStep
+        # A stop string of b bytes lies within the last b + 1 tokens when it first appears.
+        window = max(len(u.encode("utf-8")) for u in until) + 1
 
-            step = CudaGraphStep(self._core, n, max_seqlen)
-            cache = step.captured.cache
-            for layer, st in states.items():
-                for dst, src in zip(cache[layer], st):
-                    dst.copy_(src)
-            return step
-        except Exception as e:  # noqa: BLE001 - any capture problem: fall back, do not fail the run
-            logger.warning("mamba: CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
-            self._cuda_graph = False
-            return None
+        def stop(row, tokens):
+            tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+            return any(u in tail for u in until)
+
+        return stop
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], s: dict, budget: _TokenBudget) -> list[list[int]]:
-        """Token ids generated for each prompt (stop string text not yet cut off).
+        """Token ids generated for each prompt (EOS left out, stop string text not yet cut off).
 
         Eager steps drop finished rows from the batch; a CUDA-graph step has a fixed batch, so
         finished rows keep stepping (their tokens are ignored) until every row is done.
         """
-        from mamba_ssm.utils.generation import InferenceParams
+        from mamba_ssm.utils.generation import DecodingSession
 
-        n = len(prompts)
         max_gen = s["max_gen_toks"]
-        outs: list[list[int]] = [[] for _ in range(n)]
         if max_gen <= 0:
-            return outs
-        logits, states = self._prefill(prompts, budget)
-        max_seqlen = max(len(p) for p in prompts) + max_gen
-        params = InferenceParams(max_seqlen=max_seqlen, max_batch_size=n)
-        graph = self._graph_step(n, max_seqlen, states) if max_gen > 1 else None
-        params.key_value_memory_dict = graph.captured.cache if graph is not None else dict(states)
-        params.seqlen_offset = 1  # > 0: every further call is a one-token recurrent step
-        compact = graph is None and self._compact
-        rows = list(range(n))  # batch row -> prompt index
-        done = [False] * n
-        # A stop string of b bytes lies within the last b + 1 tokens when it first appears.
-        window = max([len(u.encode("utf-8")) for u in s["until"]] + [1]) + 1
+            return [[] for _ in prompts]
+        cg = self._cuda_graph and self._device.type == "cuda"
+        session = DecodingSession(self._core, len(prompts), max(len(p) for p in prompts) + max_gen, cg=cg)
+        self._prefill(session, prompts, budget)
+        out = session.generate(
+            max_gen, top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1.0 else 0.0, min_p=s["min_p"],
+            temperature=s["temperature"] if s["sample"] else 1.0, eos_token_id=self.eot_token_id,
+            stop=self._stop_strings(s["until"]), vocab_size=self.vocab_size, drop_finished=self._compact)
+        if cg and session.step_kind == "eager":  # the capture failed (and warned): no more graphs
+            self._cuda_graph = False
+        self.stats["decode_steps"] += session.steps
         eot = self.eot_token_id
-        for t in range(max_gen):
-            tokens = self._choose(logits, s)
-            keep = []
-            for row, (i, tok) in enumerate(zip(rows, tokens.tolist())):
-                if done[i]:
-                    continue
-                if tok == eot:
-                    done[i] = True
-                    continue
-                outs[i].append(tok)
-                if s["until"]:
-                    tail = self.tokenizer.decode(outs[i][-window:], skip_special_tokens=False)
-                    if any(u in tail for u in s["until"]):
-                        done[i] = True
-                        continue
-                keep.append(row)
-            if not keep or t == max_gen - 1:
-                break
-            if compact and len(keep) < len(rows):
-                sel = torch.tensor(keep, dtype=torch.long, device=self._device)
-                params.key_value_memory_dict = {
-                    layer: tuple(x.index_select(0, sel) for x in st)
-                    for layer, st in params.key_value_memory_dict.items()}
-                tokens = tokens.index_select(0, sel)
-                rows = [rows[r] for r in keep]
-                params.max_batch_size = len(rows)
-            if graph is not None:
-                logits = graph(tokens[:, None], params)
-            else:
-                logits = self._core(tokens[:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
-            params.seqlen_offset += 1
-            self.stats["decode_steps"] += 1
-        return outs
+        return [toks[:-1] if toks and toks[-1] == eot else toks for toks in out.to_lists()]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         results: list[Any] = [None] * len(requests)

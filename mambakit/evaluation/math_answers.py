@@ -6,8 +6,9 @@ ignored, and numbers compared by value ("3.0" == "3", "0.50" == ".5").
 
 Evaluation generates greedily with the model's recurrent cache. Mamba reads left to right with no
 attention mask, so left padding would run the pad tokens through the state and change the answer;
-instead, prompts of equal length are prefilled together without padding and the states of all
-prompts of a batch are then stacked and decoded together (`generate_greedy`).
+instead, prompts of equal length are prefilled together without padding, each into its row of the
+batch's cache, and all rows are then decoded together (`generate_greedy`, on mamba_ssm's
+`generate_ragged`).
 """
 from __future__ import annotations
 
@@ -77,66 +78,18 @@ def _inner_model(model):
     return model
 
 
-def _prefill_and_decode(model, rows: list[list[int]], max_new_tokens: int, eos: int | None, vocab: int,
-                        device) -> list[list[int]]:
-    """Greedy continuations of token rows of any lengths, decoded together.
-
-    Each group of equal-length rows is prefilled without padding (its own InferenceParams); the
-    per-layer (conv_state, ssm_state) of all groups are then stacked and the batch decoded with
-    the recurrent step, one token per row per step. A recurrent model's row state depends on its
-    row alone, so this equals decoding each prompt by itself.
-    """
-    import torch
-
-    from mamba_ssm.utils.generation import InferenceParams
-
-    groups: dict[int, list[int]] = {}
-    for i, x in enumerate(rows):
-        groups.setdefault(len(x), []).append(i)
-    order: list[int] = []
-    logits_parts, states = [], {}
-    for n, idx in groups.items():
-        ip = InferenceParams(max_seqlen=n + max_new_tokens, max_batch_size=len(idx))
-        ids = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=device)
-        logits_parts.append(model(ids, inference_params=ip, num_last_tokens=1).logits[:, -1, :vocab].float())
-        for layer, (conv, ssm) in ip.key_value_memory_dict.items():
-            states.setdefault(layer, ([], []))
-            states[layer][0].append(conv)
-            states[layer][1].append(ssm)
-        order.extend(idx)
-    ip = InferenceParams(max_seqlen=max(groups) + max_new_tokens, max_batch_size=len(rows))
-    ip.key_value_memory_dict = {layer: (torch.cat(c), torch.cat(s)) for layer, (c, s) in states.items()}
-    ip.seqlen_offset = max(groups)  # > 0: the mixers take their recurrent step; Mamba has no positions
-    logits = torch.cat(logits_parts)
-    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    out = []
-    for t in range(max_new_tokens):
-        token = logits.argmax(-1)
-        if eos is not None:
-            token = torch.where(finished, torch.full_like(token, eos), token)
-            finished |= token == eos
-        out.append(token)
-        if t + 1 == max_new_tokens or bool(finished.all()):
-            break
-        logits = model(token.unsqueeze(1), inference_params=ip, num_last_tokens=1).logits[:, -1, :vocab].float()
-        ip.seqlen_offset += 1
-    gen = torch.stack(out, dim=1).tolist()
-    result: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
-    for pos, i in enumerate(order):
-        result[i] = gen[pos]
-    return result
-
-
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                     stop_strings=("\nQuestion:",), progress: bool = False) -> list[str]:
     """Greedy continuations of `prompts` (texts, EOS and anything after a stop string cut off).
 
     Prompts are taken ``batch_size`` at a time (sorted by length, so a batch's rows tend to stop
     together); within a batch, equal-length prompts are prefilled together without padding and
-    then all rows are decoded together (see `_prefill_and_decode`). Results come back in the order
-    of `prompts`.
+    then all rows are decoded together (mamba_ssm's `generate_ragged`). Results come back in the
+    order of `prompts`.
     """
     import torch
+
+    from mamba_ssm.utils.generation import generate_ragged
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -148,7 +101,6 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     for i, x in enumerate(ids):
         if not x:
             raise ValueError(f"prompt {i} tokenises to nothing: {prompts[i]!r}")
-    device = next(gen_model.parameters()).device
     vocab = min(len(tokenizer), gen_model.lm_head.weight.shape[0])
     by_len = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     chunks = [by_len[j:j + batch_size] for j in range(0, len(by_len), batch_size)]
@@ -163,7 +115,9 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     try:
         with torch.no_grad():
             for idx in it:
-                gens = _prefill_and_decode(gen_model, [ids[i] for i in idx], max_new_tokens, eos, vocab, device)
+                # a fixed batch: finished rows keep stepping, so every step has the shapes it always had
+                gens = generate_ragged(gen_model, [ids[i] for i in idx], max_new_tokens, eos_token_id=eos,
+                                       vocab_size=vocab, drop_finished=False)
                 for i, new in zip(idx, gens):
                     if eos is not None and eos in new:
                         new = new[:new.index(eos)]

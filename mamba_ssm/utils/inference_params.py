@@ -1,0 +1,32 @@
+"""The decoding cache handed to every layer (upstream's `InferenceParams`, importable from
+`mamba_ssm.utils.generation` as upstream has it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor
+
+
+@dataclass
+class InferenceParams:
+    """Decoding state: key_value_memory_dict[layer_idx] = (conv_state (batch, d_inner, d_conv),
+    ssm_state (batch, d_inner, d_state)).
+
+    seqlen_offset: tokens already processed; 0 makes a layer run the full prompt forward (and fill its
+    states), > 0 makes it take one recurrent step per call.
+    """
+
+    max_seqlen: int
+    max_batch_size: int
+    seqlen_offset: int = 0
+    batch_size_offset: int = 0
+    key_value_memory_dict: dict = field(default_factory=dict)
+    lengths_per_sample: Optional[Tensor] = None
+
+    def reset(self, max_seqlen, max_batch_size):
+        self.max_seqlen = max_seqlen
+        self.max_batch_size = max_batch_size
+        self.seqlen_offset = 0
+        if self.lengths_per_sample is not None:
+            self.lengths_per_sample.zero_()
