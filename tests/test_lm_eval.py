@@ -260,7 +260,7 @@ def test_prompts_of_different_lengths_batched_equal_alone(tiny, lm):
 
 
 def test_out_of_memory_in_prefill_is_retried_with_fewer_rows(tiny, lm, monkeypatch):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     alone = [_gen(lm, [p], until=["\n\n"], max_gen_toks=8)[0] for p in PROMPTS]
     small = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
@@ -352,7 +352,7 @@ def test_sampled_generation(tiny, lm):
 
 @pytest.mark.cuda
 def test_cuda_graph_generation_equals_eager_and_cpu(tiny, lm):
-    from mambakit.lm_eval_model import MambaEvalLM
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
 
     cpu = _gen(lm, PROMPTS, until=["\n\n"], max_gen_toks=12)
     runs = {}
