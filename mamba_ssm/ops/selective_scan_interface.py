@@ -1,19 +1,7 @@
 """The selective scan (S6) of Mamba and the fused Mamba inner block, on the chosen backend
 (upstream's module: `selective_scan_fn`, `mamba_inner_fn` and their references).
 
-Glossary (paper symbol -> code name), shapes for Mamba-1:
-
-    x_t   -> u       (batch, dim, seqlen)      input sequence
-    Δ_t   -> delta   (batch, dim, seqlen)      step size (softplus(delta + delta_bias) if delta_softplus)
-    A     -> A       (dim, dstate)             real, fp32, negative (A = -exp(A_log))
-    B_t   -> B       (batch, dstate, seqlen)   or grouped (batch, groups, dstate, seqlen)
-    C_t   -> C       (batch, dstate, seqlen)   or grouped
-    D     -> D       (dim,)                    skip connection
-    z     -> z       (batch, dim, seqlen)      gate: out = y * silu(z)
-    h_t   -> state   (batch, dim, dstate)
-
-    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t
-    y_t = C_t · h_t + D x_t
+Shapes and the recurrence: `selective_scan_ref` (ops/selective_scan_ref.py).
 """
 from __future__ import annotations
 
