@@ -38,8 +38,6 @@ import tempfile
 
 SHAPES = [(8, 4096, 2048, 16), (1, 4096, 16384, 16), (8, 1536, 2048, 16), (1, 2048, 2048, 16), (1, 1536, 1024, 16)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-from mambakit.bench.results import gpu_tag, results_path  # noqa: E402
 SFU_PER_CLOCK = 16
 CLOCK_HZ = 1.98e9
 
@@ -246,11 +244,14 @@ def main():
                     help="more runs of ours, 'name:VAR=value,VAR=value;name2:...' (environment), no accuracy")
     args = ap.parse_args()
     shapes = [tuple(s) for s in json.loads(args.shapes)] if args.shapes else SHAPES
-    if args.worker:
+    if args.worker:  # (its PYTHONPATH names the package it times: never import ours here)
         worker(args.worker, shapes, not args.no_accuracy, args.ref_reps)
         return
 
     import torch
+
+    sys.path.insert(0, REPO)
+    from mambakit.bench.results import gpu_tag, results_path
 
     date = _dt.date.today().isoformat()
     res = {
