@@ -5,6 +5,12 @@ shared helpers work both compiled and in Triton's interpreter.
 Every program owns one batch row and a block of channels; all arithmetic is in fp32 registers.
 Names: R = dt_rank, N = d_state, E = R + 2 N (x_proj's outputs), W = d_conv; *_P2 is the next power
 of two (a tile's extent, masked).
+
+Each kernel issues all its loads before its first reduction or barrier: a reduction across warps
+goes through shared memory behind a barrier, the compiler does not move loads across one, and every
+load left after it costs another memory round trip (~1 us at batch 1; seen in the SASS of a first
+version: 4 to 7 round trips a kernel). benchmarks/check_decode_step_compile.py compiles these for
+sm_90 without a GPU and prints registers and spills.
 """
 import triton
 import triton.language as tl
@@ -20,36 +26,51 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_step(x, cs_ptr, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
+def _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
                W: tl.constexpr, W_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """One causal-conv step of the channels c (BLOCK_C,) of one row: the window cs_ptr[c, 0:W]
-    (this row's conv state) shifts left by one and takes x (BLOCK_C,) as its last tap, in place.
-    Returns silu(bias + sum_k weight[c, k] window[c, k]) in fp32."""
+    """The loads of one conv step of the channels c (BLOCK_C,) of one row (cs_row: its conv state):
+    old = window[c, 1:W] at positions 0..W-2, the weight (BLOCK_C, W_P2) and the bias (fp32)."""
     k = tl.arange(0, W_P2)
-    tap = cmask[:, None] & (k[None, :] < W)
-    old = tl.load(cs_ptr + c[:, None] * s_csc + (k[None, :] + 1) * s_csw,
+    old = tl.load(cs_row + c[:, None] * s_csc + (k[None, :] + 1) * s_csw,
                   mask=cmask[:, None] & (k[None, :] < W - 1), other=0.0)
+    w = tl.load(cw_ptr + c[:, None] * s_cwc + k[None, :] * s_cww, mask=cmask[:, None] & (k[None, :] < W),
+                other=0.0).to(tl.float32)
+    if HAS_CONV_BIAS:
+        bias = tl.load(cb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros_like(c).to(tl.float32)
+    return old, w, bias
+
+
+@triton.jit
+def _conv_finish(x, old, w, bias, cs_row, c, cmask, s_csc, s_csw, W: tl.constexpr, W_P2: tl.constexpr):
+    """The window shifted left with x (BLOCK_C,) appended, stored in place; returns silu(bias + window . w)."""
+    k = tl.arange(0, W_P2)
     win = tl.where(k[None, :] == W - 1, x[:, None].to(old.dtype), old)
     # threads holding copies of a channel must all have read the old window before it is overwritten
     tl.debug_barrier()
-    tl.store(cs_ptr + c[:, None] * s_csc + k[None, :] * s_csw, win, mask=tap)
-    w = tl.load(cw_ptr + c[:, None] * s_cwc + k[None, :] * s_cww, mask=tap, other=0.0).to(tl.float32)
-    acc = tl.sum(win.to(tl.float32) * w, axis=1)
-    if HAS_CONV_BIAS:
-        acc += tl.load(cb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(cs_row + c[:, None] * s_csc + k[None, :] * s_csw, win, mask=cmask[:, None] & (k[None, :] < W))
+    acc = tl.sum(win.to(tl.float32) * w, axis=1) + bias
     return acc * tl.sigmoid(acc)
 
 
 @triton.jit
-def _xproj_partials(xc, c, cmask, xw_ptr, s_xwe, s_xwc, part_ptr, E, EC: tl.constexpr, N_EC: tl.constexpr):
-    """part_ptr[e] = sum over the channels c of x_proj.weight[e, c] xc[c], for e < E, in N_EC
-    chunks of EC rows (unrolled: the weight loads are independent). xc: (BLOCK_C,) fp32, zero off cmask."""
-    for i in tl.static_range(N_EC):
-        e = i * EC + tl.arange(0, EC)
-        em = e < E
-        w = tl.load(xw_ptr + e[:, None] * s_xwe + c[None, :] * s_xwc, mask=em[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
-        tl.store(part_ptr + e, tl.sum(w * xc[None, :], axis=1), mask=em)
+def _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, i: tl.constexpr, EC: tl.constexpr):
+    """Rows i*EC .. i*EC+EC-1 of x_proj.weight[:, c] (EC, BLOCK_C), zero past E."""
+    e = i * EC + tl.arange(0, EC)
+    return tl.load(xw_ptr + e[:, None] * s_xwe + c[None, :] * s_xwc, mask=(e[:, None] < E) & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _xproj_partials(xc, w0, c, cmask, xw_ptr, s_xwe, s_xwc, part_ptr, E, EC: tl.constexpr, N_EC: tl.constexpr):
+    """part_ptr[e] = sum over the channels c of x_proj.weight[e, c] xc[c], for e < E. xc: (BLOCK_C,)
+    fp32, zero off cmask; w0: the rows 0..EC-1, loaded early by the caller (with E <= EC, all of them)."""
+    e = tl.arange(0, EC)
+    tl.store(part_ptr + e, tl.sum(w0.to(tl.float32) * xc[None, :], axis=1), mask=e < E)
+    for i in tl.static_range(1, N_EC):  # only when E > EC: one more round trip per chunk
+        w = _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, i, EC).to(tl.float32)
+        tl.store(part_ptr + i * EC + e, tl.sum(w * xc[None, :], axis=1), mask=i * EC + e < E)
 
 
 @triton.jit
@@ -64,14 +85,17 @@ def conv_xproj(x_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
     b = tl.program_id(1).to(tl.int64)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < d_inner
+    cs_row = cs_ptr + b * s_csb
+    if XPROJ:
+        w0 = _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, 0, EC)
     x = tl.load(x_ptr + b * s_xb + c * s_xc, mask=cmask, other=0.0)
-    xc = _conv_step(x, cs_ptr + b * s_csb, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
-                    W, W_P2, HAS_CONV_BIAS)
+    old, w, bias = _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    xc = _conv_finish(x, old, w, bias, cs_row, c, cmask, s_csc, s_csw, W, W_P2)
     xq = xc.to(xc_ptr.dtype.element_ty)
     tl.store(xc_ptr + b * s_xcb + c * s_xcc, xq, mask=cmask)
     if XPROJ:
         # from x_conv as stored (rounded to the activation dtype), as x_proj would see it
-        _xproj_partials(tl.where(cmask, xq.to(tl.float32), 0.0), c, cmask, xw_ptr, s_xwe, s_xwc,
+        _xproj_partials(tl.where(cmask, xq.to(tl.float32), 0.0), w0, c, cmask, xw_ptr, s_xwe, s_xwc,
                         part_ptr + b * s_pb + pid * s_pp, E, EC, N_EC)
 
 
@@ -97,6 +121,7 @@ def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part
     n = tl.arange(0, N_P2)
     nmask = n < N
     m2 = cmask[:, None] & nmask[None, :]
+    # loads
     if FROM_PARTIALS:
         r = tl.arange(0, R_P2)
         p = tl.arange(0, NPC)
@@ -111,31 +136,51 @@ def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part
             acc_r += tl.load(rows + r[None, :], mask=pm[:, None] & (r[None, :] < R), other=0.0)
             acc_b += tl.load(rows + R + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
             acc_c += tl.load(rows + R + N + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
-        dt_low = tl.sum(acc_r, axis=0)
-        Bv = tl.sum(acc_b, axis=0)
-        Cv = tl.sum(acc_c, axis=0)
-        w = tl.load(dtw_ptr + c[:, None] * s_dtwc + r[None, :] * s_dtwr, mask=cmask[:, None] & (r[None, :] < R),
-                    other=0.0).to(tl.float32)
-        dt = tl.sum(w * dt_low[None, :], axis=1)
+        wdt = tl.load(dtw_ptr + c[:, None] * s_dtwc + r[None, :] * s_dtwr, mask=cmask[:, None] & (r[None, :] < R),
+                      other=0.0)
     else:
         dt = tl.load(dt_ptr + b * s_dtb + c * s_dtc, mask=cmask, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + b * s_Bb + n * s_Bn, mask=nmask, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + b * s_Cb + n * s_Cn, mask=nmask, other=0.0).to(tl.float32)
-    dt = _softplus(dt + tl.load(dtb_ptr + c, mask=cmask, other=0.0).to(tl.float32))
-    A = -tl.exp(tl.load(alog_ptr + c[:, None] * s_ac + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32))
+    dt_bias = tl.load(dtb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    A_log = tl.load(alog_ptr + c[:, None] * s_ac + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
     x = tl.load(xc_ptr + b * s_xcb + c * s_xcc, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * s_zb + c * s_zc, mask=cmask, other=0.0).to(tl.float32)
     sp = state_ptr + b * s_sb + c[:, None] * s_sc + n[None, :] * s_sn
     h = tl.load(sp, mask=m2, other=0.0).to(tl.float32)
-    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+    # arithmetic
+    if FROM_PARTIALS:
+        Bv = tl.sum(acc_b, axis=0)
+        Cv = tl.sum(acc_c, axis=0)
+        dt = tl.sum(wdt.to(tl.float32) * tl.sum(acc_r, axis=0)[None, :], axis=1)
+    dt = _softplus(dt + dt_bias)
+    h = h * tl.exp(dt[:, None] * -tl.exp(A_log)) + (dt * x)[:, None] * Bv[None, :]
     tl.debug_barrier()  # every copy of the old state read before it is overwritten
     tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=m2)
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        y += x * Dv
     if HAS_Z:
-        z = tl.load(z_ptr + b * s_zb + c * s_zc, mask=cmask, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(y_ptr + b * s_yb + c * s_yc, y.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, k, km, mean, rstd,
+                  HAS_RES: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """The normalised activation at columns k of one row (hrow, rrow: the row of hidden and residual)
+    as the unfused norm would store it (rounded to hidden's dtype), in fp32; zero off km."""
+    s = tl.load(hrow + k, mask=km, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(rrow + k, mask=km, other=0.0).to(tl.float32)
+    s = s.to(ro_ptr.dtype.element_ty).to(tl.float32)
+    h = (s - mean) * rstd * tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+    if HAS_NORM_BIAS:
+        h += tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
+    return tl.where(km, h, 0.0).to(hrow.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -154,12 +199,22 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
     Program 0 of a row stores the new residual."""
     b = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
-    # the whole row once, for the norm's statistics (every program; the row is 2-16 KiB)
+    is_x = pid < n_xblk
+    blk = tl.where(is_x, pid, pid - n_xblk)
+    ch = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    chm = ch < d_inner
+    rows = tl.where(is_x, ch, d_inner + ch)
+    hrow, rrow = hid_ptr + b * s_hb, res_ptr + b * s_rb
+    w_rows = win_ptr + rows[:, None] * s_wn
+    # the first weight tile and the whole row (for the norm's statistics; 2-16 KiB) together
+    kb = tl.arange(0, BLOCK_K)
+    km = kb < d_model
+    w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
     d = tl.arange(0, D_P2)
     dm = d < d_model
-    s = tl.load(hid_ptr + b * s_hb + d, mask=dm, other=0.0).to(tl.float32)
+    s = tl.load(hrow + d, mask=dm, other=0.0).to(tl.float32)
     if HAS_RES:
-        s += tl.load(res_ptr + b * s_rb + d, mask=dm, other=0.0).to(tl.float32)
+        s += tl.load(rrow + d, mask=dm, other=0.0).to(tl.float32)
     s_out = s.to(ro_ptr.dtype.element_ty)
     tl.store(ro_ptr + b * s_rob + d, s_out, mask=(d + pid * D_P2) < d_model)  # program 0 only
     s = s_out.to(tl.float32)  # the norm sees the residual as stored
@@ -171,37 +226,33 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
         xc = tl.where(dm, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d_model + eps)
 
-    is_x = pid < n_xblk
-    blk = tl.where(is_x, pid, pid - n_xblk)
-    ch = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    chm = ch < d_inner
-    rows = tl.where(is_x, ch, d_inner + ch)
+    # one tile ahead: its loads are in flight while the current one is multiplied
+    h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, kb, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, d_model, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(BLOCK_K, d_model + BLOCK_K, BLOCK_K):
+        w, h = w_next, h_next
+        k = k0 + kb
         km = k < d_model
-        sk = tl.load(hid_ptr + b * s_hb + k, mask=km, other=0.0).to(tl.float32)
-        if HAS_RES:
-            sk += tl.load(res_ptr + b * s_rb + k, mask=km, other=0.0).to(tl.float32)
-        sk = sk.to(ro_ptr.dtype.element_ty).to(tl.float32)
-        hk = (sk - mean) * rstd * tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        if HAS_NORM_BIAS:
-            hk += tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
-        # the normalised activation as the unfused norm would store it
-        hk = tl.where(km, hk, 0.0).to(hid_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(win_ptr + rows[:, None] * s_wn + k[None, :] * s_wk, mask=chm[:, None] & km[None, :],
-                    other=0.0).to(tl.float32)
-        acc += w * hk[None, :]
+        w_next = tl.load(w_rows + k[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
+        h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, k, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
+        acc += w.to(tl.float32) * h[None, :]
+
+    # the epilogue's loads (x programs only: masked elsewhere) before the row sums' barriers
+    xm = chm & ((pid + 0 * ch) < n_xblk)  # (a vector: the interpreter rejects a scalar in a mask)
+    cs_row = cs_ptr + b * s_csb
+    w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
+    old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    if HAS_IN_BIAS:
+        inb = tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)
     v = tl.sum(acc, axis=1)
     if HAS_IN_BIAS:
-        v += tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)
+        v += inb
     vq = v.to(z_ptr.dtype.element_ty)
     if is_x:
-        xcv = _conv_step(vq, cs_ptr + b * s_csb, ch, chm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
-                         W, W_P2, HAS_CONV_BIAS)
+        xcv = _conv_finish(vq, old, cw, cbias, cs_row, ch, chm, s_csc, s_csw, W, W_P2)
         xq = xcv.to(xc_ptr.dtype.element_ty)
         tl.store(xc_ptr + b * s_xcb + ch, xq, mask=chm)
-        _xproj_partials(tl.where(chm, xq.to(tl.float32), 0.0), ch, chm, xw_ptr, s_xwe, s_xwc,
+        _xproj_partials(tl.where(chm, xq.to(tl.float32), 0.0), w0, ch, chm, xw_ptr, s_xwe, s_xwc,
                         part_ptr + b * s_pb + blk * s_pp, E, EC, N_EC)
     else:
         tl.store(z_ptr + b * s_zb + ch, vq, mask=chm)

@@ -62,7 +62,7 @@ GEMV_MAX_D_MODEL = 8192  # the norm's prologue holds a whole row in registers
 # norm_in_proj_conv_xproj's x programs: partials hold cdiv(d_inner, PARTIAL_CHANNELS) blocks.
 PARTIAL_CHANNELS = 64
 _CONV_WARPS = 4
-_XPROJ_ROWS = 32          # x_proj rows per unrolled chunk of the partial products
+_XPROJ_ROWS = 256         # x_proj rows loaded at once (E <= 256, every Mamba-1 size: all, one round trip)
 _STATE_CHANNELS = 64       # every program sums all of its row's partials: fewer programs, fewer re-reads
 _STATE_WARPS = 8
 _PARTIAL_TILE = 4096      # elements of one (partials, dt_rank) chunk summed at once by the state kernel
@@ -81,6 +81,11 @@ def _p2(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _xproj_chunks(e):
+    ec = min(_p2(e), _XPROJ_ROWS)
+    return dict(EC=ec, N_EC=_cdiv(e, ec))
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,7 +146,7 @@ def conv_xproj(x, conv_state, conv_weight, conv_bias=None, x_proj_weight=None):
         w.stride(0), w.stride(1), x_conv.stride(0), x_conv.stride(1), xw.stride(0), xw.stride(1),
         partials.stride(0), partials.stride(1),
         W=width, W_P2=_p2(width), HAS_CONV_BIAS=conv_bias is not None, XPROJ=xproj,
-        EC=_XPROJ_ROWS, N_EC=_cdiv(e, _XPROJ_ROWS), BLOCK_C=PARTIAL_CHANNELS, num_warps=_CONV_WARPS)
+        **_xproj_chunks(e), BLOCK_C=PARTIAL_CHANNELS, num_warps=_CONV_WARPS)
     return x_conv, (partials if xproj else None)
 
 
@@ -351,7 +356,7 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
         x_conv.stride(0), x_proj_weight.stride(0), x_proj_weight.stride(1), partials.stride(0), partials.stride(1),
         HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
         HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
-        EC=_XPROJ_ROWS, N_EC=_cdiv(e, _XPROJ_ROWS), D_P2=_p2(d_model),
+        **_xproj_chunks(e), D_P2=_p2(d_model),
         BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)), num_warps=_GEMV_WARPS)
     return x_conv, z, partials, new_res
 
