@@ -14,7 +14,7 @@ CUDA graph on a GPU; each figure the median of `repeats` calls after one warm-up
   generation  prompt --gen-prompt (2048) + --gen-new (128) tokens: tokens_per_s = batch * new / total;
               prefill_ms = the same prompt with one new token (its forward and one sampling, no step)
   decode      prompt --prompt (16) + --new-tokens (512): ms_per_token = (total - prefill) / (new - 1),
-              prefill the prompt + 1 call (no recurrent step)
+              prefill the prompt + 1 call (no recurrent step); on a GPU also kernels_per_token (profiled)
 
 Generation runs first: upstream's graph cache is re-captured when max_length grows, never when it
 shrinks. The result (one JSON, overwritten by the next run of the shape and card) holds the machine,
@@ -103,6 +103,26 @@ def _r(xs):
     return [round(x, 4) for x in xs]
 
 
+def kernels_per_token(model, batch, prompt_len, device, seed=0):
+    """GPU kernels (and copies) one recurrent step launches: generate(cg=False) of 3 new tokens minus
+    that of 2, under torch.profiler (the same kernels a CUDA graph replays)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, prompt_len), generator=g).to(device)
+
+    def count(n):
+        model.generate(ids, max_length=prompt_len + n, cg=False)  # warm (lazy inits, compiles)
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, max_length=prompt_len + n, cg=False)
+            torch.cuda.synchronize(device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    return count(3) - count(2)
+
+
 def child(args):
     """Measure one (variant, batch) in this process; print one RESULT line."""
     res = {"batch": args.batch, "env": {k: os.environ.get(k) for k in args.env_names}}
@@ -127,12 +147,24 @@ def child(args):
             if args.decode:
                 res["decode"] = measure(model, args.batch, args.prompt, args.new_tokens, args.repeats,
                                         not args.no_cg, device, args.seed)
+                if device.startswith("cuda"):
+                    try:
+                        res["decode"]["kernels_per_token"] = kernels_per_token(model, args.batch, args.prompt,
+                                                                               device, args.seed)
+                    except Exception as e:  # noqa: BLE001  (a diagnostic, not a figure the run needs)
+                        res["decode"]["kernels_per_token_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if device.startswith("cuda"):
             res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         try:  # ours: which fused decoding paths ran (absent in upstream and older trees)
             from mamba_ssm.ops.triton import decode_step
 
             res["fused_step"] = decode_step.report()
+        except ImportError:
+            pass
+        try:  # ours: whether the prefill's scan ran on the compiled kernels
+            from mamba_ssm.backend import available_backends
+
+            res["scan_backends"] = list(available_backends("selective_scan"))
         except ImportError:
             pass
     except Exception as e:  # noqa: BLE001  (out of memory, a crash of one implementation: a result too)
@@ -238,8 +270,8 @@ def _ratio(a, b):
 
 
 def table(result: dict) -> str:
-    head = (f"{'variant':>12} {'batch':>5} {'decode ms/tok':>13} {'x base':>7} {'gen tok/s':>10} {'x base':>7} "
-            f"{'prefill ms':>10} {'paths':>8}")
+    head = (f"{'variant':>12} {'batch':>5} {'decode ms/tok':>13} {'x base':>7} {'kern/tok':>8} {'gen tok/s':>10} "
+            f"{'x base':>7} {'prefill ms':>10} {'paths':>8}")
     lines = [f"decode {result['inputs']['shape']} on {result['machine'].get('device_name') or 'cpu'} "
              f"(baseline {result['baseline']})", head]
     for name, v in result["variants"].items():
@@ -251,6 +283,7 @@ def table(result: dict) -> str:
             fused = run.get("fused_step")
             paths = "-" if fused is None else ",".join(sorted({_path_name(k) for k in fused["ran"]})) or "eager"
             lines.append(f"{name:>12} {b:>5} {_f(d.get('ms_per_token'), 13, 4)} {_f(r.get('decode_speedup'), 7, 2)} "
+                         f"{_f(d.get('kernels_per_token'), 8, 0)} "
                          f"{_f(g.get('tokens_per_s'), 10, 1)} {_f(r.get('tokens_per_s_ratio'), 7, 2)} "
                          f"{_f(g.get('prefill_ms'), 10, 2)} {paths:>8}")
     return "\n".join(lines)
