@@ -234,6 +234,7 @@ NORM_CASES = [  # batch, d_model, d_inner, rms, residual, residual_in_fp32, in_p
     (3, 40, 100, False, False, False, False, torch.float32),
     (1, 40, 100, True, True, True, False, torch.bfloat16),
     (3, 48, 70, False, True, False, True, torch.bfloat16),
+    (16, 40, 100, True, True, True, False, torch.float32),
 ]
 
 
@@ -361,6 +362,33 @@ def test_teacher_forced_fused_decoding_equals_the_full_forward(fused, mode, batc
     assert any(expected in k for k in ran), ran
     assert full.abs().max() > 1.0
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_rule(fused, monkeypatch):
+    model = tiny_model(seed=9)
+    mixer = model.backbone.layers[0].mixer
+    h = lambda batch: torch.zeros(batch, 1, 48)  # noqa: E731
+    fused("1")
+    with torch.no_grad():
+        assert ds.step_path(mixer, h(ds.PARTIALS_MAX_BATCH)) == "partials"
+        assert ds.step_path(mixer, h(ds.PARTIALS_MAX_BATCH + 1)) == "gemm"
+        assert ds.step_path(mixer, h(1).double()) is None  # float64 stays eager
+        assert ds.step_path(mixer, torch.zeros(1, 2, 48)) is None  # not one token
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert ds.step_path(mixer, h(1)) is None
+        assert not ds.block_path(model.backbone.layers[0], h(1), None)  # 2 only
+    assert ds.step_path(mixer, h(1)) is None  # gradients wanted: the kernels have no backward
+    fused("2")
+    with torch.no_grad():
+        assert ds.block_path(model.backbone.layers[0], h(ds.GEMV_MAX_BATCH), None)
+        assert not ds.block_path(model.backbone.layers[0], h(ds.GEMV_MAX_BATCH + 1), None)
+        fused("0")
+        assert ds.step_path(mixer, h(1)) is None
+        fused("gemm")
+        assert ds.step_path(mixer, h(1)) == "gemm"
+        monkeypatch.setattr(ds, "INTERPRET_ON_CPU", False)
+        if not torch.cuda.is_available():
+            assert ds.step_path(mixer, h(1)) is None  # CPU tensors: the eager step
 
 
 def test_eager_mode_and_wrapped_or_hooked_projections_keep_the_module_step(fused):
