@@ -191,7 +191,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
                  s_pb, s_pp,
                  HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
                  HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
-                 EC: tl.constexpr, N_EC: tl.constexpr, D_P2: tl.constexpr,
+                 EC: tl.constexpr, N_EC: tl.constexpr, D_P2: tl.constexpr, EARLY_EPILOGUE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (batch, 2 n_xblk). Residual add + norm as a prologue of in_proj's matrix-vector product,
     rows split in blocks of BLOCK_N: programs 0..n_xblk-1 take x's rows and finish with the conv step
@@ -226,6 +226,14 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
         xc = tl.where(dm, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d_model + eps)
 
+    # the epilogue's loads (x programs only: masked elsewhere): in flight during the product with 16-bit
+    # weights; after it with fp32 ones (registers: they spilled)
+    xm = chm & ((pid + 0 * ch) < n_xblk)  # (a vector: the interpreter rejects a scalar in a mask)
+    cs_row = cs_ptr + b * s_csb
+    if EARLY_EPILOGUE:
+        w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
+        old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2,
+                                    HAS_CONV_BIAS)
     # one tile ahead: its loads are in flight while the current one is multiplied
     h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, kb, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -236,12 +244,10 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
         w_next = tl.load(w_rows + k[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
         h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, k, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
         acc += w.to(tl.float32) * h[None, :]
-
-    # the epilogue's loads (x programs only: masked elsewhere) before the row sums' barriers
-    xm = chm & ((pid + 0 * ch) < n_xblk)  # (a vector: the interpreter rejects a scalar in a mask)
-    cs_row = cs_ptr + b * s_csb
-    w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
-    old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    if not EARLY_EPILOGUE:  # before the row sums' barriers
+        w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
+        old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2,
+                                    HAS_CONV_BIAS)
     if HAS_IN_BIAS:
         inb = tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)
     v = tl.sum(acc, axis=1)

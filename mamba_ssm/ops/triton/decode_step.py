@@ -356,7 +356,7 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
         x_conv.stride(0), x_proj_weight.stride(0), x_proj_weight.stride(1), partials.stride(0), partials.stride(1),
         HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
         HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
-        **_xproj_chunks(e), D_P2=_p2(d_model),
+        **_xproj_chunks(e), D_P2=_p2(d_model), EARLY_EPILOGUE=in_proj_weight.element_size() <= 2,
         BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)), num_warps=_GEMV_WARPS)
     return x_conv, z, partials, new_res
 
