@@ -79,10 +79,12 @@ def test_a_tiny_run_through_child_processes(tmp_path, capsys):
     assert "decode" in probe["1"] and "generation" not in probe["1"]  # batch 1: decode only
     assert "decode" in probe["2"] and "generation" in probe["2"]
     d = probe["2"]["decode"]
-    assert d["ms_per_token"] > 0 and len(d["total_ms"]) == 1 and d["new_tokens"] == 3 and d["prompt"] == 3
+    # (a difference of two one-call timings on a shared CPU: its sign is noise)
+    assert isinstance(d["ms_per_token"], float) and len(d["total_ms"]) == 1 and d["new_tokens"] == 3
+    assert d["prompt"] == 3 and d["total_ms_median"] > 0 and d["prefill_ms"] > 0
     g = probe["2"]["generation"]
     assert g["tokens_per_s"] > 0 and g["prompt"] == 5 and g["new_tokens"] == 2
     assert saved["variants"]["probe"]["vs_baseline"]["2"].keys() == {"decode_speedup", "tokens_per_s_ratio",
                                                                    "prefill_speedup"}
-    assert result["variants"]["eager"]["runs"]["1"]["decode"]["ms_per_token"] > 0
+    assert result["variants"]["eager"]["runs"]["1"]["decode"]["total_ms_median"] > 0
     assert "decode tiny on cpu (baseline eager)" in out and "wrote" in out
