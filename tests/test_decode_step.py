@@ -468,7 +468,8 @@ def test_cuda_graph_decoding_on_the_fused_paths(fused, mode, dtype):
     assert ds.report()["ran"] and not ds.report()["failed"]
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     scale = eager.float().abs().max().item()
-    torch.testing.assert_close(graphed.float(), plain.float(), rtol=0, atol=1e-6 * scale)
+    same = 1e-5 if dtype == torch.float32 else 1e-2  # the same kernels; cuBLAS may pick another algorithm
+    torch.testing.assert_close(graphed.float(), plain.float(), rtol=0, atol=same * scale)
     torch.testing.assert_close(graphed.float(), eager.float(), rtol=tol, atol=tol * scale)
     if dtype == torch.float32:
         full = model(seq).logits[:, 3:-1]
