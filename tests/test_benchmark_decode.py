@@ -88,3 +88,11 @@ def test_a_tiny_run_through_child_processes(tmp_path, capsys):
                                                                    "prefill_speedup"}
     assert result["variants"]["eager"]["runs"]["1"]["decode"]["total_ms_median"] > 0
     assert "decode tiny on cpu (baseline eager)" in out and "wrote" in out
+
+
+def test_a_spent_budget_skips_the_children(tmp_path, capsys):
+    result = bd.main(["--shape", "tiny", "--batch", "1", "--gen-batch", "2", "--budget-s", "1e-9",
+                      "--results-dir", str(tmp_path), "--variants", "a:X=1", "b", "--device", "cpu"])
+    runs = [r for v in result["variants"].values() for r in v["runs"].values()]
+    assert len(runs) == 4 and all(r["error"].startswith("skipped") for r in runs)
+    assert (tmp_path / "decode_tiny_cpu.json").is_file() and "ERROR skipped" in capsys.readouterr().out

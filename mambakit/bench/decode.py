@@ -235,6 +235,16 @@ def gpu_tag(device_name: str) -> str:
     return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu")
 
 
+def gpu_name() -> str:
+    """The first GPU's name from nvidia-smi (no CUDA context in this process), else 'gpu'."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        return out[0].strip() if out else "gpu"
+    except (OSError, subprocess.SubprocessError):
+        return "gpu"
+
+
 def git_commit() -> dict:
     def git(*a):
         return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
@@ -339,12 +349,19 @@ def run(args, log=print) -> dict:
               "variants": {n: {"env": env, "runs": {}} for n, env in variants}}
     result["inputs"]["shape_dims"] = dict(zip(("d_model", "n_layer"), SHAPES[args.shape]), vocab=VOCAB)
     dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
-    for name, env in variants:
-        for batch in sorted(set(decode_b) | set(gen_b)):
-            kinds = [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if batch in bs]
+    if (args.device or "cuda").startswith("cuda") and torch.cuda.is_available():
+        result["machine"]["device_name"] = gpu_name()  # children report theirs too (torch's name)
+    t_start = time.perf_counter()
+    # batch-major: a run cut short (a time limit) has every variant at the smaller batches
+    for batch in sorted(set(decode_b) | set(gen_b)):
+        kinds = [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if batch in bs]
+        for name, env in variants:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                result["variants"][name]["runs"][str(batch)] = {"batch": batch, "error": "skipped: --budget-s spent"}
+                continue
             r = run_child(env, batch, args, kinds)
             result["variants"][name]["runs"][str(batch)] = r
-            if r.get("device_name") and not result["machine"].get("device_name"):
+            if r.get("device_name"):
                 result["machine"]["device_name"] = r["device_name"]
             d, g = r.get("decode", {}), r.get("generation", {})
             log(f"[{name} batch {batch}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
@@ -352,6 +369,8 @@ def run(args, log=print) -> dict:
                 f"prefill {g.get('prefill_ms', '-')} ms ({r.get('wall_s')} s)"))
             add_ratios(result, baseline)
             paths = write(result, dirs)  # after every child: a run cut short keeps what it measured
+    add_ratios(result, baseline)
+    paths = write(result, dirs)
     log(table(result))
     log("wrote " + ", ".join(map(str, paths)))
     return result
@@ -382,6 +401,8 @@ def build_parser():
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no-cg", action="store_true", help="generate(cg=False)")
     p.add_argument("--child-timeout", type=float, default=300.0, help="seconds per child process")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no child after this many seconds (0: no limit); "
+                                                               "the rest are recorded as skipped")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--out-dir", default=None, help="also write the JSON here")
     # child protocol
