@@ -193,19 +193,17 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
     if from_partials:
         dt_rank, n_parts = dt_proj_weight.shape[1], partials.shape[1]
         r_p2 = _p2(dt_rank)
-        npc = min(_p2(n_parts), max(1, _PARTIAL_TILE // r_p2))
+        npc = min(_p2(n_parts), max(1, _PARTIAL_TILE // r_p2))  # partial rows summed per unrolled chunk
         n_chunks = _cdiv(n_parts, npc)
-        dtw, part = dt_proj_weight, partials
+        dtw, part, s_dtw, s_part = dt_proj_weight, partials, dt_proj_weight.stride(), partials.stride()[:2]
         dt = B = C = x_conv  # unused pointers
         s_dt = s_B = s_C = (0, 0)
         warps = _STATE_WARPS
     else:
         dt_rank, n_parts, r_p2, npc, n_chunks = 1, 1, 1, 1, 1
-        dtw, part = x_conv, x_conv
+        dtw, part, s_dtw, s_part = x_conv, x_conv, (0, 0), (0, 0)
         s_dt, s_B, s_C = dt.stride(), B.stride(), C.stride()
         warps = 4
-    s_dtw = dtw.stride() if from_partials else (0, 0)
-    s_part = part.stride()[:2] if from_partials else (0, 0)
     zz = z if z is not None else x_conv
     grid = (_cdiv(d_inner, _STATE_CHANNELS), batch)
     _kernels().ssm_update[grid](
