@@ -66,13 +66,13 @@ fi
 
 # the main run: about 60 s a batch size and variant set at 1.4b; stops starting children by DEADLINE - 90
 timeout $(atleast 60 $(( $(left) + 60 ))) python3 benchmarks/benchmark_decode.py --shape "$SHAPE" --batch 1 16 64 \
-  --gen-batch 1 16 64 128 --variants $VARIANTS $UP_ARG --budget-s $(atleast 1 $(( $(left) - 90 ))) --out-dir "$OUT" \
-  ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  --gen-batch 1 16 64 128 --variants $VARIANTS $UP_ARG --budget-s $(atleast 1 $(( $(left) - 90 ))) \
+  --child-timeout 150 --out-dir "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 stamp "bench rc=$?"
 if [ "${RULE:-1}" = 1 ] && [ "$(left)" -gt 20 ]; then
   timeout $(( $(left) + 40 )) python3 benchmarks/benchmark_decode.py --shape "$SHAPE" --batch 1 4 16 --no-generation \
     --new-tokens 256 --variants partials:MAMBA_SSM_FUSED_STEP=partials gemm:MAMBA_SSM_FUSED_STEP=gemm \
-    --budget-s "$(left)" --results-dir /tmp/decode_rule --out-dir "$OUT/rule" > "$OUT/bench_rule.log" 2>&1
+    --budget-s "$(left)" --child-timeout 90 --results-dir /tmp/decode_rule --out-dir "$OUT/rule" > "$OUT/bench_rule.log" 2>&1
   stamp "rule bench rc=$?"
 fi
 grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -3
