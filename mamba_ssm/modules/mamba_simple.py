@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops import selective_scan_interface as _scan
 from mamba_ssm.ops.channel_first import has_hooks, project
+from mamba_ssm.ops.triton import decode_step
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
 
@@ -138,6 +139,12 @@ class Mamba(nn.Module):
         """
         if hidden_states.shape[1] != 1:
             raise ValueError(f"Mamba.step decodes one token at a time, got hidden_states {tuple(hidden_states.shape)}")
+        # on CUDA with plain projections: the conv, x_proj and state step in 2 Triton kernels (decode_step.py)
+        path = decode_step.step_path(self, hidden_states)
+        if path is not None:
+            out = decode_step.mamba_step(self, hidden_states[:, 0], conv_state, ssm_state, path)
+            if out is not None:
+                return out.unsqueeze(1), conv_state, ssm_state
         xz = self.in_proj(hidden_states.squeeze(1))                # (B, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, self.activation)

@@ -1,0 +1,264 @@
+"""Triton kernels of the fused decoding step (mamba_ssm/ops/triton/decode_step.py has the launches,
+the references and the dispatch). Imported only when a fused step runs; module-level so that the
+shared helpers work both compiled and in Triton's interpreter.
+
+Every program owns one batch row and a block of channels; all arithmetic is in fp32 registers.
+Names: R = dt_rank, N = d_state, E = R + 2 N (x_proj's outputs), W = d_conv; *_P2 is the next power
+of two (a tile's extent, masked).
+
+Each kernel issues all its loads before its first reduction or barrier: a reduction across warps
+goes through shared memory behind a barrier, the compiler does not move loads across one, and every
+load left after it costs another memory round trip (~1 us at batch 1; seen in the SASS of a first
+version: 4 to 7 round trips a kernel). benchmarks/check_decode_step_compile.py compiles these for
+sm_90 without a GPU and prints registers and spills.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) below 20 (x above), log1p in Goldberg's form: accurate where exp(x) << 1
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.where(x <= 20.0, lp, x)
+
+
+@triton.jit
+def _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
+               W: tl.constexpr, W_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """The loads of one conv step of the channels c (BLOCK_C,) of one row (cs_row: its conv state):
+    old = window[c, 1:W] at positions 0..W-2, the weight (BLOCK_C, W_P2) and the bias (fp32)."""
+    k = tl.arange(0, W_P2)
+    old = tl.load(cs_row + c[:, None] * s_csc + (k[None, :] + 1) * s_csw,
+                  mask=cmask[:, None] & (k[None, :] < W - 1), other=0.0)
+    w = tl.load(cw_ptr + c[:, None] * s_cwc + k[None, :] * s_cww, mask=cmask[:, None] & (k[None, :] < W),
+                other=0.0).to(tl.float32)
+    if HAS_CONV_BIAS:
+        bias = tl.load(cb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros_like(c).to(tl.float32)
+    return old, w, bias
+
+
+@triton.jit
+def _conv_finish(x, old, w, bias, cs_row, c, cmask, s_csc, s_csw, W: tl.constexpr, W_P2: tl.constexpr):
+    """The window shifted left with x (BLOCK_C,) appended, stored in place; returns silu(bias + window . w)."""
+    k = tl.arange(0, W_P2)
+    win = tl.where(k[None, :] == W - 1, x[:, None].to(old.dtype), old)
+    # threads holding copies of a channel must all have read the old window before it is overwritten
+    tl.debug_barrier()
+    tl.store(cs_row + c[:, None] * s_csc + k[None, :] * s_csw, win, mask=cmask[:, None] & (k[None, :] < W))
+    acc = tl.sum(win.to(tl.float32) * w, axis=1) + bias
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, i: tl.constexpr, EC: tl.constexpr):
+    """Rows i*EC .. i*EC+EC-1 of x_proj.weight[:, c] (EC, BLOCK_C), zero past E."""
+    e = i * EC + tl.arange(0, EC)
+    return tl.load(xw_ptr + e[:, None] * s_xwe + c[None, :] * s_xwc, mask=(e[:, None] < E) & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _xproj_partials(xc, w0, c, cmask, xw_ptr, s_xwe, s_xwc, part_ptr, E, EC: tl.constexpr, N_EC: tl.constexpr):
+    """part_ptr[e] = sum over the channels c of x_proj.weight[e, c] xc[c], for e < E. xc: (BLOCK_C,)
+    fp32, zero off cmask; w0: the rows 0..EC-1, loaded early by the caller (with E <= EC, all of them)."""
+    e = tl.arange(0, EC)
+    tl.store(part_ptr + e, tl.sum(w0.to(tl.float32) * xc[None, :], axis=1), mask=e < E)
+    for i in tl.static_range(1, N_EC):  # only when E > EC: one more round trip per chunk
+        w = _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, i, EC).to(tl.float32)
+        tl.store(part_ptr + i * EC + e, tl.sum(w * xc[None, :], axis=1), mask=i * EC + e < E)
+
+
+@triton.jit
+def conv_xproj(x_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
+               d_inner, E,
+               s_xb, s_xc, s_csb, s_csc, s_csw, s_cwc, s_cww, s_xcb, s_xcc, s_xwe, s_xwc, s_pb, s_pp,
+               W: tl.constexpr, W_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, XPROJ: tl.constexpr,
+               EC: tl.constexpr, N_EC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grid (cdiv(d_inner, BLOCK_C), batch). x (batch, d_inner) -> conv state step, x_conv (batch,
+    d_inner) and, with XPROJ, partials[b, pid, :E] = x_proj.weight[:, block] @ x_conv[b, block]."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < d_inner
+    cs_row = cs_ptr + b * s_csb
+    if XPROJ:
+        w0 = _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, 0, EC)
+    x = tl.load(x_ptr + b * s_xb + c * s_xc, mask=cmask, other=0.0)
+    old, w, bias = _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    xc = _conv_finish(x, old, w, bias, cs_row, c, cmask, s_csc, s_csw, W, W_P2)
+    xq = xc.to(xc_ptr.dtype.element_ty)
+    tl.store(xc_ptr + b * s_xcb + c * s_xcc, xq, mask=cmask)
+    if XPROJ:
+        # from x_conv as stored (rounded to the activation dtype), as x_proj would see it
+        _xproj_partials(tl.where(cmask, xq.to(tl.float32), 0.0), w0, c, cmask, xw_ptr, s_xwe, s_xwc,
+                        part_ptr + b * s_pb + pid * s_pp, E, EC, N_EC)
+
+
+@triton.jit
+def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part_ptr, dt_ptr, B_ptr, C_ptr, y_ptr,
+               d_inner, R, N, NP,
+               s_sb, s_sc, s_sn, s_xcb, s_xcc, s_zb, s_zc, s_ac, s_an, s_dtwc, s_dtwr, s_pb, s_pp,
+               s_dtb, s_dtc, s_Bb, s_Bn, s_Cb, s_Cn, s_yb, s_yc,
+               FROM_PARTIALS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+               R_P2: tl.constexpr, N_P2: tl.constexpr, NPC: tl.constexpr, N_CHUNKS: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """grid (cdiv(d_inner, BLOCK_C), batch). The selective-state step of the channels of one row:
+
+        FROM_PARTIALS: [dt_low, B, C] = sum over the NP partials (chunks of NPC, a fixed order);
+                       dt = dt_proj.weight[c] @ dt_low.   Else dt (before bias), B, C are given.
+        dt = softplus(dt + dt_bias); A = -exp(A_log)
+        h = exp(dt A) h + dt x B  (in place);  y = (C . h + D x) silu(z)
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < d_inner
+    n = tl.arange(0, N_P2)
+    nmask = n < N
+    m2 = cmask[:, None] & nmask[None, :]
+    # loads
+    if FROM_PARTIALS:
+        r = tl.arange(0, R_P2)
+        p = tl.arange(0, NPC)
+        base = part_ptr + b * s_pb
+        acc_r = tl.zeros((NPC, R_P2), dtype=tl.float32)
+        acc_b = tl.zeros((NPC, N_P2), dtype=tl.float32)
+        acc_c = tl.zeros((NPC, N_P2), dtype=tl.float32)
+        for i in tl.static_range(N_CHUNKS):
+            pp = i * NPC + p
+            pm = pp < NP
+            rows = base + pp[:, None] * s_pp
+            acc_r += tl.load(rows + r[None, :], mask=pm[:, None] & (r[None, :] < R), other=0.0)
+            acc_b += tl.load(rows + R + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
+            acc_c += tl.load(rows + R + N + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
+        wdt = tl.load(dtw_ptr + c[:, None] * s_dtwc + r[None, :] * s_dtwr, mask=cmask[:, None] & (r[None, :] < R),
+                      other=0.0)
+    else:
+        dt = tl.load(dt_ptr + b * s_dtb + c * s_dtc, mask=cmask, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_Bb + n * s_Bn, mask=nmask, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * s_Cb + n * s_Cn, mask=nmask, other=0.0).to(tl.float32)
+    dt_bias = tl.load(dtb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    A_log = tl.load(alog_ptr + c[:, None] * s_ac + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
+    x = tl.load(xc_ptr + b * s_xcb + c * s_xcc, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * s_zb + c * s_zc, mask=cmask, other=0.0).to(tl.float32)
+    sp = state_ptr + b * s_sb + c[:, None] * s_sc + n[None, :] * s_sn
+    h = tl.load(sp, mask=m2, other=0.0).to(tl.float32)
+    # arithmetic
+    if FROM_PARTIALS:
+        Bv = tl.sum(acc_b, axis=0)
+        Cv = tl.sum(acc_c, axis=0)
+        dt = tl.sum(wdt.to(tl.float32) * tl.sum(acc_r, axis=0)[None, :], axis=1)
+    dt = _softplus(dt + dt_bias)
+    h = h * tl.exp(dt[:, None] * -tl.exp(A_log)) + (dt * x)[:, None] * Bv[None, :]
+    tl.debug_barrier()  # every copy of the old state read before it is overwritten
+    tl.store(sp, h.to(state_ptr.dtype.element_ty), mask=m2)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * Dv
+    if HAS_Z:
+        y *= z * tl.sigmoid(z)
+    tl.store(y_ptr + b * s_yb + c * s_yc, y.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, k, km, mean, rstd,
+                  HAS_RES: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """The normalised activation at columns k of one row (hrow, rrow: the row of hidden and residual)
+    as the unfused norm would store it (rounded to hidden's dtype), in fp32; zero off km."""
+    s = tl.load(hrow + k, mask=km, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(rrow + k, mask=km, other=0.0).to(tl.float32)
+    s = s.to(ro_ptr.dtype.element_ty).to(tl.float32)
+    h = (s - mean) * rstd * tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+    if HAS_NORM_BIAS:
+        h += tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)
+    return tl.where(km, h, 0.0).to(hrow.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_ptr,
+                 cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
+                 d_model, d_inner, E, n_xblk, eps,
+                 s_hb, s_rb, s_rob, s_wn, s_wk, s_zb, s_csb, s_csc, s_csw, s_cwc, s_cww, s_xcb, s_xwe, s_xwc,
+                 s_pb, s_pp,
+                 HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                 HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
+                 EC: tl.constexpr, N_EC: tl.constexpr, D_P2: tl.constexpr, EARLY_EPILOGUE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (batch, 2 n_xblk). Residual add + norm as a prologue of in_proj's matrix-vector product,
+    rows split in blocks of BLOCK_N: programs 0..n_xblk-1 take x's rows and finish with the conv step
+    and the x_proj partials (as conv_xproj); the others take z's rows and store z.
+    Program 0 of a row stores the new residual."""
+    b = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    is_x = pid < n_xblk
+    blk = tl.where(is_x, pid, pid - n_xblk)
+    ch = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    chm = ch < d_inner
+    rows = tl.where(is_x, ch, d_inner + ch)
+    hrow, rrow = hid_ptr + b * s_hb, res_ptr + b * s_rb
+    w_rows = win_ptr + rows[:, None] * s_wn
+    # the first weight tile and the whole row (for the norm's statistics; 2-16 KiB) together
+    kb = tl.arange(0, BLOCK_K)
+    km = kb < d_model
+    w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
+    d = tl.arange(0, D_P2)
+    dm = d < d_model
+    s = tl.load(hrow + d, mask=dm, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(rrow + d, mask=dm, other=0.0).to(tl.float32)
+    s_out = s.to(ro_ptr.dtype.element_ty)
+    tl.store(ro_ptr + b * s_rob + d, s_out, mask=(d + pid * D_P2) < d_model)  # program 0 only
+    s = s_out.to(tl.float32)  # the norm sees the residual as stored
+    if IS_RMS:
+        mean = 0.0
+        xc = s
+    else:
+        mean = tl.sum(s, axis=0) / d_model
+        xc = tl.where(dm, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / d_model + eps)
+
+    # the epilogue's loads (x programs only: masked elsewhere): in flight during the product with 16-bit
+    # weights; after it with fp32 ones (registers: they spilled)
+    xm = chm & ((pid + 0 * ch) < n_xblk)  # (a vector: the interpreter rejects a scalar in a mask)
+    cs_row = cs_ptr + b * s_csb
+    if EARLY_EPILOGUE:
+        w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
+        old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2,
+                                    HAS_CONV_BIAS)
+    # one tile ahead: its loads are in flight while the current one is multiplied
+    h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, kb, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(BLOCK_K, d_model + BLOCK_K, BLOCK_K):
+        w, h = w_next, h_next
+        k = k0 + kb
+        km = k < d_model
+        w_next = tl.load(w_rows + k[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
+        h_next = _normed_chunk(hrow, rrow, ro_ptr, nw_ptr, nb_ptr, k, km, mean, rstd, HAS_RES, HAS_NORM_BIAS)
+        acc += w.to(tl.float32) * h[None, :]
+    if not EARLY_EPILOGUE:  # before the row sums' barriers
+        w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
+        old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2,
+                                    HAS_CONV_BIAS)
+    if HAS_IN_BIAS:
+        inb = tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)
+    v = tl.sum(acc, axis=1)
+    if HAS_IN_BIAS:
+        v += inb
+    vq = v.to(z_ptr.dtype.element_ty)
+    if is_x:
+        xcv = _conv_finish(vq, old, cw, cbias, cs_row, ch, chm, s_csc, s_csw, W, W_P2)
+        xq = xcv.to(xc_ptr.dtype.element_ty)
+        tl.store(xc_ptr + b * s_xcb + ch, xq, mask=chm)
+        _xproj_partials(tl.where(chm, xq.to(tl.float32), 0.0), w0, ch, chm, xw_ptr, s_xwe, s_xwc,
+                        part_ptr + b * s_pb + blk * s_pp, E, EC, N_EC)
+    else:
+        tl.store(z_ptr + b * s_zb + ch, vq, mask=chm)

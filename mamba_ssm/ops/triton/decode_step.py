@@ -1,0 +1,511 @@
+"""One decoding step of a Mamba layer with the work between the matrix products fused into Triton kernels.
+
+At batch 1 a layer's eager step (Block.forward -> Mamba.step) launches ~15 kernels (add+norm,
+in_proj, seven for the conv step, x_proj, dt_proj, two for A = -exp(A_log), the state update,
+out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer's weights takes
+~17 us on an H100. Paths, per call (`step_path`, `block_path`):
+
+* ``partials`` (batch <= PARTIALS_MAX_BATCH), 5 kernels: add+norm (Triton) | in_proj (cuBLAS) |
+  `conv_xproj` | `state_from_partials` | out_proj (cuBLAS). x_proj is split over channel blocks:
+  `conv_xproj` writes one fp32 partial product per block (no atomics), `state_from_partials`
+  sums them in a fixed order, so results do not depend on scheduling.
+* ``gemm`` (larger batch), 7 kernels: as above, but `conv_xproj` only convolves, x_proj and dt_proj
+  are cuBLAS products (at large batch they are matrix products worth tensor cores; the partials'
+  re-reads grow with batch) and `state_update` takes dt, B, C from them.
+* ``gemv`` (MAMBA_SSM_FUSED_STEP=2, batch <= GEMV_MAX_BATCH), 3 kernels: `norm_in_proj_conv_xproj`
+  (the add+norm as the prologue of a Triton in_proj matrix-vector product, the conv step and the
+  x_proj partials as its epilogue) | `state_from_partials` | out_proj (cuBLAS). Entered from
+  Block.forward, since it takes the norm into the layer's step.
+
+MAMBA_SSM_FUSED_STEP (read once at import; tests and benchmarks set `MODE`): 1 (default) the rule
+above without gemv; 2 the rule with gemv; partials / gemm one path at every batch (to measure the
+rule); 0 the eager step. Each kernel has a PyTorch reference of the same signature (`*_ref`), with
+the same rounding points: x and z, x_conv, the normalised activation and y in the activation dtype,
+everything else (partials, dt, B, C, the state) in fp32.
+
+The first call of a signature (path, shapes, dtypes) runs on scratch copies of the states: if Triton
+fails there (a compiler error), the step warns once and stays eager for that signature.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ENV_VAR = "MAMBA_SSM_FUSED_STEP"
+MODES = ("0", "1", "2", "partials", "gemm")
+
+
+def mode_from_environment(environ=os.environ) -> str:
+    value = (environ.get(ENV_VAR) or "1").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (fused decoding step, the default), 2 (1 plus the "
+                         "norm and in_proj fused at small batch), partials or gemm (one fused path at every "
+                         "batch) or 0 (the eager step)")
+    return value
+
+
+MODE = mode_from_environment()  # read once; tests and benchmarks set this attribute
+INTERPRET_ON_CPU = False  # tests: also send CPU tensors to the kernels (Triton's interpreter must be on)
+
+# Dispatch rule (measured later by benchmarks/benchmark_decode.py's partials / gemm / 2 variants).
+PARTIALS_MAX_BATCH = 4   # above: the gemm path (the partials are re-read by every channel block of a row)
+GEMV_MAX_BATCH = 1       # above: in_proj by cuBLAS (the Triton product reads the weight once per row)
+GEMV_MAX_D_MODEL = 8192  # the norm's prologue holds a whole row in registers
+
+# Block sizes (channels per program). PARTIAL_CHANNELS is the x_proj split of conv_xproj and of
+# norm_in_proj_conv_xproj's x programs: partials hold cdiv(d_inner, PARTIAL_CHANNELS) blocks.
+PARTIAL_CHANNELS = 64
+_CONV_WARPS = 4
+_XPROJ_ROWS = 256         # x_proj rows loaded at once (E <= 256, every Mamba-1 size: all, one round trip)
+_STATE_CHANNELS = 64       # every program sums all of its row's partials: fewer programs, fewer re-reads
+_STATE_WARPS = 8
+_PARTIAL_TILE = 4096      # elements of one (partials, dt_rank) chunk summed at once by the state kernel
+_GEMV_BLOCK_K = 256
+_GEMV_WARPS = 8
+_MAX_DT_RANK = 1024
+_MAX_D_STATE = 256
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_empty = torch.empty  # every output and scratch buffer (tests poison them with NaN)
+
+
+def _p2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _xproj_chunks(e):
+    ec = min(_p2(e), _XPROJ_ROWS)
+    return dict(EC=ec, N_EC=_cdiv(e, ec))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernels, compiled on first use: importing this module never needs Triton."""
+    from mamba_ssm.ops.triton import _decode_step_kernels
+
+    return _decode_step_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+# ----------------------------------------------------------------------------- conv + x_proj partials
+def _check_conv(x_shape, conv_state, conv_weight, conv_bias, x_proj_weight):
+    if len(x_shape) != 2:
+        raise ValueError(f"x must be (batch, d_inner), got {tuple(x_shape)}")
+    batch, d_inner = x_shape
+    w = conv_weight.squeeze(1) if conv_weight.dim() == 3 else conv_weight
+    if w.dim() != 2 or w.shape[0] != d_inner:
+        raise ValueError(f"conv_weight must be ({d_inner}, d_conv) or ({d_inner}, 1, d_conv), "
+                         f"got {tuple(conv_weight.shape)}")
+    if conv_state.shape != (batch, d_inner, w.shape[1]):
+        raise ValueError(f"conv_state must be (batch, d_inner, d_conv) = {(batch, d_inner, w.shape[1])}, "
+                         f"got {tuple(conv_state.shape)}")
+    if conv_bias is not None and conv_bias.shape != (d_inner,):
+        raise ValueError(f"conv_bias must be ({d_inner},), got {tuple(conv_bias.shape)}")
+    if x_proj_weight is not None and (x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != d_inner):
+        raise ValueError(f"x_proj_weight must be (dt_rank + 2 d_state, {d_inner}), got {tuple(x_proj_weight.shape)}")
+    return w
+
+
+def conv_xproj(x, conv_state, conv_weight, conv_bias=None, x_proj_weight=None):
+    """The conv step and x_proj's partial products, one kernel.
+
+    x: (batch, d_inner), any strides (a view of in_proj's output); conv_state: (batch, d_inner, d_conv),
+    updated in place (shifted left, x appended); conv_weight: (d_inner, d_conv) or (d_inner, 1, d_conv);
+    conv_bias: (d_inner,) or None; x_proj_weight: (E, d_inner) or None (conv only).
+    Returns x_conv = silu(conv) (batch, d_inner) in x's dtype, and partials (batch, P, E) fp32 with
+    P = cdiv(d_inner, PARTIAL_CHANNELS): partials[b, p] = x_proj_weight[:, block p] @ x_conv[b, block p]
+    (None without x_proj_weight). Grid (P, batch), PARTIAL_CHANNELS channels of one row per program.
+    """
+    w = _check_conv(x.shape, conv_state, conv_weight, conv_bias, x_proj_weight)
+    batch, d_inner = x.shape
+    width = w.shape[1]
+    n_blocks = _cdiv(d_inner, PARTIAL_CHANNELS)
+    x_conv = _empty(batch, d_inner, device=x.device, dtype=x.dtype)
+    xproj = x_proj_weight is not None
+    e = x_proj_weight.shape[0] if xproj else 1
+    partials = _empty(batch if xproj else 1, n_blocks, e, device=x.device, dtype=torch.float32)
+    xw = x_proj_weight if xproj else w
+    _kernels().conv_xproj[(n_blocks, batch)](
+        x, conv_state, w, conv_bias if conv_bias is not None else w, x_conv, xw, partials,
+        d_inner, e,
+        x.stride(0), x.stride(1), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        w.stride(0), w.stride(1), x_conv.stride(0), x_conv.stride(1), xw.stride(0), xw.stride(1),
+        partials.stride(0), partials.stride(1),
+        W=width, W_P2=_p2(width), HAS_CONV_BIAS=conv_bias is not None, XPROJ=xproj,
+        **_xproj_chunks(e), BLOCK_C=PARTIAL_CHANNELS, num_warps=_CONV_WARPS)
+    return x_conv, (partials if xproj else None)
+
+
+def conv_xproj_ref(x, conv_state, conv_weight, conv_bias=None, x_proj_weight=None):
+    """conv_xproj in PyTorch (same contract, same rounding points)."""
+    w = _check_conv(x.shape, conv_state, conv_weight, conv_bias, x_proj_weight)
+    batch, d_inner = x.shape
+    window = torch.cat([conv_state[:, :, 1:], x.to(conv_state.dtype).unsqueeze(-1)], dim=-1)
+    conv_state.copy_(window)
+    pre = (window.float() * w.float()).sum(-1)
+    if conv_bias is not None:
+        pre = pre + conv_bias.float()
+    x_conv = F.silu(pre).to(x.dtype)
+    if x_proj_weight is None:
+        return x_conv, None
+    n_blocks = _cdiv(d_inner, PARTIAL_CHANNELS)
+    pad = n_blocks * PARTIAL_CHANNELS - d_inner
+    xb = F.pad(x_conv.float(), (0, pad)).view(batch, n_blocks, PARTIAL_CHANNELS)
+    wb = F.pad(x_proj_weight.float(), (0, pad)).view(-1, n_blocks, PARTIAL_CHANNELS)
+    return x_conv, torch.einsum("bpc,epc->bpe", xb, wb)
+
+
+# ------------------------------------------------------------------------------------ state update
+def _check_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D):
+    if ssm_state.dim() != 3:
+        raise ValueError(f"ssm_state must be (batch, d_inner, d_state), got {tuple(ssm_state.shape)}")
+    batch, d_inner, d_state = ssm_state.shape
+    for name, t in (("x_conv", x_conv), ("z", z)):
+        if t is not None and t.shape != (batch, d_inner):
+            raise ValueError(f"{name} must be (batch, d_inner) = {(batch, d_inner)}, got {tuple(t.shape)}")
+    if A_log.shape != (d_inner, d_state):
+        raise ValueError(f"A_log must be (d_inner, d_state) = {(d_inner, d_state)}, got {tuple(A_log.shape)}")
+    for name, t in (("dt_proj_bias", dt_proj_bias), ("D", D)):
+        if t is not None and t.shape != (d_inner,):
+            raise ValueError(f"{name} must be ({d_inner},), got {tuple(t.shape)}")
+    return batch, d_inner, d_state
+
+
+def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=None, partials=None,
+                  dt=None, B=None, C=None):
+    batch, d_inner, d_state = ssm_state.shape
+    y = _empty(batch, d_inner, device=x_conv.device, dtype=x_conv.dtype)
+    from_partials = partials is not None
+    if from_partials:
+        dt_rank, n_parts = dt_proj_weight.shape[1], partials.shape[1]
+        r_p2 = _p2(dt_rank)
+        npc = min(_p2(n_parts), max(1, _PARTIAL_TILE // r_p2))  # partial rows summed per unrolled chunk
+        n_chunks = _cdiv(n_parts, npc)
+        dtw, part, s_dtw, s_part = dt_proj_weight, partials, dt_proj_weight.stride(), partials.stride()[:2]
+        dt = B = C = x_conv  # unused pointers
+        s_dt = s_B = s_C = (0, 0)
+        warps = _STATE_WARPS
+    else:
+        dt_rank, n_parts, r_p2, npc, n_chunks = 1, 1, 1, 1, 1
+        dtw, part, s_dtw, s_part = x_conv, x_conv, (0, 0), (0, 0)
+        s_dt, s_B, s_C = dt.stride(), B.stride(), C.stride()
+        warps = 4
+    zz = z if z is not None else x_conv
+    grid = (_cdiv(d_inner, _STATE_CHANNELS), batch)
+    _kernels().ssm_update[grid](
+        ssm_state, x_conv, zz, A_log, D if D is not None else dt_proj_bias, dt_proj_bias, dtw, part, dt, B, C, y,
+        d_inner, dt_rank, d_state, n_parts,
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), x_conv.stride(0), x_conv.stride(1),
+        zz.stride(0), zz.stride(1), A_log.stride(0), A_log.stride(1), s_dtw[0], s_dtw[1], s_part[0], s_part[1],
+        s_dt[0], s_dt[1], s_B[0], s_B[1], s_C[0], s_C[1], y.stride(0), y.stride(1),
+        FROM_PARTIALS=from_partials, HAS_D=D is not None, HAS_Z=z is not None,
+        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=_STATE_CHANNELS, num_warps=warps)
+    return y
+
+
+def _check_partials(ssm_state, partials, dt_proj_weight):
+    batch, d_inner, d_state = ssm_state.shape
+    if dt_proj_weight.dim() != 2 or dt_proj_weight.shape[0] != d_inner:
+        raise ValueError(f"dt_proj_weight must be ({d_inner}, dt_rank), got {tuple(dt_proj_weight.shape)}")
+    e = dt_proj_weight.shape[1] + 2 * d_state
+    if partials.dim() != 3 or partials.shape[0] != batch or partials.shape[2] != e or partials.dtype != torch.float32:
+        raise ValueError(f"partials must be float32 (batch, n_blocks, dt_rank + 2 d_state) = ({batch}, n_blocks, {e}), "
+                         f"got {partials.dtype} {tuple(partials.shape)}")
+    if partials.stride(2) != 1:
+        raise ValueError("partials must be contiguous in its last dimension")
+
+
+def state_from_partials(ssm_state, partials, x_conv, z, dt_proj_weight, dt_proj_bias, A_log, D=None):
+    """The state step from conv_xproj's partials, one kernel.
+
+    ssm_state: (batch, d_inner, d_state), updated in place; partials: (batch, P, dt_rank + 2 d_state)
+    fp32; x_conv, z: (batch, d_inner) (z may be None); dt_proj_weight: (d_inner, dt_rank);
+    dt_proj_bias, D: (d_inner,) (D may be None); A_log: (d_inner, d_state).
+    [dt_low, B, C] = partials summed over P; dt = softplus(dt_proj_weight @ dt_low + dt_proj_bias);
+    h = exp(dt A) h + dt x_conv B with A = -exp(A_log); returns y = (C.h + D x_conv) silu(z)
+    (batch, d_inner) in x_conv's dtype. Grid (cdiv(d_inner, _STATE_CHANNELS), batch).
+    """
+    _check_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D)
+    _check_partials(ssm_state, partials, dt_proj_weight)
+    return _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=dt_proj_weight,
+                         partials=partials)
+
+
+def _state_ref(ssm_state, x_conv, z, dt, B, C, dt_proj_bias, A_log, D):
+    dt = F.softplus(dt + dt_proj_bias.float())
+    A = -torch.exp(A_log.float())
+    x = x_conv.float()
+    h = ssm_state.float() * torch.exp(dt.unsqueeze(-1) * A) + (dt * x).unsqueeze(-1) * B.unsqueeze(1)
+    ssm_state.copy_(h)
+    y = (h * C.unsqueeze(1)).sum(-1)
+    if D is not None:
+        y = y + x * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x_conv.dtype)
+
+
+def state_from_partials_ref(ssm_state, partials, x_conv, z, dt_proj_weight, dt_proj_bias, A_log, D=None):
+    """state_from_partials in PyTorch (same contract, same rounding points)."""
+    _check_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D)
+    _check_partials(ssm_state, partials, dt_proj_weight)
+    dt_rank, d_state = dt_proj_weight.shape[1], ssm_state.shape[2]
+    total = partials.sum(1)
+    dt = total[:, :dt_rank] @ dt_proj_weight.float().t()
+    B, C = total[:, dt_rank:dt_rank + d_state], total[:, dt_rank + d_state:]
+    return _state_ref(ssm_state, x_conv, z, dt, B, C, dt_proj_bias, A_log, D)
+
+
+def _check_direct(ssm_state, dt, B, C):
+    batch, d_inner, d_state = ssm_state.shape
+    if dt.shape != (batch, d_inner):
+        raise ValueError(f"dt must be (batch, d_inner) = {(batch, d_inner)}, got {tuple(dt.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (batch, d_state):
+            raise ValueError(f"{name} must be (batch, d_state) = {(batch, d_state)}, got {tuple(t.shape)}")
+
+
+def state_update(ssm_state, x_conv, z, dt, B, C, dt_proj_bias, A_log, D=None):
+    """The state step from dt (before the bias), B, C (batch, d_state) computed elsewhere, one kernel;
+    otherwise as state_from_partials. Any strides (B and C may be views of x_proj's output)."""
+    _check_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D)
+    _check_direct(ssm_state, dt, B, C)
+    return _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt=dt, B=B, C=C)
+
+
+def state_update_ref(ssm_state, x_conv, z, dt, B, C, dt_proj_bias, A_log, D=None):
+    """state_update in PyTorch (same contract, same rounding points)."""
+    _check_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D)
+    _check_direct(ssm_state, dt, B, C)
+    return _state_ref(ssm_state, x_conv, z, dt.float(), B.float(), C.float(), dt_proj_bias, A_log, D)
+
+
+# ------------------------------------------------------- add + norm + in_proj + conv + x_proj partials
+def _residual_dtype(hidden, residual, residual_in_fp32):
+    if residual_in_fp32 or (residual is not None and residual.dtype != hidden.dtype):
+        return torch.float32
+    return hidden.dtype
+
+
+def _check_norm_in_proj(hidden, residual, norm_weight, norm_bias, in_proj_weight, in_proj_bias):
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be (batch, d_model), got {tuple(hidden.shape)}")
+    batch, d_model = hidden.shape
+    if residual is not None and residual.shape != hidden.shape:
+        raise ValueError(f"residual must be (batch, d_model) = {tuple(hidden.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and t.shape != (d_model,):
+            raise ValueError(f"{name} must be ({d_model},), got {tuple(t.shape)}")
+    if in_proj_weight.dim() != 2 or in_proj_weight.shape[1] != d_model or in_proj_weight.shape[0] % 2:
+        raise ValueError(f"in_proj_weight must be (2 d_inner, {d_model}), got {tuple(in_proj_weight.shape)}")
+    if in_proj_bias is not None and in_proj_bias.shape != in_proj_weight.shape[:1]:
+        raise ValueError(f"in_proj_bias must be ({in_proj_weight.shape[0]},), got {tuple(in_proj_bias.shape)}")
+    if d_model > GEMV_MAX_D_MODEL:
+        raise ValueError(f"hidden: d_model must be <= {GEMV_MAX_D_MODEL} (GEMV_MAX_D_MODEL), got {d_model}")
+    return batch, d_model, in_proj_weight.shape[0] // 2
+
+
+def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rms_norm, residual_in_fp32,
+                            in_proj_weight, in_proj_bias, conv_state, conv_weight, conv_bias, x_proj_weight):
+    """Add + norm, in_proj, the conv step and x_proj's partials, one kernel.
+
+    hidden: (batch, d_model); residual: (batch, d_model) or None; norm_weight, norm_bias: (d_model,)
+    (bias None for RMSNorm); in_proj_weight: (2 d_inner, d_model); in_proj_bias: (2 d_inner,) or None;
+    conv_* and x_proj_weight as conv_xproj. As layer_norm_fn(hidden, norm_weight, norm_bias,
+    residual=residual, prenorm=True, residual_in_fp32=..., eps=..., is_rms_norm=...) -> h, then
+    [x, z] = in_proj(h), then conv_xproj(x, ...). Returns (x_conv, z, partials, new_residual).
+    Grid (batch, 2 cdiv(d_inner, PARTIAL_CHANNELS)): x's row blocks, then z's.
+    """
+    batch, d_model, d_inner = _check_norm_in_proj(hidden, residual, norm_weight, norm_bias, in_proj_weight,
+                                                  in_proj_bias)
+    w = _check_conv((batch, d_inner), conv_state, conv_weight, conv_bias, x_proj_weight)
+    if hidden.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("hidden and residual must be contiguous in their last dimension")
+    width = w.shape[1]
+    e = x_proj_weight.shape[0]
+    n_xblk = _cdiv(d_inner, PARTIAL_CHANNELS)
+    dev = hidden.device
+    new_res = _empty(batch, d_model, device=dev, dtype=_residual_dtype(hidden, residual, residual_in_fp32))
+    x_conv = _empty(batch, d_inner, device=dev, dtype=hidden.dtype)
+    z = _empty(batch, d_inner, device=dev, dtype=hidden.dtype)
+    partials = _empty(batch, n_xblk, e, device=dev, dtype=torch.float32)
+    res = residual if residual is not None else hidden
+    _kernels().norm_in_proj[(batch, 2 * n_xblk)](
+        hidden, res, new_res, norm_weight, norm_bias if norm_bias is not None else norm_weight, in_proj_weight,
+        in_proj_bias if in_proj_bias is not None else norm_weight, z,
+        conv_state, w, conv_bias if conv_bias is not None else w, x_conv, x_proj_weight, partials,
+        d_model, d_inner, e, n_xblk, float(eps),
+        hidden.stride(0), res.stride(0), new_res.stride(0), in_proj_weight.stride(0), in_proj_weight.stride(1),
+        z.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), w.stride(0), w.stride(1),
+        x_conv.stride(0), x_proj_weight.stride(0), x_proj_weight.stride(1), partials.stride(0), partials.stride(1),
+        HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
+        HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
+        **_xproj_chunks(e), D_P2=_p2(d_model), EARLY_EPILOGUE=in_proj_weight.element_size() <= 2,
+        BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)), num_warps=_GEMV_WARPS)
+    return x_conv, z, partials, new_res
+
+
+def norm_in_proj_conv_xproj_ref(hidden, residual, norm_weight, norm_bias, eps, is_rms_norm, residual_in_fp32,
+                                in_proj_weight, in_proj_bias, conv_state, conv_weight, conv_bias, x_proj_weight):
+    """norm_in_proj_conv_xproj in PyTorch (same contract, same rounding points)."""
+    _, _, d_inner = _check_norm_in_proj(hidden, residual, norm_weight, norm_bias, in_proj_weight, in_proj_bias)
+    s = hidden.float() if residual is None else hidden.float() + residual.float()
+    new_res = s.to(_residual_dtype(hidden, residual, residual_in_fp32))
+    s = new_res.float()
+    if is_rms_norm:
+        h = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        h = F.layer_norm(s, s.shape[-1:], eps=eps)
+    h = h * norm_weight.float()
+    if norm_bias is not None:
+        h = h + norm_bias.float()
+    h = h.to(hidden.dtype).float()
+    xz = h @ in_proj_weight.float().t()
+    if in_proj_bias is not None:
+        xz = xz + in_proj_bias.float()
+    xz = xz.to(hidden.dtype)
+    x, z = xz[:, :d_inner], xz[:, d_inner:]
+    x_conv, partials = conv_xproj_ref(x, conv_state, conv_weight, conv_bias, x_proj_weight)
+    return x_conv, z.contiguous(), partials, new_res
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _plain(mixer) -> bool:
+    from mamba_ssm.modules.mamba_simple import Mamba
+
+    return isinstance(mixer, Mamba) and mixer._projections_are_plain()
+
+
+def _weights(mixer):
+    return (mixer.in_proj.weight, mixer.conv1d.weight, mixer.x_proj.weight, mixer.dt_proj.weight,
+            mixer.out_proj.weight)
+
+
+def step_path(mixer, hidden):
+    """'partials', 'gemm' or None (the eager step) for Mamba.step of `mixer` on hidden (batch, 1, d_model)."""
+    mode = MODE
+    if mode == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
+        return None
+    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
+        return None
+    from mamba_ssm.backend import requested_backend
+    from mamba_ssm.ops.channel_first import autocast_dtype
+
+    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
+        return None
+    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
+        return None  # torch.compile traces the PyTorch step
+    if not _plain(mixer):
+        return None  # wrapped (LoRA) or hooked projections run as modules
+    weights = _weights(mixer)
+    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
+        return None
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())):
+        return None  # the kernels have no backward
+    if mixer.dt_rank > _MAX_DT_RANK or mixer.d_state > _MAX_D_STATE:
+        return None
+    if mode in ("partials", "gemm"):
+        return mode
+    return "partials" if hidden.shape[0] <= PARTIALS_MAX_BATCH else "gemm"
+
+
+def block_path(block, hidden, residual) -> bool:
+    """Whether Block.forward's step of `block` runs as norm_in_proj_conv_xproj + state_from_partials."""
+    if MODE != "2" or block.mlp is not None or hidden.shape[0] > GEMV_MAX_BATCH:
+        return False
+    norm = block.norm
+    from mamba_ssm.ops.channel_first import has_hooks
+    from mamba_ssm.ops.triton.layer_norm import RMSNorm
+
+    if type(norm) not in (RMSNorm, nn.LayerNorm) or norm.weight is None or has_hooks(norm):
+        return False
+    if norm.weight.shape != (hidden.shape[-1],) or hidden.shape[-1] > GEMV_MAX_D_MODEL:
+        return False
+    if residual is not None and (residual.shape != hidden.shape or residual.dtype not in _FLOATS):
+        return False
+    return step_path(block.mixer, hidden) == "partials"
+
+
+def mamba_step(mixer, hidden, conv_state, ssm_state, path):
+    """Mamba.step's arithmetic on the fused path. hidden: (batch, d_model); states updated in place.
+    Returns out (batch, d_model), or None when Triton failed on this signature (the caller goes eager)."""
+    key = ("step", path, tuple(hidden.shape), hidden.dtype, hidden.device.type, conv_state.dtype, ssm_state.dtype,
+           mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv,
+           mixer.conv1d.bias is not None, mixer.in_proj.bias is not None)
+
+    def run(conv_state, ssm_state):
+        m = mixer
+        xz = F.linear(hidden, m.in_proj.weight, m.in_proj.bias)          # (batch, 2 d_inner)
+        x, z = xz[:, :m.d_inner], xz[:, m.d_inner:]
+        if path == "partials":
+            x_conv, partials = conv_xproj(x, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
+            y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
+        else:
+            x_conv, _ = conv_xproj(x, conv_state, m.conv1d.weight, m.conv1d.bias)
+            x_db = F.linear(x_conv, m.x_proj.weight)                      # (batch, dt_rank + 2 d_state)
+            r, n = m.dt_rank, m.d_state
+            dt = F.linear(x_db[:, :r], m.dt_proj.weight)                  # before the bias
+            y = state_update(ssm_state, x_conv, z, dt, x_db[:, r:r + n], x_db[:, r + n:], m.dt_proj.bias,
+                             m.A_log, m.D)
+        return F.linear(y, m.out_proj.weight, m.out_proj.bias)
+
+    return _checked(key, run, conv_state, ssm_state)
+
+
+def block_step(block, hidden, residual, conv_state, ssm_state):
+    """Block.forward's step on the gemv path. hidden, residual: (batch, d_model) (residual None for the
+    first block). Returns (out, new_residual) (batch, d_model), or None as mamba_step."""
+    m, norm = block.mixer, block.norm
+    key = ("block", tuple(hidden.shape), hidden.dtype, hidden.device.type, None if residual is None else residual.dtype,
+           type(norm).__name__, norm.bias is not None, bool(block.residual_in_fp32), conv_state.dtype, ssm_state.dtype,
+           m.d_inner, m.d_state, m.dt_rank, m.d_conv, m.conv1d.bias is not None, m.in_proj.bias is not None)
+    from mamba_ssm.ops.triton.layer_norm import RMSNorm
+
+    def run(conv_state, ssm_state):
+        x_conv, z, partials, new_res = norm_in_proj_conv_xproj(
+            hidden, residual, norm.weight, norm.bias, norm.eps, isinstance(norm, RMSNorm), block.residual_in_fp32,
+            m.in_proj.weight, m.in_proj.bias, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
+        y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
+        return F.linear(y, m.out_proj.weight, m.out_proj.bias), new_res
+
+    return _checked(key, run, conv_state, ssm_state)
+
+
+_proven: set = set()     # signatures whose kernels compiled and ran in this process
+_failed: dict = {}       # signature -> the exception Triton raised on it
+
+
+def _checked(key, run, conv_state, ssm_state):
+    if key in _proven:
+        return run(conv_state, ssm_state)
+    if key in _failed:
+        return None
+    try:  # the first call of a signature compiles; on scratch states, so a failure leaves the cache as it was
+        run(conv_state.clone(), ssm_state.clone())
+    except Exception as e:  # noqa: BLE001  (a Triton compile or launch error: decode eagerly instead)
+        _failed[key] = e
+        warnings.warn(f"mamba_ssm: the fused decoding step failed for {key[:2]} ({type(e).__name__}: "
+                      f"{str(e)[:300]}); this signature decodes with the eager step", RuntimeWarning, stacklevel=4)
+        return None
+    _proven.add(key)
+    return run(conv_state, ssm_state)
+
+
+def report() -> dict:
+    """What ran in this process: the mode, the signatures that ran fused and those that failed."""
+    return {"mode": MODE, "ran": sorted(repr(k) for k in _proven),
+            "failed": {repr(k): f"{type(e).__name__}: {str(e)[:500]}" for k, e in _failed.items()}}

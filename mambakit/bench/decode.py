@@ -1,0 +1,429 @@
+"""Decoding speed of a Mamba LM shape: ours in variants (environments, other trees) and upstream, each
+(variant, batch size) in its own child process. Command line: benchmarks/benchmark_decode.py.
+
+This module is loaded by file path (the script does it), also in the children, so that it never
+imports `mambakit` or a `mamba_ssm` other than the one a child's PYTHONPATH names. Children run
+`benchmark_decode.py --child ...` from a temporary directory with PYTHONPATH = the variant's tree
+(ours: this repository; `PYTHONPATH=DIR` in a variant: that tree alone; upstream: --upstream-path
+alone) and the variant's other variables, and print one line `RESULT {json}`. One process per batch
+size because upstream 2.3.2 crashes when a smaller batch follows a larger one.
+
+Per child (random weights of the shape; bf16 on CUDA, fp32 on CPU; greedy; `generate(cg=True)`, a
+CUDA graph on a GPU; each figure the median of `repeats` calls after one warm-up, synchronised):
+
+  generation  prompt --gen-prompt (2048) + --gen-new (128) tokens: tokens_per_s = batch * new / total;
+              prefill_ms = the same prompt with one new token (its forward and one sampling, no step)
+  decode      prompt --prompt (16) + --new-tokens (512): ms_per_token = (total - prefill) / (new - 1),
+              prefill the prompt + 1 call (no recurrent step); on a GPU also kernels_per_token (profiled)
+
+Generation runs first: upstream's graph cache is re-captured when max_length grows, never when it
+shrinks. The result (one JSON, overwritten by the next run of the shape and card) holds the machine,
+the card, versions, the date, the git commit, the inputs, every variant's figures and their ratio to
+the baseline (speedup: baseline time / variant time; tokens/s: variant / baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# name: (d_model, n_layer); Mamba-1 checkpoints' shapes (d_state 16, expand 2, d_conv 4)
+SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
+          "2.8b": (2560, 64)}
+VOCAB = 50280
+MARKER = "RESULT "
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "benchmark_decode.py"
+DEFAULT_VARIANTS = ("fused:MAMBA_SSM_FUSED_STEP=1", "eager:MAMBA_SSM_FUSED_STEP=0")
+
+
+# ------------------------------------------------------------------------------------------- child
+def build_model(shape, device, dtype, seed=0):
+    """A MambaLMHeadModel of the named shape with random weights (ours or upstream's: same API)."""
+    import torch
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    d_model, n_layer = SHAPES[shape]
+    torch.manual_seed(seed)
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
+                      residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    return MambaLMHeadModel(cfg, device=device, dtype=dtype).eval()
+
+
+def _timed(call, repeats, sync):
+    """Milliseconds of `repeats` calls, after one warm-up call."""
+    call()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(model, batch, prompt_len, new_tokens, repeats, cg, device, seed=0):
+    """Total and prefill times of generate() for (batch, prompt_len) random ids and `new_tokens` new tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, prompt_len), generator=g).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda") else (lambda: None)
+
+    def gen(n):
+        def call():
+            out = model.generate(ids, max_length=prompt_len + n, cg=cg, return_dict_in_generate=True,
+                                 output_scores=False, enable_timing=False)
+            if out.sequences.shape != (batch, prompt_len + n):
+                raise RuntimeError(f"generate returned {tuple(out.sequences.shape)}, expected {(batch, prompt_len + n)}")
+        return call
+
+    total = _timed(gen(new_tokens), repeats, sync)   # the longest first: upstream's graph is captured once
+    prefill = _timed(gen(1), repeats, sync)
+    t, p = statistics.median(total), statistics.median(prefill)
+    return {"batch": batch, "prompt": prompt_len, "new_tokens": new_tokens, "total_ms": _r(total),
+            "prefill_ms_all": _r(prefill), "total_ms_median": round(t, 4), "prefill_ms": round(p, 4),
+            "ms_per_token": round((t - p) / max(new_tokens - 1, 1), 5),
+            "tokens_per_s": round(batch * new_tokens / (t / 1e3), 2)}
+
+
+def _r(xs):
+    return [round(x, 4) for x in xs]
+
+
+def kernels_per_token(model, batch, prompt_len, device, seed=0):
+    """GPU kernels (and copies) one recurrent step launches: generate(cg=False) of 3 new tokens minus
+    that of 2, under torch.profiler (the same kernels a CUDA graph replays)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, prompt_len), generator=g).to(device)
+
+    def count(n):
+        model.generate(ids, max_length=prompt_len + n, cg=False)  # warm (lazy inits, compiles)
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, max_length=prompt_len + n, cg=False)
+            torch.cuda.synchronize(device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    return count(3) - count(2)
+
+
+def child(args):
+    """Measure one (variant, batch) in this process; print one RESULT line."""
+    res = {"batch": args.batch, "env": {k: os.environ.get(k) for k in args.env_names}}
+    t0 = time.perf_counter()
+    try:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+        import mamba_ssm
+
+        res.update(mamba_ssm_file=str(Path(mamba_ssm.__file__).parent), mamba_ssm_version=getattr(
+            mamba_ssm, "__version__", None), torch=torch.__version__, device=device, dtype=str(dtype)[6:])
+        if device.startswith("cuda"):
+            res["device_name"] = torch.cuda.get_device_name(device)
+        model = build_model(args.shape, device, dtype, args.seed)
+        with torch.inference_mode():
+            if args.gen:
+                res["generation"] = measure(model, args.batch, args.gen_prompt, args.gen_new, args.repeats,
+                                            not args.no_cg, device, args.seed)
+            if args.decode:
+                res["decode"] = measure(model, args.batch, args.prompt, args.new_tokens, args.repeats,
+                                        not args.no_cg, device, args.seed)
+                if device.startswith("cuda"):
+                    try:
+                        res["decode"]["kernels_per_token"] = kernels_per_token(model, args.batch, args.prompt,
+                                                                               device, args.seed)
+                    except Exception as e:  # noqa: BLE001  (a diagnostic, not a figure the run needs)
+                        res["decode"]["kernels_per_token_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if device.startswith("cuda"):
+            res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        try:  # ours: which fused decoding paths ran (absent in upstream and older trees)
+            from mamba_ssm.ops.triton import decode_step
+
+            res["fused_step"] = decode_step.report()
+        except ImportError:
+            pass
+        try:  # ours: whether the prefill's scan ran on the compiled kernels
+            from mamba_ssm.backend import available_backends
+
+            res["scan_backends"] = list(available_backends("selective_scan"))
+        except ImportError:
+            pass
+    except Exception as e:  # noqa: BLE001  (out of memory, a crash of one implementation: a result too)
+        res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        res["traceback"] = traceback.format_exc()[-3000:]
+    res["child_s"] = round(time.perf_counter() - t0, 2)
+    print(MARKER + json.dumps(res), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ parent
+def parse_variant(spec: str):
+    """'name:VAR=value,VAR=value' -> (name, {VAR: value}); 'name' alone: no extra environment."""
+    name, _, envs = spec.partition(":")
+    name = name.strip()
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"--variants: expected name:VAR=value,..., got {spec!r}")
+    env = {}
+    for kv in filter(None, (s.strip() for s in envs.split(","))):
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variants {name}: expected VAR=value, got {kv!r}")
+        env[key] = value
+    return name, env
+
+
+def child_env(env: dict, base=os.environ) -> dict:
+    """The child's environment: PYTHONPATH = the variant's tree (this repository unless it names one)."""
+    out = {k: v for k, v in base.items() if k != "PYTHONPATH"}
+    out.update(env)
+    out["PYTHONPATH"] = env.get("PYTHONPATH") or str(REPO)
+    out["PYTHONUNBUFFERED"] = "1"
+    return out
+
+
+def run_child(env: dict, batch: int, args, kinds) -> dict:
+    cmd = [sys.executable, str(SCRIPT), "--child", "--shape", args.shape, "--batch", str(batch),
+           "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--gen-prompt", str(args.gen_prompt),
+           "--gen-new", str(args.gen_new), "--repeats", str(args.repeats), "--seed", str(args.seed),
+           "--env-names", ",".join(sorted(env))]
+    cmd += [f"--{k}" for k in kinds]
+    for flag in ("device", "dtype"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
+    if args.no_cg:
+        cmd.append("--no-cg")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as cwd:  # neither this repository nor the cwd on the child's path
+        try:
+            proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, text=True,
+                                  timeout=args.child_timeout)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            return {"batch": batch, "error": f"timed out after {args.child_timeout} s", "output": out[-2000:]}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARKER):
+            out = json.loads(line[len(MARKER):])
+            out["wall_s"] = round(time.perf_counter() - t0, 2)
+            return out
+    return {"batch": batch, "error": f"child exited {proc.returncode} without a result",
+            "output": (proc.stdout + proc.stderr)[-3000:]}
+
+
+def gpu_tag(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; '' -> 'cpu'."""
+    if not device_name:
+        return "cpu"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_name)
+    return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu")
+
+
+def gpu_name() -> str:
+    """The first GPU's name from nvidia-smi (no CUDA context in this process), else 'gpu'."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.strip().splitlines()
+        return out[0].strip() if out else "gpu"
+    except (OSError, subprocess.SubprocessError):
+        return "gpu"
+
+
+def git_commit() -> dict:
+    def git(*a):
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except OSError:
+        return {}
+
+
+def add_ratios(result: dict, baseline: str) -> None:
+    """Per variant and batch: speedup = baseline ms / variant ms (decode, prefill), tokens/s ratio."""
+    base = result["variants"].get(baseline, {}).get("runs", {})
+    for name, v in result["variants"].items():
+        ratios = {}
+        for b, run in v["runs"].items():
+            ref = base.get(b)
+            if ref is None or "error" in run or "error" in ref:
+                continue
+            r = {}
+            if "decode" in run and "decode" in ref:
+                r["decode_speedup"] = _ratio(ref["decode"]["ms_per_token"], run["decode"]["ms_per_token"])
+            if "generation" in run and "generation" in ref:
+                r["tokens_per_s_ratio"] = _ratio(run["generation"]["tokens_per_s"], ref["generation"]["tokens_per_s"])
+                r["prefill_speedup"] = _ratio(ref["generation"]["prefill_ms"], run["generation"]["prefill_ms"])
+            ratios[b] = r
+        v["vs_baseline"] = ratios
+    result["baseline"] = baseline
+
+
+def _ratio(a, b):
+    return round(a / b, 4) if a and b else None
+
+
+def table(result: dict) -> str:
+    head = (f"{'variant':>12} {'batch':>5} {'decode ms/tok':>13} {'x base':>7} {'kern/tok':>8} {'gen tok/s':>10} "
+            f"{'x base':>7} {'prefill ms':>10} {'paths':>8}")
+    lines = [f"decode {result['inputs']['shape']} on {result['machine'].get('device_name') or 'cpu'} "
+             f"(baseline {result['baseline']})", head]
+    for name, v in result["variants"].items():
+        for b, run in sorted(v["runs"].items(), key=lambda kv: int(kv[0])):
+            if "error" in run:
+                lines.append(f"{name:>12} {b:>5} ERROR {run['error'][:120]}")
+                continue
+            d, g, r = run.get("decode", {}), run.get("generation", {}), v.get("vs_baseline", {}).get(b, {})
+            fused = run.get("fused_step")
+            paths = "-" if fused is None else ",".join(sorted({_path_name(k) for k in fused["ran"]})) or "eager"
+            lines.append(f"{name:>12} {b:>5} {_f(d.get('ms_per_token'), 13, 4)} {_f(r.get('decode_speedup'), 7, 2)} "
+                         f"{_f(d.get('kernels_per_token'), 8, 0)} "
+                         f"{_f(g.get('tokens_per_s'), 10, 1)} {_f(r.get('tokens_per_s_ratio'), 7, 2)} "
+                         f"{_f(g.get('prefill_ms'), 10, 2)} {paths:>8}")
+    return "\n".join(lines)
+
+
+def _path_name(key: str) -> str:
+    m = re.match(r"\('(step|block)', '?([a-z]*)", key)
+    return "gemv" if m and m.group(1) == "block" else (m.group(2) if m else "?")
+
+
+def _f(x, width, digits):
+    return f"{x:>{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+
+def write(result: dict, dirs) -> list:
+    name = f"decode_{result['inputs']['shape']}_{gpu_tag(result['machine'].get('device_name', ''))}.json"
+    paths = []
+    for d in dirs:
+        d = Path(d)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(d / name)
+        paths.append(d / name)
+    return paths
+
+
+def run(args, log=print) -> dict:
+    import torch
+
+    variants = [parse_variant(s) for s in (args.variants or DEFAULT_VARIANTS)]
+    if args.upstream_path:
+        variants.append(("upstream", {"PYTHONPATH": str(Path(args.upstream_path).resolve())}))
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variants: names must differ, got {names}")
+    baseline = args.baseline or ("upstream" if args.upstream_path else names[0])
+    if baseline not in names:
+        raise ValueError(f"--baseline must name a variant ({names}), got {baseline!r}")
+    decode_b = [] if args.no_decode else list(args.batch)
+    gen_b = [] if args.no_generation else list(args.gen_batch)
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    result = {"kind": "decode_benchmark", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count()},
+              "versions": versions, "git": git_commit(),
+              "inputs": {k: v for k, v in vars(args).items() if k not in ("child", "env_names")},
+              "variants": {n: {"env": env, "runs": {}} for n, env in variants}}
+    result["inputs"]["shape_dims"] = dict(zip(("d_model", "n_layer"), SHAPES[args.shape]), vocab=VOCAB)
+    dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
+    if (args.device or "cuda").startswith("cuda") and torch.cuda.is_available():
+        result["machine"]["device_name"] = gpu_name()  # children report theirs too (torch's name)
+    t_start = time.perf_counter()
+    # batch-major: a run cut short (a time limit) has every variant at the smaller batches
+    for batch in sorted(set(decode_b) | set(gen_b)):
+        kinds = [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if batch in bs]
+        for name, env in variants:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                result["variants"][name]["runs"][str(batch)] = {"batch": batch, "error": "skipped: --budget-s spent"}
+                continue
+            r = run_child(env, batch, args, kinds)
+            result["variants"][name]["runs"][str(batch)] = r
+            if r.get("device_name"):
+                result["machine"]["device_name"] = r["device_name"]
+            d, g = r.get("decode", {}), r.get("generation", {})
+            log(f"[{name} batch {batch}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
+                f"decode {d.get('ms_per_token', '-')} ms/token, generation {g.get('tokens_per_s', '-')} tok/s, "
+                f"prefill {g.get('prefill_ms', '-')} ms ({r.get('wall_s')} s)"))
+            add_ratios(result, baseline)
+            paths = write(result, dirs)  # after every child: a run cut short keeps what it measured
+    add_ratios(result, baseline)
+    paths = write(result, dirs)
+    log(table(result))
+    log("wrote " + ", ".join(map(str, paths)))
+    return result
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="name:VAR=value,... each in its own children; PYTHONPATH=DIR times another tree "
+                        f"(default: {' '.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--upstream-path", default=None, help="directory holding upstream's built mamba_ssm (a variant "
+                                                         "'upstream' with that directory alone on PYTHONPATH)")
+    p.add_argument("--baseline", default=None, help="variant the ratios refer to (default: upstream if given, "
+                                                    "else the first variant)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="decode ms/token batch sizes")
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--gen-batch", type=int, nargs="+", default=[1, 16, 64, 128], help="generation batch sizes")
+    p.add_argument("--gen-prompt", type=int, default=2048)
+    p.add_argument("--gen-new", type=int, default=128)
+    p.add_argument("--no-decode", action="store_true", help="skip the ms/token measurement")
+    p.add_argument("--no-generation", action="store_true", help="skip the generation/prefill measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--no-cg", action="store_true", help="generate(cg=False)")
+    p.add_argument("--child-timeout", type=float, default=300.0, help="seconds per child process")
+    p.add_argument("--budget-s", type=float, default=0.0, help="start no child after this many seconds (0: no limit); "
+                                                               "the rest are recorded as skipped")
+    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=None, help="also write the JSON here")
+    # child protocol
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--env-names", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.child:
+        args.batch = args.batch[0]
+        args.env_names = [n for n in args.env_names.split(",") if n]
+        return child(args)
+    for flag in ("prompt", "gen_prompt", "repeats"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("new_tokens", "gen_new"):
+        if getattr(args, flag) < 2:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 2 (the decode time is total minus a one-token "
+                             f"call), got {getattr(args, flag)}")
+    return run(args)
