@@ -489,7 +489,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(dtype):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_decode_step_compile.py"
+    script = Path(__file__).resolve().parents[1] / "tools" / "check_decode_step_compile.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--dtype", dtype, "--batch", "3",
                            "--variants"], env=env, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build upstream mamba-ssm (PyPI sdist) in place, for sm_90 only, for side-by-side benchmarks.
+# Build upstream mamba-ssm or causal-conv1d (PyPI sdists) in place, for sm_90 only, for side-by-side benchmarks.
 #   bash tools/device/build_upstream.sh .upstream/mamba_ssm-2.3.2.post1.tar.gz /tmp/upstream_build
 # Result: /tmp/upstream_build/mamba_ssm-2.3.2.post1 holds upstream's `mamba_ssm` package and its
 # `selective_scan_cuda` extension; put that directory (alone) on PYTHONPATH to use it.
@@ -26,11 +26,11 @@ if [ -n "${PREBUILT_SO:-}" ] && [ -f "$PREBUILT_SO" ]; then
     *.gz) gunzip -c "$PREBUILT_SO" > "$SRC/$(basename "$PREBUILT_SO" .gz)" ;;
     *) cp "$PREBUILT_SO" "$SRC/" ;;
   esac
-  ls "$SRC"/selective_scan_cuda*.so
+  ls "$SRC"/*.so
   exit 0
 fi
-export MAMBA_FORCE_BUILD=TRUE
+export MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE
 export TORCH_CUDA_ARCH_LIST=9.0
 export MAX_JOBS=${MAX_JOBS:-8}
 time python3 setup.py build_ext --inplace
-ls "$SRC"/selective_scan_cuda*.so
+ls "$SRC"/*.so

@@ -9,7 +9,7 @@ of two (a tile's extent, masked).
 Each kernel issues all its loads before its first reduction or barrier: a reduction across warps
 goes through shared memory behind a barrier, the compiler does not move loads across one, and every
 load left after it costs another memory round trip (~1 us at batch 1; seen in the SASS of a first
-version: 4 to 7 round trips a kernel). benchmarks/check_decode_step_compile.py compiles these for
+version: 4 to 7 round trips a kernel). tools/check_decode_step_compile.py compiles these for
 sm_90 without a GPU and prints registers and spills.
 """
 import triton

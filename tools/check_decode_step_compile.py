@@ -6,7 +6,7 @@ The launchers run on CPU tensors of a model shape with the kernels replaced by r
 recorded launch is specialised as Triton's JIT would (argument types, alignment, ints equal to 1)
 and compiled by Triton's bundled ptxas for the target. A compile error here is one the GPU would hit.
 
-    python benchmarks/check_decode_step_compile.py [--shape 1.4b] [--arch 90] [--dtype bf16] [--sass DIR]
+    python tools/check_decode_step_compile.py [--shape 1.4b] [--arch 90] [--dtype bf16] [--sass DIR]
 """
 from __future__ import annotations
 
