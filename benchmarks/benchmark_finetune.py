@@ -207,7 +207,7 @@ def measure(shape="tiny", batch_size=2, seqlen=128, rank=64, precision="bf16", b
         "train_step_s_median": statistics.median(step_times), "step_times_s": step_times,
         "peak_mem_GB": peaks["default"] if ab else _peak_gb(device), "peak_mem_kind": "cuda max_memory_allocated" if device.startswith("cuda")
         else "process max RSS", "final_loss": float(loss.detach()),
-        "mixer_path": "fused mamba_inner_fn" if mixer._projections_are_plain() else
+        "mixer_path": "fused mamba_inner_fn" if mixer.projections_are_plain() else
         "unfused (adapters called as modules) + selective_scan_fn",
         "scan_backend": scan_backend, "device": torch.cuda.get_device_name() if device.startswith("cuda") else
         platform.processor() or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),

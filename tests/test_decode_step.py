@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+from mamba_ssm.modules import fused_step as fs
 from mamba_ssm.ops.triton import decode_step as ds
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -304,12 +305,12 @@ def test_arguments_are_checked_by_name(name):
 
 # ------------------------------------------------------------------------------------ the switch
 def test_switch_values_and_a_bad_value_names_the_variable():
-    assert ds.mode_from_environment({}) == "1"
-    for value in ds.MODES:
-        assert ds.mode_from_environment({ds.ENV_VAR: value}) == value
-    assert ds.mode_from_environment({ds.ENV_VAR: " GEMM "}) == "gemm"
+    assert fs.mode_from_environment({}) == "1"
+    for value in fs.MODES:
+        assert fs.mode_from_environment({fs.ENV_VAR: value}) == value
+    assert fs.mode_from_environment({fs.ENV_VAR: " GEMM "}) == "gemm"
     with pytest.raises(ValueError, match="MAMBA_SSM_FUSED_STEP='yes'"):
-        ds.mode_from_environment({ds.ENV_VAR: "yes"})
+        fs.mode_from_environment({fs.ENV_VAR: "yes"})
 
 
 # ------------------------------------------------------------------------------- the whole model
@@ -330,12 +331,12 @@ def tiny_model(seed=0, device="cpu", dtype=torch.float32, **cfg):
 def fused(monkeypatch):
     """Set the mode with fused(mode); the step may take the kernels also on CPU tensors (the interpreter)."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(ds, "INTERPRET_ON_CPU", True)
-    monkeypatch.setattr(ds, "_proven", set())
-    monkeypatch.setattr(ds, "_failed", {})
+    monkeypatch.setattr(fs, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(fs, "_proven", set())
+    monkeypatch.setattr(fs, "_failed", {})
 
     def use(mode):
-        monkeypatch.setattr(ds, "MODE", mode)
+        monkeypatch.setattr(fs, "MODE", mode)
     return use
 
 
@@ -360,7 +361,7 @@ def test_teacher_forced_fused_decoding_equals_the_full_forward(fused, device, mo
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fall-back to the eager step would pass unnoticed
         cached = _teacher_forced(model, seq, 3)
-    ran = ds.report()["ran"]
+    ran = fs.report()["ran"]
     assert any(expected in k for k in ran), ran
     scale = full.abs().max().item()
     assert scale > 1.0
@@ -373,24 +374,24 @@ def test_dispatch_rule(fused, monkeypatch):
     h = lambda batch: torch.zeros(batch, 1, 48)  # noqa: E731
     fused("1")
     with torch.no_grad():
-        assert ds.step_path(mixer, h(ds.PARTIALS_MAX_BATCH)) == "partials"
-        assert ds.step_path(mixer, h(ds.PARTIALS_MAX_BATCH + 1)) == "gemm"
-        assert ds.step_path(mixer, h(1).double()) is None  # float64 stays eager
-        assert ds.step_path(mixer, torch.zeros(1, 2, 48)) is None  # not one token
+        assert fs.step_path(mixer, h(fs.PARTIALS_MAX_BATCH)) == "partials"
+        assert fs.step_path(mixer, h(fs.PARTIALS_MAX_BATCH + 1)) == "gemm"
+        assert fs.step_path(mixer, h(1).double()) is None  # float64 stays eager
+        assert fs.step_path(mixer, torch.zeros(1, 2, 48)) is None  # not one token
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert ds.step_path(mixer, h(1)) is None
-        assert not ds.block_path(model.backbone.layers[0], h(1), None)  # 2 only
-    assert ds.step_path(mixer, h(1)) is None  # gradients wanted: the kernels have no backward
+            assert fs.step_path(mixer, h(1)) is None
+        assert not fs.block_path(model.backbone.layers[0], h(1), None)  # 2 only
+    assert fs.step_path(mixer, h(1)) is None  # gradients wanted: the kernels have no backward
     fused("2")
     with torch.no_grad():
-        assert ds.block_path(model.backbone.layers[0], h(ds.GEMV_MAX_BATCH), None)
-        assert not ds.block_path(model.backbone.layers[0], h(ds.GEMV_MAX_BATCH + 1), None)
+        assert fs.block_path(model.backbone.layers[0], h(fs.GEMV_MAX_BATCH), None)
+        assert not fs.block_path(model.backbone.layers[0], h(fs.GEMV_MAX_BATCH + 1), None)
         fused("0")
-        assert ds.step_path(mixer, h(1)) is None
+        assert fs.step_path(mixer, h(1)) is None
         fused("gemm")
-        assert ds.step_path(mixer, h(1)) == "gemm"
-        monkeypatch.setattr(ds, "INTERPRET_ON_CPU", False)
-        assert ds.step_path(mixer, h(1)) is None  # CPU tensors: the eager step
+        assert fs.step_path(mixer, h(1)) == "gemm"
+        monkeypatch.setattr(fs, "INTERPRET_ON_CPU", False)
+        assert fs.step_path(mixer, h(1)) is None  # CPU tensors: the eager step
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -399,7 +400,7 @@ def test_eager_mode_and_wrapped_or_hooked_projections_keep_the_module_step(fused
     seq = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(4)).to(device)
     fused("0")
     eager = _teacher_forced(model, seq, 3)
-    assert ds.report()["ran"] == []
+    assert fs.report()["ran"] == []
     fused("1")
     mixer = model.backbone.layers[0].mixer
 
@@ -415,7 +416,7 @@ def test_eager_mode_and_wrapped_or_hooked_projections_keep_the_module_step(fused
     hidden = torch.zeros(2, 1, 48, device=device)
     mixer.dt_proj = Shifted(mixer.dt_proj)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="runs as a module"):  # the prefill's notice
-        assert ds.step_path(mixer, hidden) is None
+        assert fs.step_path(mixer, hidden) is None
         wrapped = _teacher_forced(model, seq, 3)
     assert not (wrapped - eager).abs().max() < 1e-3, "the wrapper's offset applies"
     mixer.dt_proj.offset.data.zero_()
@@ -424,10 +425,10 @@ def test_eager_mode_and_wrapped_or_hooked_projections_keep_the_module_step(fused
     mixer.dt_proj = mixer.dt_proj.base
     handle = mixer.x_proj.register_forward_hook(lambda m, i, o: None)
     with torch.no_grad():
-        assert ds.step_path(mixer, hidden) is None
+        assert fs.step_path(mixer, hidden) is None
     handle.remove()
     with torch.no_grad():
-        assert ds.step_path(mixer, hidden) == "partials"
+        assert fs.step_path(mixer, hidden) == "partials"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -449,7 +450,7 @@ def test_a_kernel_failure_warns_once_and_decodes_eagerly(fused, monkeypatch, dev
         again = _teacher_forced(model, seq, 2)
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)
-    assert ds.report()["ran"] == [] and len(ds.report()["failed"]) == 1
+    assert fs.report()["ran"] == [] and len(fs.report()["failed"]) == 1
 
 
 @pytest.mark.cuda
@@ -465,7 +466,7 @@ def test_cuda_graph_decoding_on_the_fused_paths(fused, mode, dtype):
         warnings.simplefilter("error", RuntimeWarning)
         graphed = _teacher_forced(model, seq, 4, cg=True)
         plain = _teacher_forced(model, seq, 4)
-    assert ds.report()["ran"] and not ds.report()["failed"]
+    assert fs.report()["ran"] and not fs.report()["failed"]
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     scale = eager.float().abs().max().item()
     same = 1e-5 if dtype == torch.float32 else 1e-2  # the same kernels; cuBLAS may pick another algorithm

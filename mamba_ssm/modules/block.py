@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from mamba_ssm.ops.triton import decode_step
+from mamba_ssm.modules import fused_step
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn
 
 
@@ -32,7 +32,7 @@ class Block(nn.Module):
     def forward(self, hidden_states, residual=None, inference_params=None, **mixer_kwargs):
         """hidden_states: (batch, seqlen, dim); residual: None for the first block."""
         if (inference_params is not None and inference_params.seqlen_offset > 0 and not mixer_kwargs
-                and decode_step.block_path(self, hidden_states, residual)):
+                and fused_step.block_path(self, hidden_states, residual)):
             out = self._fused_step(hidden_states, residual, inference_params)
             if out is not None:
                 return out
@@ -44,9 +44,9 @@ class Block(nn.Module):
         return hidden_states, residual
 
     def _fused_step(self, hidden_states, residual, inference_params):
-        # MAMBA_SSM_FUSED_STEP=2: the add+norm, in_proj, conv and x_proj in one kernel (decode_step.py)
+        # MAMBA_SSM_FUSED_STEP=2: the add+norm, in_proj, conv and x_proj in one kernel (modules/fused_step.py)
         conv_state, ssm_state = self.mixer._get_states_from_cache(inference_params, hidden_states.shape[0])
-        out = decode_step.block_step(self, hidden_states[:, 0], None if residual is None else residual[:, 0],
+        out = fused_step.block_step(self, hidden_states[:, 0], None if residual is None else residual[:, 0],
                                      conv_state, ssm_state)
         return None if out is None else (out[0].unsqueeze(1), out[1].unsqueeze(1))
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops import selective_scan_interface as _scan
 from mamba_ssm.ops.channel_first import has_hooks, project
-from mamba_ssm.ops.triton import decode_step
+from mamba_ssm.modules import fused_step
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
 
@@ -74,7 +74,7 @@ class Mamba(nn.Module):
     # The fused path passes the projection weights straight to mamba_inner_fn. It is only taken
     # when every layer is a plain nn.Linear / nn.Conv1d without hooks: wrapped ones (LoRA adapters)
     # go through `project` and hooked ones run as modules, or their updates and hooks would be lost.
-    def _projections_are_plain(self):
+    def projections_are_plain(self):
         layers = (self.in_proj, self.x_proj, self.dt_proj, self.out_proj)
         return all(type(m) is nn.Linear for m in layers) and type(self.conv1d) is nn.Conv1d \
             and not has_hooks(*layers, self.conv1d)
@@ -95,7 +95,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.float())
         # in_proj writes xz channel-first, so x and z reach the conv and the scan without copies
         xz = project(self.in_proj, hidden_states.transpose(1, 2))       # (B, 2*d_inner, L)
-        if self.use_fast_path and inference_params is None and self._projections_are_plain():
+        if self.use_fast_path and inference_params is None and self.projections_are_plain():
             return _scan.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                   None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
@@ -139,10 +139,10 @@ class Mamba(nn.Module):
         """
         if hidden_states.shape[1] != 1:
             raise ValueError(f"Mamba.step decodes one token at a time, got hidden_states {tuple(hidden_states.shape)}")
-        # on CUDA with plain projections: the conv, x_proj and state step in 2 Triton kernels (decode_step.py)
-        path = decode_step.step_path(self, hidden_states)
+        # on CUDA with plain projections: the conv, x_proj and state step in 2 Triton kernels (modules/fused_step.py)
+        path = fused_step.step_path(self, hidden_states)
         if path is not None:
-            out = decode_step.mamba_step(self, hidden_states[:, 0], conv_state, ssm_state, path)
+            out = fused_step.mamba_step(self, hidden_states[:, 0], conv_state, ssm_state, path)
             if out is not None:
                 return out.unsqueeze(1), conv_state, ssm_state
         xz = self.in_proj(hidden_states.squeeze(1))                # (B, 2*d_inner)

@@ -156,9 +156,9 @@ def child(args):
         if device.startswith("cuda"):
             res["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         try:  # ours: which fused decoding paths ran (absent in upstream and older trees)
-            from mamba_ssm.ops.triton import decode_step
+            from mamba_ssm.modules import fused_step
 
-            res["fused_step"] = decode_step.report()
+            res["fused_step"] = fused_step.report()
         except ImportError:
             pass
         try:  # ours: whether the prefill's scan ran on the compiled kernels

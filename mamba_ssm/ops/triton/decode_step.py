@@ -1,66 +1,31 @@
-"""One decoding step of a Mamba layer with the work between the matrix products fused into Triton kernels.
+"""The Triton kernels of the fused decoding step of a Mamba layer, each beside a PyTorch reference of
+the same signature (`*_ref`), and their launchers. When they run is decided by
+mamba_ssm/modules/fused_step.py.
 
-At batch 1 a layer's eager step (Block.forward -> Mamba.step) launches ~15 kernels (add+norm,
-in_proj, seven for the conv step, x_proj, dt_proj, two for A = -exp(A_log), the state update,
-out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer's weights takes
-~17 us on an H100. Paths, per call (`step_path`, `block_path`):
+* `conv_xproj`: the conv step (state shift, window dot, bias, SiLU) and, optionally, x_proj split
+  over channel blocks: one fp32 partial product per block (no atomics).
+* `state_from_partials`: the partials summed in a fixed order -> dt_low, B, C; dt_proj, softplus,
+  the state update, D skip and z gate. `state_update`: the same from dt, B, C given by cuBLAS.
+* `norm_in_proj_conv_xproj`: the residual add + norm as the prologue of a Triton in_proj
+  matrix-vector product, the conv step and the x_proj partials as its epilogue.
 
-* ``partials`` (batch <= PARTIALS_MAX_BATCH), 5 kernels: add+norm (Triton) | in_proj (cuBLAS) |
-  `conv_xproj` | `state_from_partials` | out_proj (cuBLAS). x_proj is split over channel blocks:
-  `conv_xproj` writes one fp32 partial product per block (no atomics), `state_from_partials`
-  sums them in a fixed order, so results do not depend on scheduling.
-* ``gemm`` (larger batch), 7 kernels: as above, but `conv_xproj` only convolves, x_proj and dt_proj
-  are cuBLAS products (at large batch they are matrix products worth tensor cores; the partials'
-  re-reads grow with batch) and `state_update` takes dt, B, C from them.
-* ``gemv`` (MAMBA_SSM_FUSED_STEP=2, batch <= GEMV_MAX_BATCH), 3 kernels: `norm_in_proj_conv_xproj`
-  (the add+norm as the prologue of a Triton in_proj matrix-vector product, the conv step and the
-  x_proj partials as its epilogue) | `state_from_partials` | out_proj (cuBLAS). Entered from
-  Block.forward, since it takes the norm into the layer's step.
-
-MAMBA_SSM_FUSED_STEP (read once at import; tests and benchmarks set `MODE`): 1 (default) the rule
-above without gemv; 2 the rule with gemv; partials / gemm one path at every batch (to measure the
-rule); 0 the eager step. Each kernel has a PyTorch reference of the same signature (`*_ref`), with
-the same rounding points: x and z, x_conv, the normalised activation and y in the activation dtype,
-everything else (partials, dt, B, C, the state) in fp32.
-
-The first call of a signature (path, shapes, dtypes) runs on scratch copies of the states: if Triton
-fails there (a compiler error), the step warns once and stays eager for that signature.
+Rounding points as in the eager step: x and z, x_conv, the normalised activation and y in the
+activation dtype; everything else (partials, dt, B, C, the state) in fp32.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-ENV_VAR = "MAMBA_SSM_FUSED_STEP"
-MODES = ("0", "1", "2", "partials", "gemm")
-
-
-def mode_from_environment(environ=os.environ) -> str:
-    value = (environ.get(ENV_VAR) or "1").strip().lower()
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (fused decoding step, the default), 2 (1 plus the "
-                         "norm and in_proj fused at small batch), partials or gemm (one fused path at every "
-                         "batch) or 0 (the eager step)")
-    return value
-
-
-MODE = mode_from_environment()  # read once; tests and benchmarks set this attribute
-INTERPRET_ON_CPU = False  # tests: also send CPU tensors to the kernels (Triton's interpreter must be on)
-
-# Dispatch rule (measured later by benchmarks/benchmark_decode.py's partials / gemm / 2 variants).
-PARTIALS_MAX_BATCH = 4   # above: the gemm path (the partials are re-read by every channel block of a row)
-GEMV_MAX_BATCH = 1       # above: in_proj by cuBLAS (the Triton product reads the weight once per row)
-GEMV_MAX_D_MODEL = 8192  # the norm's prologue holds a whole row in registers
 
 # Block sizes (channels per program). PARTIAL_CHANNELS is the x_proj split of conv_xproj and of
 # norm_in_proj_conv_xproj's x programs: partials hold cdiv(d_inner, PARTIAL_CHANNELS) blocks.
 PARTIAL_CHANNELS = 64
+GEMV_MAX_D_MODEL = 8192  # norm_in_proj_conv_xproj's prologue holds a whole row in registers
 _CONV_WARPS = 4
 _XPROJ_ROWS = 256         # x_proj rows loaded at once (E <= 256, every Mamba-1 size: all, one round trip)
 _STATE_CHANNELS = 64       # every program sums all of its row's partials: fewer programs, fewer re-reads
@@ -381,131 +346,3 @@ def norm_in_proj_conv_xproj_ref(hidden, residual, norm_weight, norm_bias, eps, i
     x, z = xz[:, :d_inner], xz[:, d_inner:]
     x_conv, partials = conv_xproj_ref(x, conv_state, conv_weight, conv_bias, x_proj_weight)
     return x_conv, z.contiguous(), partials, new_res
-
-
-# ------------------------------------------------------------------------------------------ dispatch
-def _plain(mixer) -> bool:
-    from mamba_ssm.modules.mamba_simple import Mamba
-
-    return isinstance(mixer, Mamba) and mixer._projections_are_plain()
-
-
-def _weights(mixer):
-    return (mixer.in_proj.weight, mixer.conv1d.weight, mixer.x_proj.weight, mixer.dt_proj.weight,
-            mixer.out_proj.weight)
-
-
-def step_path(mixer, hidden):
-    """'partials', 'gemm' or None (the eager step) for Mamba.step of `mixer` on hidden (batch, 1, d_model)."""
-    mode = MODE
-    if mode == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
-        return None
-    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
-        return None
-    from mamba_ssm.backend import requested_backend
-    from mamba_ssm.ops.channel_first import autocast_dtype
-
-    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
-        return None
-    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
-        return None  # torch.compile traces the PyTorch step
-    if not _plain(mixer):
-        return None  # wrapped (LoRA) or hooked projections run as modules
-    weights = _weights(mixer)
-    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
-        return None
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())):
-        return None  # the kernels have no backward
-    if mixer.dt_rank > _MAX_DT_RANK or mixer.d_state > _MAX_D_STATE:
-        return None
-    if mode in ("partials", "gemm"):
-        return mode
-    return "partials" if hidden.shape[0] <= PARTIALS_MAX_BATCH else "gemm"
-
-
-def block_path(block, hidden, residual) -> bool:
-    """Whether Block.forward's step of `block` runs as norm_in_proj_conv_xproj + state_from_partials."""
-    if MODE != "2" or block.mlp is not None or hidden.shape[0] > GEMV_MAX_BATCH:
-        return False
-    norm = block.norm
-    from mamba_ssm.ops.channel_first import has_hooks
-    from mamba_ssm.ops.triton.layer_norm import RMSNorm
-
-    if type(norm) not in (RMSNorm, nn.LayerNorm) or norm.weight is None or has_hooks(norm):
-        return False
-    if norm.weight.shape != (hidden.shape[-1],) or hidden.shape[-1] > GEMV_MAX_D_MODEL:
-        return False
-    if residual is not None and (residual.shape != hidden.shape or residual.dtype not in _FLOATS):
-        return False
-    return step_path(block.mixer, hidden) == "partials"
-
-
-def mamba_step(mixer, hidden, conv_state, ssm_state, path):
-    """Mamba.step's arithmetic on the fused path. hidden: (batch, d_model); states updated in place.
-    Returns out (batch, d_model), or None when Triton failed on this signature (the caller goes eager)."""
-    key = ("step", path, tuple(hidden.shape), hidden.dtype, hidden.device.type, conv_state.dtype, ssm_state.dtype,
-           mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv,
-           mixer.conv1d.bias is not None, mixer.in_proj.bias is not None)
-
-    def run(conv_state, ssm_state):
-        m = mixer
-        xz = F.linear(hidden, m.in_proj.weight, m.in_proj.bias)          # (batch, 2 d_inner)
-        x, z = xz[:, :m.d_inner], xz[:, m.d_inner:]
-        if path == "partials":
-            x_conv, partials = conv_xproj(x, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
-            y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
-        else:
-            x_conv, _ = conv_xproj(x, conv_state, m.conv1d.weight, m.conv1d.bias)
-            x_db = F.linear(x_conv, m.x_proj.weight)                      # (batch, dt_rank + 2 d_state)
-            r, n = m.dt_rank, m.d_state
-            dt = F.linear(x_db[:, :r], m.dt_proj.weight)                  # before the bias
-            y = state_update(ssm_state, x_conv, z, dt, x_db[:, r:r + n], x_db[:, r + n:], m.dt_proj.bias,
-                             m.A_log, m.D)
-        return F.linear(y, m.out_proj.weight, m.out_proj.bias)
-
-    return _checked(key, run, conv_state, ssm_state)
-
-
-def block_step(block, hidden, residual, conv_state, ssm_state):
-    """Block.forward's step on the gemv path. hidden, residual: (batch, d_model) (residual None for the
-    first block). Returns (out, new_residual) (batch, d_model), or None as mamba_step."""
-    m, norm = block.mixer, block.norm
-    key = ("block", tuple(hidden.shape), hidden.dtype, hidden.device.type, None if residual is None else residual.dtype,
-           type(norm).__name__, norm.bias is not None, bool(block.residual_in_fp32), conv_state.dtype, ssm_state.dtype,
-           m.d_inner, m.d_state, m.dt_rank, m.d_conv, m.conv1d.bias is not None, m.in_proj.bias is not None)
-    from mamba_ssm.ops.triton.layer_norm import RMSNorm
-
-    def run(conv_state, ssm_state):
-        x_conv, z, partials, new_res = norm_in_proj_conv_xproj(
-            hidden, residual, norm.weight, norm.bias, norm.eps, isinstance(norm, RMSNorm), block.residual_in_fp32,
-            m.in_proj.weight, m.in_proj.bias, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
-        y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
-        return F.linear(y, m.out_proj.weight, m.out_proj.bias), new_res
-
-    return _checked(key, run, conv_state, ssm_state)
-
-
-_proven: set = set()     # signatures whose kernels compiled and ran in this process
-_failed: dict = {}       # signature -> the exception Triton raised on it
-
-
-def _checked(key, run, conv_state, ssm_state):
-    if key in _proven:
-        return run(conv_state, ssm_state)
-    if key in _failed:
-        return None
-    try:  # the first call of a signature compiles; on scratch states, so a failure leaves the cache as it was
-        run(conv_state.clone(), ssm_state.clone())
-    except Exception as e:  # noqa: BLE001  (a Triton compile or launch error: decode eagerly instead)
-        _failed[key] = e
-        warnings.warn(f"mamba_ssm: the fused decoding step failed for {key[:2]} ({type(e).__name__}: "
-                      f"{str(e)[:300]}); this signature decodes with the eager step", RuntimeWarning, stacklevel=4)
-        return None
-    _proven.add(key)
-    return run(conv_state, ssm_state)
-
-
-def report() -> dict:
-    """What ran in this process: the mode, the signatures that ran fused and those that failed."""
-    return {"mode": MODE, "ran": sorted(repr(k) for k in _proven),
-            "failed": {repr(k): f"{type(e).__name__}: {str(e)[:500]}" for k, e in _failed.items()}}
