@@ -159,7 +159,11 @@ def test_ragged_batch_with_cuda_graph_gives_each_prompt_its_own_tokens():
 
     want = [alone(p) for p in prompts]
     assert len({tuple(w) for w in want}) == len(want)
-    eos = want[0][3]
+    # an eos that ends at least two rows early and leaves another unfinished (the GPU's numbers
+    # decide which token does that, so it is chosen from the continuations, not fixed)
+    candidates = sorted({tok for w in want for tok in w[:-1]})
+    eos = next((c for c in candidates if sum(c in w[:-1] for w in want) >= 2 and any(c not in w for w in want)), None)
+    assert eos is not None, want
     want_eos = [alone(p, eos) for p in prompts]
     assert sum(w[-1] == eos for w in want_eos) >= 2 and any(eos not in w for w in want)
     with warnings.catch_warnings():

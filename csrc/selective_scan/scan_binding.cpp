@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <string>
+#include <type_traits>
 #include <optional>
 #include <vector>
 
@@ -28,6 +30,22 @@
 namespace {
 
 using at::Tensor;
+
+// Error messages are put together here without iostreams. On the H100 image of 2026-12-07 the
+// extension carried its own copies of libstdc++'s stream templates, and formatting a number
+// through them (c10::str streams every argument) crashed the process instead of raising. Given
+// one C string, TORCH_CHECK formats nothing in this library.
+void append(std::string& s, const char* v) { s += v; }
+void append(std::string& s, const std::string& v) { s += v; }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+void append(std::string& s, T v) { s += std::to_string(v); }
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+#define SCAN_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__).c_str())
 
 Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison) {
   Tensor t = at::empty(shape, opt);
@@ -42,7 +60,7 @@ ssm::DType dtype_code(at::ScalarType st) {
     case at::kFloat: return ssm::DType::kF32;
     case at::kHalf: return ssm::DType::kF16;
     case at::kBFloat16: return ssm::DType::kBF16;
-    default: TORCH_CHECK(false, "selective_scan_cuda: u must be float32, float16 or bfloat16, got ", st);
+    default: SCAN_CHECK(false, "selective_scan_cuda: u must be float32, float16 or bfloat16, got ", c10::toString(st));
   }
   return ssm::DType::kF32;
 }
@@ -62,12 +80,12 @@ int max_smem_optin() {
 // Checks of the plan's integers (selective_scan_plan.py chooses them).
 void check_cpb(const char* name, int64_t cpb, int64_t cpb_max, const ssm::ScanParams& p) {
   const int64_t dpg = p.dim / p.groups;
-  TORCH_CHECK(cpb >= 1 && cpb <= cpb_max && (cpb & (cpb - 1)) == 0 && dpg % cpb == 0, "selective_scan_cuda: ", name,
+  SCAN_CHECK(cpb >= 1 && cpb <= cpb_max && (cpb & (cpb - 1)) == 0 && dpg % cpb == 0, "selective_scan_cuda: ", name,
               "=", cpb, " must be a power of two <= ", cpb_max, " dividing dim / groups = ", dpg);
 }
 
 void set_split(ssm::ScanParams& p, int64_t nsplit, int64_t gseg) {
-  TORCH_CHECK(gseg >= 1 && nsplit == std::max<int64_t>(1, (p.nseg + gseg - 1) / gseg), "selective_scan_cuda: nsplit=",
+  SCAN_CHECK(gseg >= 1 && nsplit == std::max<int64_t>(1, (p.nseg + gseg - 1) / gseg), "selective_scan_cuda: nsplit=",
               nsplit, ", gseg=", gseg, " must cut the ", p.nseg, " segments into groups of gseg, none empty");
   p.nsplit = (int)nsplit;
   p.gseg = (int)gseg;
@@ -75,7 +93,7 @@ void set_split(ssm::ScanParams& p, int64_t nsplit, int64_t gseg) {
 
 void check_smem(const char* kernel, int64_t floats) {
   const int64_t limit = max_smem_optin();
-  TORCH_CHECK(floats * 4 <= limit, "selective_scan_cuda: ", kernel, " would need ", floats * 4,
+  SCAN_CHECK(floats * 4 <= limit, "selective_scan_cuda: ", kernel, " would need ", floats * 4,
               " bytes of shared memory per block, the device allows ", limit, ": use fewer channels per block");
 }
 
@@ -86,8 +104,8 @@ void set_fwd_plan(ssm::ScanParams& p, bool fwd_tp, int64_t cpb, int64_t tp_cpb, 
   p.cpb = (int)cpb;
   p.fwd_tp = fwd_tp;
   if (fwd_tp) {
-    TORCH_CHECK(p.dstate <= 16, "selective_scan_cuda: the time-parallel forward needs dstate <= 16, got ", p.dstate);
-    TORCH_CHECK(tp_cpb == 4 || tp_cpb == 8 || tp_cpb == 16, "selective_scan_cuda: tp_cpb=", tp_cpb,
+    SCAN_CHECK(p.dstate <= 16, "selective_scan_cuda: the time-parallel forward needs dstate <= 16, got ", p.dstate);
+    SCAN_CHECK(tp_cpb == 4 || tp_cpb == 8 || tp_cpb == 16, "selective_scan_cuda: tp_cpb=", tp_cpb,
                 " must be 4, 8 or 16");
     check_cpb("tp_cpb", tp_cpb, 16, p);
     p.tp_cpb = (int)tp_cpb;
@@ -116,7 +134,7 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   const int64_t batch = u_in.size(0), dim = u_in.size(1), L = u_in.size(2);
   TORCH_CHECK(A_in.dim() == 2 && A_in.size(0) == dim, "selective_scan_cuda: A must be (dim, dstate)");
   const int64_t N = A_in.size(1);
-  TORCH_CHECK(N >= 1 && N <= 256, "selective_scan_cuda: dstate must be in [1, 256], got ", N);
+  SCAN_CHECK(N >= 1 && N <= 256, "selective_scan_cuda: dstate must be in [1, 256], got ", N);
   TORCH_CHECK(!A_in.is_complex() && !B_in.is_complex() && !C_in.is_complex(),
               "selective_scan_cuda: complex inputs are not supported");
   q.A = A_in.to(at::kFloat).contiguous();
