@@ -147,13 +147,15 @@ def training(results_dir: Path) -> _Table:
         if d.get("lora_dropout"):
             cfg += f", dropout {d['lora_dropout']}"
         card = _card(d.get("device") if str(d.get("peak_mem_kind", "")).startswith("cuda") else None)
-        t.add(f"LoRA training step, tokens/s ({cfg})", d.get("train_step_tok_per_s"), None, None, True, card,
+        same = d.get("baseline_same_run") or {}  # an earlier tree of ours, timed in the same call
+        same_label = "ours before, " + same.get("what", "").split("commit ")[-1].split(" ")[0] + ", same call"
+        t.add(f"LoRA training step, tokens/s ({cfg})", d.get("train_step_tok_per_s"),
+              same.get("train_step_tok_per_s"), same_label if same else None, True, card, _date(d), name)
+        anchor, label = same.get("fwdbwd_tok_per_s"), same_label
+        if not same and (d.get("shape"), d.get("batch_size"), d.get("seqlen"), card) == ("1.4b", 4, 2048, "H200"):
+            anchor, label = d.get(ANCHOR_KEY), "upstream, full fine-tune, *anchor*"
+        t.add(f"LoRA forward+backward, tokens/s ({cfg})", d.get("fwdbwd_tok_per_s"), anchor, label, True, card,
               _date(d), name)
-        anchor = None
-        if (d.get("shape"), d.get("batch_size"), d.get("seqlen"), card) == ("1.4b", 4, 2048, "H200"):
-            anchor = d.get(ANCHOR_KEY)
-        t.add(f"LoRA forward+backward, tokens/s ({cfg})", d.get("fwdbwd_tok_per_s"), anchor,
-              "upstream, full fine-tune, *anchor*", True, card, _date(d), name)
     for name, d in _load(results_dir, "ddp_check_*.json"):
         card = d.get("card") or "-"
         card = card.replace("NVIDIA ", "")
@@ -218,8 +220,9 @@ AREAS = (
                    "column), random weights unless a checkpoint is named, greedy; "
                    "tokens/s = batch x new tokens / (prefill + decode).", generation),
     ("Training: the LoRA step", "LoRA on in_proj/x_proj/dt_proj/out_proj, bf16 autocast, random weights; the "
-                                "baseline of forward+backward is upstream's full model (an *anchor*: measured "
-                                "by the project on an H200, not in the same job).", training),
+                                "baseline is an earlier tree of ours timed in the same call where named, else, "
+                                "for forward+backward, upstream's full model (an *anchor*: measured by the "
+                                "project on an H200, not in the same job).", training),
     ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
                 "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
                 "requests/s counting the model's calls alone (*model time*) and lm-eval's whole run (*wall time*).", lm_eval),

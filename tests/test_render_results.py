@@ -25,8 +25,10 @@ def test_committed_results_render():
         assert rows and all(len(r) == len(rr.COLUMNS) for r in rows), area
     # known figures of the committed files
     kernels = _rows(text, "Kernels")
-    assert ["selective scan forward, ms, (8, 4096, 2048, 16)", "0.520", "1.168 (upstream 2.3.2.post1)", "2.25x",
-            "H100", "2026-12-06",
+    scan = json.loads((REPO / "benchmarks" / "results" / "selective_scan_h100.json").read_text())
+    ours, up = scan["impls"]["ours"]["fwd_ms[8,4096,2048,16]"], scan["impls"]["upstream"]["fwd_ms[8,4096,2048,16]"]
+    assert ["selective scan forward, ms, (8, 4096, 2048, 16)", f"{ours:.3f}", f"{up:.3f} (upstream 2.3.2.post1)",
+            f"{up / ours:.2f}x", "H100", scan["date"],
             "[selective_scan_h100.json](../benchmarks/results/selective_scan_h100.json)"] in kernels
     assert any(r[0].startswith("causal conv1d + SiLU forward, ms, (4, 4096, 2048)") and r[3] == "7.22x"
                and r[4] == "H200" for r in kernels)
