@@ -12,21 +12,10 @@ from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 from mamba_ssm.utils import compiled_step
 from mamba_ssm.utils.generation import (DecodingSession, filter_logits, generate_ragged,
                                         modify_logit_for_repetition_penalty, sample)
+from tiny_models import loud_model
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 101
-
-
-def loud_model(seed=0, n_layer=2):
-    """A tiny model whose greedy continuations depend on the whole prompt (a tied, quietly initialised
-    one repeats its last token, which would hide rows being mixed up)."""
-    torch.manual_seed(seed)
-    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={"d_state": 8},
-                                         tie_embeddings=False), initializer_cfg={"initializer_range": 0.5})
-    with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.out_proj.weight.mul_(3.0)
-    return model.eval()
 
 
 def ragged_prompts():

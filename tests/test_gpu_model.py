@@ -5,6 +5,7 @@ import torch
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+from tiny_models import loud_model
 
 pytestmark = pytest.mark.cuda
 
@@ -93,17 +94,6 @@ def test_lora_adapters_on_the_fast_path_match_peft_on_cuda():
         torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def loud(seed=0):
-    """Untied, loudly initialised: greedy continuations that differ from prompt to prompt."""
-    torch.manual_seed(seed)
-    model = MambaLMHeadModel(MambaConfig(d_model=64, n_layer=2, vocab_size=257, ssm_cfg={"d_state": 16},
-                                         tie_embeddings=False), initializer_cfg={"initializer_range": 0.5})
-    with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.out_proj.weight.mul_(3.0)
-    return model.eval()
-
-
 def test_cuda_graphs_one_per_batch_size_reused_across_calls_and_lengths(monkeypatch):
     import warnings
 
@@ -117,7 +107,7 @@ def test_cuda_graphs_one_per_batch_size_reused_across_calls_and_lengths(monkeypa
             super().__init__(model, batch_size)
 
     monkeypatch.setattr(cuda_graph, "_CapturedStep", Counted)
-    model = loud(seed=4).cuda()
+    model = loud_model(d_model=64, vocab_size=257, d_state=16, seed=4).cuda()
     # (batch, prompt length, new tokens): smaller batches after larger ones and back (upstream 2.3.2
     # fails on a batch-size change), other prompt and generation lengths for a batch size seen before
     runs = [(4, 3, 8), (2, 5, 6), (4, 9, 4), (1, 2, 10), (2, 1, 3), (4, 1, 12)]
@@ -149,7 +139,7 @@ def test_ragged_batch_with_cuda_graph_gives_each_prompt_its_own_tokens():
 
     from mamba_ssm.utils.generation import DecodingSession, generate_ragged
 
-    model = loud(seed=5).cuda()
+    model = loud_model(d_model=64, vocab_size=257, d_state=16, seed=5).cuda()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 257, (n,), generator=g).tolist() for n in (5, 1, 3, 5, 1, 8)]
 
@@ -182,7 +172,7 @@ def test_ragged_batch_with_cuda_graph_gives_each_prompt_its_own_tokens():
 def test_two_cuda_graph_sessions_of_one_batch_size_do_not_share_states_silently():
     from mamba_ssm.utils.generation import DecodingSession
 
-    model = loud(seed=6).cuda()
+    model = loud_model(d_model=64, vocab_size=257, d_state=16, seed=6).cuda()
     first = DecodingSession(model, batch_size=2, max_seqlen=16, cg=True)
     first.prefill([[1, 2, 3], [4]])
     first.step(torch.tensor([5, 6], device="cuda"))

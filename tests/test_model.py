@@ -10,6 +10,7 @@ from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.utils.generation import InferenceParams
+from tiny_models import loud_model
 
 
 def tiny_model(seed=0, vocab=101, d_model=32, n_layer=2, d_state=8, **cfg):
@@ -116,17 +117,6 @@ def test_greedy_generate_equals_argmax_of_full_forward(prompt_len, batch):
     assert torch.equal(seq[:, :prompt_len], prompt)
     logits = model(seq).logits
     assert torch.equal(logits[:, prompt_len - 1:-1].argmax(-1), seq[:, prompt_len:])
-
-
-def loud_model(seed=0):
-    """Untied and loudly initialised: greedy continuations that differ from row to row."""
-    torch.manual_seed(seed)
-    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=101, ssm_cfg={"d_state": 8},
-                                         tie_embeddings=False), initializer_cfg={"initializer_range": 0.5})
-    with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.out_proj.weight.mul_(3.0)
-    return model.eval()
 
 
 def test_generate_stops_at_eos_and_pads_finished_rows():
