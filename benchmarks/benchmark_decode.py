@@ -4,9 +4,9 @@ a Mamba shape: ours in variants against upstream, each (variant, batch) in its o
 The logic is mambakit/bench/decode.py (loaded by path, so children import no `mambakit` and only the
 `mamba_ssm` their PYTHONPATH names).
 
-    # H100: the fused step (1, 2, and the two paths of 1 forced) against the eager step, a base tree and upstream
+    # H100: the fused step against the eager step, a base tree and upstream
     python benchmarks/benchmark_decode.py --shape 1.4b \\
-        --variants fused:MAMBA_SSM_FUSED_STEP=1 gemv:MAMBA_SSM_FUSED_STEP=2 eager:MAMBA_SSM_FUSED_STEP=0 \\
+        --variants fused:MAMBA_SSM_FUSED_STEP=1 eager:MAMBA_SSM_FUSED_STEP=0 \\
                    base:PYTHONPATH=/tmp/base_tree --upstream-path /tmp/upstream_build/mamba_ssm-2.3.2.post1
     # CPU smoke (seconds): tiny shape, fp32, no compiled step
     python benchmarks/benchmark_decode.py --shape tiny --batch 1 --gen-batch 1 --gen-prompt 8 --gen-new 4 \\

@@ -50,6 +50,7 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False):
         conv_xproj = _Recorder(K.conv_xproj, launches)
         ssm_update = _Recorder(K.ssm_update, launches)
         norm_in_proj = _Recorder(K.norm_in_proj, launches)
+        gemv = _Recorder(K.gemv, launches)
 
     def t(*s, dt=dtype):
         return torch.zeros(*s, dtype=dt)
@@ -73,11 +74,13 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False):
         hid, res, nw, inw = t(batch, d_model), t(batch, d_model, dt=torch.float32), t(d_model), t(2 * d_inner, d_model)
         ds.norm_in_proj_conv_xproj(hid, res, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)
         ds.norm_in_proj_conv_xproj(hid, None, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)  # layer 0
+        ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner))  # out_proj
         if variants:  # the other constexpr branches: LayerNorm with biases, no conv bias, no D or z
             ds.norm_in_proj_conv_xproj(hid, t(batch, d_model), nw, t(d_model), 1e-5, False, False, inw,
                                        t(2 * d_inner), cs, cw, None, xw)
             ds.conv_xproj(x, cs, cw, None, xw)
             ds.state_from_partials(ss, parts, x_conv, None, dtw, dtb, a_log, None)
+            ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner), t(d_model))  # out_proj with a bias
     finally:
         ds._kernels = real
     return launches

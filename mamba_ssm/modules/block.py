@@ -44,7 +44,7 @@ class Block(nn.Module):
         return hidden_states, residual
 
     def _fused_step(self, hidden_states, residual, inference_params):
-        # MAMBA_SSM_FUSED_STEP=2: the add+norm, in_proj, conv and x_proj in one kernel (modules/fused_step.py)
+        # batch 1: the add+norm, in_proj, conv and x_proj in one kernel (modules/fused_step.py, gemv path)
         conv_state, ssm_state = self.mixer._get_states_from_cache(inference_params, hidden_states.shape[0])
         out = fused_step.block_step(self, hidden_states[:, 0], None if residual is None else residual[:, 0],
                                      conv_state, ssm_state)

@@ -6,23 +6,27 @@ in_proj, seven for the conv step, x_proj, dt_proj, two for A = -exp(A_log), the 
 out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer's weights takes
 ~17 us on an H100. Paths, per call (`step_path`, `block_path`):
 
+* ``gemv`` (batch <= GEMV_MAX_BATCH), 3 kernels: `norm_in_proj_conv_xproj` (the add+norm as the
+  prologue of a Triton in_proj matrix-vector product, the conv step and x_proj's partial products as
+  its epilogue) | `state_from_partials` | `linear_gemv` (out_proj). Entered from Block.forward, since
+  it takes the norm into the layer's step.
 * ``partials`` (batch <= PARTIALS_MAX_BATCH), 5 kernels: add+norm (Triton) | in_proj (cuBLAS) |
   `conv_xproj` | `state_from_partials` | out_proj (cuBLAS). x_proj is split over channel blocks:
-  `conv_xproj` writes one fp32 partial product per block (no atomics), `state_from_partials`
+  the conv kernel writes one fp32 partial product per block (no atomics), `state_from_partials`
   sums them in a fixed order, so results do not depend on scheduling.
 * ``gemm`` (larger batch), 7 kernels: as above, but `conv_xproj` only convolves, x_proj and dt_proj
-  are cuBLAS products (at large batch they are matrix products worth tensor cores; the partials'
-  re-reads grow with batch) and `state_update` takes dt, B, C from them.
-* ``gemv`` (MAMBA_SSM_FUSED_STEP=2, batch <= GEMV_MAX_BATCH), 3 kernels: `norm_in_proj_conv_xproj`
-  (the add+norm as the prologue of a Triton in_proj matrix-vector product, the conv step and the
-  x_proj partials as its epilogue) | `state_from_partials` | out_proj (cuBLAS). Entered from
-  Block.forward, since it takes the norm into the layer's step.
+  are cuBLAS products (tensor cores at large batch; the partials' re-reads grow with batch) and
+  `state_update` takes dt, B, C from them.
 
-MAMBA_SSM_FUSED_STEP (read once at import; tests and benchmarks set `MODE`): 1 (default) the rule
-above without gemv; 2 the rule with gemv; partials / gemm one path at every batch (to measure the
-rule); 0 the eager step. Each kernel has a PyTorch reference of the same signature (`*_ref`), with
-the same rounding points: x and z, x_conv, the normalised activation and y in the activation dtype,
-everything else (partials, dt, B, C, the state) in fp32.
+The rule, measured on an H100 (2026-12-07, 1.4b, bf16, ms/token in a CUDA graph): batch 1 gemv 1.64
+against partials 1.83; batches 2 and 4 partials 1.84 and 1.83 against gemm 2.14 and 2.20 and gemv 1.89
+and 2.65; batch 16 gemm 2.19 against partials 2.70.
+
+MAMBA_SSM_FUSED_STEP (read once at import): 1 (default) the rule above; 0 the eager step. Tests and
+tools/device/decode_step_sweep.py set `MODE`, also to "partials" or "gemm" (one path at every batch).
+Each kernel has a PyTorch reference of the same signature (`*_ref`), with the same rounding points:
+x and z, x_conv, the normalised activation and y in the activation dtype, everything else
+(partials, dt, B, C, the state) in fp32.
 
 The first call of a signature (path, shapes, dtypes) runs on scratch copies of the states: if Triton
 fails there (a compiler error), the step warns once and stays eager for that signature.
@@ -39,27 +43,26 @@ import torch.nn.functional as F
 from mamba_ssm.backend import requested_backend
 from mamba_ssm.ops.channel_first import autocast_dtype, has_hooks
 from mamba_ssm.ops.triton.decode_step import (_FLOATS, _MAX_D_STATE, _MAX_DT_RANK, GEMV_MAX_D_MODEL, conv_xproj,
-                                              norm_in_proj_conv_xproj, state_from_partials, state_update,
+                                              linear_gemv, norm_in_proj_conv_xproj, state_from_partials, state_update,
                                               triton_installed)
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
 
 ENV_VAR = "MAMBA_SSM_FUSED_STEP"
-MODES = ("0", "1", "2", "partials", "gemm")
+MODES = ("0", "1")
+FORCED_PATHS = ("partials", "gemm")  # MODE values for tests and sweeps, not read from the environment
 
 
 def mode_from_environment(environ=os.environ) -> str:
     value = (environ.get(ENV_VAR) or "1").strip().lower()
     if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (fused decoding step, the default), 2 (1 plus the "
-                         "norm and in_proj fused at small batch), partials or gemm (one fused path at every "
-                         "batch) or 0 (the eager step)")
+        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (the fused decoding step, the default) or 0 (the "
+                         "eager step)")
     return value
 
 
-MODE = mode_from_environment()  # read once; tests and benchmarks set this attribute
+MODE = mode_from_environment()  # read once; tests and sweeps set this attribute
 INTERPRET_ON_CPU = False  # tests: also send CPU tensors to the kernels (Triton's interpreter must be on)
 
-# Dispatch rule (measured later by benchmarks/benchmark_decode.py's partials / gemm / 2 variants).
 PARTIALS_MAX_BATCH = 4   # above: the gemm path (the partials are re-read by every channel block of a row)
 GEMV_MAX_BATCH = 1       # above: in_proj by cuBLAS (the Triton product reads the weight once per row)
 
@@ -95,14 +98,14 @@ def step_path(mixer, hidden):
         return None  # the kernels have no backward
     if mixer.dt_rank > _MAX_DT_RANK or mixer.d_state > _MAX_D_STATE:
         return None
-    if mode in ("partials", "gemm"):
+    if mode in FORCED_PATHS:
         return mode
     return "partials" if hidden.shape[0] <= PARTIALS_MAX_BATCH else "gemm"
 
 
 def block_path(block, hidden, residual) -> bool:
     """Whether Block.forward's step of `block` runs as norm_in_proj_conv_xproj + state_from_partials."""
-    if MODE != "2" or block.mlp is not None or hidden.shape[0] > GEMV_MAX_BATCH:
+    if MODE != "1" or block.mlp is not None or hidden.shape[0] > GEMV_MAX_BATCH:
         return False
     norm = block.norm
 
@@ -154,7 +157,7 @@ def block_step(block, hidden, residual, conv_state, ssm_state):
             hidden, residual, norm.weight, norm.bias, norm.eps, isinstance(norm, RMSNorm), block.residual_in_fp32,
             m.in_proj.weight, m.in_proj.bias, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
         y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
-        return F.linear(y, m.out_proj.weight, m.out_proj.bias), new_res
+        return linear_gemv(y, m.out_proj.weight, m.out_proj.bias), new_res
 
     return _checked(key, run, conv_state, ssm_state)
 

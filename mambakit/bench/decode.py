@@ -14,7 +14,8 @@ CUDA graph on a GPU; each figure the median of `repeats` calls after one warm-up
   generation  prompt --gen-prompt (2048) + --gen-new (128) tokens: tokens_per_s = batch * new / total;
               prefill_ms = the same prompt with one new token (its forward and one sampling, no step)
   decode      prompt --prompt (16) + --new-tokens (512): ms_per_token = (total - prefill) / (new - 1),
-              prefill the prompt + 1 call (no recurrent step); on a GPU also kernels_per_token (profiled)
+              prefill the prompt + 1 call (no recurrent step); on a GPU also kernels_per_token and
+              kernel_us_per_token (profiled: GPU time per kernel name)
 
 Generation runs first: upstream's graph cache is re-captured when max_length grows, never when it
 shrinks. The result (one JSON, overwritten by the next run of the shape and card) holds the machine,
@@ -103,24 +104,35 @@ def _r(xs):
     return [round(x, 4) for x in xs]
 
 
-def kernels_per_token(model, batch, prompt_len, device, seed=0):
-    """GPU kernels (and copies) one recurrent step launches: generate(cg=False) of 3 new tokens minus
-    that of 2, under torch.profiler (the same kernels a CUDA graph replays)."""
+def kernel_profile(model, batch, prompt_len, device, seed=0, top=12):
+    """What one recurrent step runs on the GPU: generate(cg=False) of 3 new tokens minus that of 2, under
+    torch.profiler (the kernels a CUDA graph replays). Returns kernels_per_token (kernels and copies) and
+    kernel_us_per_token: GPU microseconds per kernel name (the `top` largest, names cut at 90 characters),
+    whose sum against ms_per_token tells kernel time from launch gaps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, prompt_len), generator=g).to(device)
 
-    def count(n):
+    def run(n):
         model.generate(ids, max_length=prompt_len + n, cg=False)  # warm (lazy inits, compiles)
         torch.cuda.synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model.generate(ids, max_length=prompt_len + n, cg=False)
             torch.cuda.synchronize(device)
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        count, times = 0, {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                count += 1
+                times[e.name[:90]] = times.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
+        return count, times
 
-    return count(3) - count(2)
+    (n3, t3), (n2, t2) = run(3), run(2)
+    per_kernel = {k: t3.get(k, 0.0) - t2.get(k, 0.0) for k in t3}
+    largest = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return {"kernels_per_token": n3 - n2, "kernel_us_per_token_total": round(sum(per_kernel.values()), 1),
+            "kernel_us_per_token": {k: round(v, 1) for k, v in largest}}
 
 
 def child(args):
@@ -149,8 +161,7 @@ def child(args):
                                         not args.no_cg, device, args.seed)
                 if device.startswith("cuda"):
                     try:
-                        res["decode"]["kernels_per_token"] = kernels_per_token(model, args.batch, args.prompt,
-                                                                               device, args.seed)
+                        res["decode"].update(kernel_profile(model, args.batch, args.prompt, device, args.seed))
                     except Exception as e:  # noqa: BLE001  (a diagnostic, not a figure the run needs)
                         res["decode"]["kernels_per_token_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if device.startswith("cuda"):
@@ -280,8 +291,8 @@ def _ratio(a, b):
 
 
 def table(result: dict) -> str:
-    head = (f"{'variant':>12} {'batch':>5} {'decode ms/tok':>13} {'x base':>7} {'kern/tok':>8} {'gen tok/s':>10} "
-            f"{'x base':>7} {'prefill ms':>10} {'paths':>8}")
+    head = (f"{'variant':>12} {'batch':>5} {'decode ms/tok':>13} {'x base':>7} {'kern/tok':>8} {'kern us':>8} "
+            f"{'gen tok/s':>10} {'x base':>7} {'prefill ms':>10} {'paths':>8}")
     lines = [f"decode {result['inputs']['shape']} on {result['machine'].get('device_name') or 'cpu'} "
              f"(baseline {result['baseline']})", head]
     for name, v in result["variants"].items():
@@ -293,7 +304,7 @@ def table(result: dict) -> str:
             fused = run.get("fused_step")
             paths = "-" if fused is None else ",".join(sorted({_path_name(k) for k in fused["ran"]})) or "eager"
             lines.append(f"{name:>12} {b:>5} {_f(d.get('ms_per_token'), 13, 4)} {_f(r.get('decode_speedup'), 7, 2)} "
-                         f"{_f(d.get('kernels_per_token'), 8, 0)} "
+                         f"{_f(d.get('kernels_per_token'), 8, 0)} {_f(d.get('kernel_us_per_token_total'), 8, 0)} "
                          f"{_f(g.get('tokens_per_s'), 10, 1)} {_f(r.get('tokens_per_s_ratio'), 7, 2)} "
                          f"{_f(g.get('prefill_ms'), 10, 2)} {paths:>8}")
     return "\n".join(lines)

@@ -9,7 +9,8 @@
 #           alternating, LORA_REPEATS each (the recipe's setup: fp32 adapters under bf16 autocast)
 #   decode  benchmarks/benchmark_decode.py ms/token at DECODE_BATCHES: DECODE_VARIANTS and upstream
 #   gen     benchmarks/benchmark_decode.py generation tokens/s and prefill at GEN_BATCHES, same variants
-#   rule    the fused step's batch rule: its partials and gemm paths forced, ms/token at batch 1 4 16
+#   rule    the fused step's batch rule: the rule and its partials and gemm paths forced, ms/token at batch 1 2 4 8 16
+#           (tools/device/decode_step_sweep.py, one process)
 #   run: PHASES="build tests scan" bash tools/device/device_check_job.sh   (carry .upstream and .whl)
 # Everything lands in $OUT (at most 8 files come back: logs are tarred at the end).
 set -u
@@ -81,7 +82,7 @@ for k, d in sorted(runs.items()):
           f"  fwd+bwd {d.get('fwdbwd_tok_per_s') or 0:9.0f}  peak {d.get('peak_mem_GB') or 0:5.1f} GB")
 EOF
 fi
-DECODE_VARIANTS=${DECODE_VARIANTS:-"fused:MAMBA_SSM_FUSED_STEP=1 gemv:MAMBA_SSM_FUSED_STEP=2 eager:MAMBA_SSM_FUSED_STEP=0"}
+DECODE_VARIANTS=${DECODE_VARIANTS:-"fused:MAMBA_SSM_FUSED_STEP=1 eager:MAMBA_SSM_FUSED_STEP=0"}
 if has decode; then
   # shellcheck disable=SC2086
   timeout ${DECODE_TIMEOUT:-330} python3 benchmarks/benchmark_decode.py --shape 1.4b --variants $DECODE_VARIANTS $UP_ARG \
@@ -95,9 +96,8 @@ if has gen; then
   stamp "generation benchmark rc=$?"; tail -25 $LOGS/gen.log
 fi
 if has rule; then
-  timeout ${RULE_TIMEOUT:-150} python3 benchmarks/benchmark_decode.py --shape 1.4b --batch 1 4 16 --no-generation \
-    --new-tokens 256 --variants partials:MAMBA_SSM_FUSED_STEP=partials gemm:MAMBA_SSM_FUSED_STEP=gemm \
-    --child-timeout 90 --results-dir /tmp/decode_rule --out-dir $OUT/rule > $LOGS/rule.log 2>&1
+  timeout ${RULE_TIMEOUT:-150} python3 tools/device/decode_step_sweep.py --batch 1 2 4 8 16 --out $OUT/decode_rule.json \
+    --configs '{"MODE": "1"}' '{"MODE": "partials"}' '{"MODE": "gemm"}' > $LOGS/rule.log 2>&1
   stamp "rule benchmark rc=$?"; tail -12 $LOGS/rule.log
 fi
 grep -E "^(FAILED|ERROR)" $OUT/tests.log 2>/dev/null | cut -c1-300 | head -30

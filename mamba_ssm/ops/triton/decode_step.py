@@ -8,6 +8,8 @@ mamba_ssm/modules/fused_step.py.
   the state update, D skip and z gate. `state_update`: the same from dt, B, C given by cuBLAS.
 * `norm_in_proj_conv_xproj`: the residual add + norm as the prologue of a Triton in_proj
   matrix-vector product, the conv step and the x_proj partials as its epilogue.
+* `linear_gemv`: F.linear at batch 1 as one matrix-vector product (out_proj; cuBLAS splits K over
+  two kernels there).
 
 Rounding points as in the eager step: x and z, x_conv, the normalised activation and y in the
 activation dtype; everything else (partials, dt, B, C, the state) in fp32.
@@ -33,6 +35,11 @@ _STATE_WARPS = 8
 _PARTIAL_TILE = 4096      # elements of one (partials, dt_rank) chunk summed at once by the state kernel
 _GEMV_BLOCK_K = 256
 _GEMV_WARPS = 8
+# linear_gemv (out_proj of a 1.4b layer, 2048 x 4096 bf16, on an H100, 2026-12-07: 7.9 us; 16 rows x
+# 512: 8.8 us; cuBLAS's split-K pair: 10.0 us; tools/device/decode_step_sweep.py)
+_OUT_ROWS = 8
+_OUT_BLOCK_K = 1024
+_OUT_WARPS = 4
 _MAX_DT_RANK = 1024
 _MAX_D_STATE = 256
 
@@ -319,8 +326,8 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
         x_conv.stride(0), x_proj_weight.stride(0), x_proj_weight.stride(1), partials.stride(0), partials.stride(1),
         HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
         HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
-        **_xproj_chunks(e), D_P2=_p2(d_model), EARLY_EPILOGUE=in_proj_weight.element_size() <= 2,
-        BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)), num_warps=_GEMV_WARPS)
+        **_xproj_chunks(e), D_P2=_p2(d_model), BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)),
+        num_warps=_GEMV_WARPS)
     return x_conv, z, partials, new_res
 
 
@@ -346,3 +353,37 @@ def norm_in_proj_conv_xproj_ref(hidden, residual, norm_weight, norm_bias, eps, i
     x, z = xz[:, :d_inner], xz[:, d_inner:]
     x_conv, partials = conv_xproj_ref(x, conv_state, conv_weight, conv_bias, x_proj_weight)
     return x_conv, z.contiguous(), partials, new_res
+
+
+# ------------------------------------------------------------------------------ matrix-vector product
+def _check_gemv(x, weight, bias):
+    if x.dim() != 2:
+        raise ValueError(f"x must be (batch, in_features), got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (out_features, {x.shape[1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def linear_gemv(x, weight, bias=None):
+    """F.linear(x, weight, bias) for a few rows, one kernel: x (batch, K), weight (N, K), bias (N,) or None
+    -> (batch, N) in x's dtype, fp32 sums. Grid (cdiv(N, _OUT_ROWS), batch): each row reads the weight."""
+    _check_gemv(x, weight, bias)
+    batch, k = x.shape
+    n = weight.shape[0]
+    out = _empty(batch, n, device=x.device, dtype=x.dtype)
+    _kernels().gemv[(_cdiv(n, _OUT_ROWS), batch)](
+        x, weight, bias if bias is not None else weight, out, n, k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=_OUT_ROWS, BLOCK_K=min(_OUT_BLOCK_K, _p2(k)),
+        num_warps=_OUT_WARPS)
+    return out
+
+
+def linear_gemv_ref(x, weight, bias=None):
+    """linear_gemv in PyTorch (same contract: fp32 sums, one rounding to x's dtype)."""
+    _check_gemv(x, weight, bias)
+    out = x.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
