@@ -483,6 +483,66 @@ def test_local_gsm8k_tasks_through_the_cli(tiny, tmp_path, monkeypatch):
     assert "| gsm8k_local_mc | acc |" in table and table.count("\n") == 2 + 4
 
 
+def _harness_run(tiny, out, nproc):
+    """evals/lm_harness_eval.py on the local GSM8K tasks, in 1 process or under torchrun (gloo)."""
+    import subprocess
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(29700 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "MAMBAKIT_GSM8K_DIR": str(GSM8K_DIR), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([*launcher, str(REPO / "evals" / "lm_harness_eval.py"), "--model", "mamba",
+                           "--model_args", f"pretrained={tiny['ours']},dtype=float32",
+                           "--tasks", "gsm8k_local,gsm8k_local_mc", "--device", "cpu", "--batch_size", "4",
+                           "--limit", "5", "--num_fewshot", "1", "--gen_kwargs", "max_gen_toks=16",
+                           "--output_path", str(out), "--log_samples", "--seed", "0"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (results_file,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+    samples = {}
+    for f in glob.glob(str(out / "**" / "samples_*.jsonl"), recursive=True):
+        for line in Path(f).read_text().splitlines():
+            s = json.loads(line)
+            samples[(Path(f).name.split("_20")[0], s["doc_id"], s["filter"])] = s["resps"]
+    return json.loads(Path(results_file).read_text())["results"], samples
+
+
+def test_data_parallel_evaluation_equals_one_process(tiny, tmp_path):
+    """lm-eval's data-parallel mode (torchrun, 2 CPU processes, gloo): each rank evaluates its share
+    of the documents (5: uneven, so lm-eval pads one rank) and rank 0 reports the same metrics and
+    the same responses as one process."""
+    one, one_samples = _harness_run(tiny, tmp_path / "one", 1)
+    two, two_samples = _harness_run(tiny, tmp_path / "two", 2)
+    assert set(one) == set(two) == {"gsm8k_local", "gsm8k_local_mc"}
+    for task in one:
+        for metric, value in one[task].items():
+            if isinstance(value, float):
+                assert two[task][metric] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, metric)
+    assert len(one_samples) == len(two_samples) > 0
+    assert {k[1] for k in two_samples} == set(range(5))
+    for key, resps in one_samples.items():  # (lm-eval repeats a padded rank's last request: one more response)
+        got, want = [r[0] for r in two_samples[key]], [r[0] for r in resps]
+        if key[0].endswith("_mc"):  # (loglikelihood, is_greedy): batched with other requests, so fp32 sums differ
+            assert [g[1] for g in got] == [w[1] for w in want], key
+            assert [float(g[0]) for g in got] == pytest.approx([float(w[0]) for w in want], rel=1e-3), key
+        else:
+            assert got == want, key
+
+
+def test_data_parallel_ranks_from_the_launcher_environment():
+    from mambakit.evaluation import data_parallel as dp
+
+    assert dp.launched_ranks({}) == (0, 1, 0)
+    assert dp.launched_ranks({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
+    with pytest.raises(ValueError, match=r"RANK=2 is not in \[0, WORLD_SIZE=2\)"):
+        dp.launched_ranks({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="must be integers"):
+        dp.launched_ranks({"RANK": "x", "WORLD_SIZE": "2"})
+    assert dp.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
+
+
 # --- report ------------------------------------------------------------------------------------------
 
 def test_results_table_compares_models(tmp_path):

@@ -22,6 +22,9 @@ model_args:
                   launch per token instead of one per kernel; falls back to eager steps if
                   capture fails)
 
+Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1) each process is one rank of lm-eval's
+data-parallel mode (mambakit/evaluation/data_parallel.py).
+
 Why this model and not lm-eval's `mamba_ssm`: Mamba is recurrent, so left padding (what HF-style
 batched generation uses) changes the state of every row it pads, and lm-eval's wrapper generates to
 the maximum length whatever the stop sequences. Here:
@@ -49,6 +52,8 @@ import lm_eval.models  # noqa: F401  (fills the registry's built-in entries befo
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from mambakit.evaluation import data_parallel
 
 try:
     from tqdm import tqdm
@@ -208,7 +213,11 @@ class MambaEvalLM(TemplateLM):
             logger.warning("mamba: ignoring model_args it does not know: %s", ", ".join(sorted(kwargs)))
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
+        self._rank, self._world_size, local_rank = data_parallel.launched_ranks()
         self._device = parse_device(device)
+        if self._world_size > 1:  # lm-eval's data-parallel mode (accelerate launch / torchrun)
+            self._device = data_parallel.rank_device(self._device, local_rank)
+            data_parallel.init_process_group(self._device)
         self._dtype = parse_dtype(dtype, self._device)
         self._max_length = int(max_length)
         self._max_gen_toks = int(max_gen_toks)
@@ -292,6 +301,18 @@ class MambaEvalLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "gpt-neox").replace("/", "__")
+
+    # --- lm-eval's data-parallel mode (mambakit/evaluation/data_parallel.py) -------------------
+
+    def all_gather(self, tensor):
+        return data_parallel.all_gather(tensor, self._world_size) if self._world_size > 1 else tensor
+
+    def gather_object(self, obj, dst=0):
+        return data_parallel.gather_object(obj, self._rank, self._world_size, dst) if self._world_size > 1 else [obj]
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            data_parallel.barrier()
 
     def get_model_info(self) -> dict:
         n = sum(p.numel() for p in self._model.parameters())
