@@ -140,6 +140,29 @@ def generation(results_dir: Path) -> _Table:
     return t
 
 
+def decoding(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "decode_*.json"):
+        inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
+        card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
+        base_runs = variants.get(base_name, {}).get("runs", {})
+        label = "upstream 2.3.2.post1" if base_name == "upstream" else base_name
+        for vname, v in variants.items():
+            if vname == base_name:
+                continue
+            for b, run in sorted(v.get("runs", {}).items(), key=lambda kv: int(kv[0])):
+                base = base_runs.get(b, {})
+                dec, gen = run.get("decode") or {}, run.get("generation") or {}
+                if dec.get("ms_per_token") is not None:
+                    t.add(f"{inp.get('shape')} decoding, ms/token, batch {b} ({vname})", dec["ms_per_token"],
+                          (base.get("decode") or {}).get("ms_per_token"), label, False, card, date, name)
+                if gen.get("tokens_per_s") is not None:
+                    t.add(f"{inp.get('shape')} generation, tokens/s, batch {b}, prompt {gen.get('prompt')}, "
+                          f"{gen.get('new_tokens')} new ({vname})", gen["tokens_per_s"],
+                          (base.get("generation") or {}).get("tokens_per_s"), label, True, card, date, name)
+    return t
+
+
 def training(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "finetune_lora_*.json"):
@@ -219,6 +242,9 @@ AREAS = (
     ("Generation", "Mamba against a same-size GPT-NeoX transformer (transformers; its shape in the baseline "
                    "column), random weights unless a checkpoint is named, greedy; "
                    "tokens/s = batch x new tokens / (prefill + decode).", generation),
+    ("Decoding against upstream", "benchmarks/benchmark_decode.py: random weights, bf16, greedy, `generate(cg=True)` "
+                                  "(a CUDA graph), ours and upstream mamba-ssm built and timed in the same job; "
+                                  "decoding: prompt 16, 512 new tokens, (total - prefill) / new tokens.", decoding),
     ("Training: the LoRA step", "LoRA on in_proj/x_proj/dt_proj/out_proj, bf16 autocast, random weights; the "
                                 "baseline is an earlier tree of ours timed in the same call where named, else, "
                                 "for forward+backward, upstream's full model (an *anchor*: measured by the "
