@@ -70,3 +70,25 @@ def _train_both():
         first = losses[0] if step == 0 else first
     assert losses[0] < first - 0.5  # it learned something
     assert real_tokens < pad_tokens
+
+
+def test_packing_default_and_unsupported_model(tmp_path):
+    """packing None packs for this package's Mamba and pads for a model without seq_idx; packing
+    asked for such a model is an error naming the model."""
+    from mambakit.finetune import FinetuneConfig
+    from mambakit.finetune.inputs import load_data
+    from mambakit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(TOKENIZER))
+    cfg = FinetuneConfig(model="tiny", dataset=str(GSM8K), max_examples=6, eval_size=2, max_length=512)
+    mamba = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=VOCAB, pad_vocab_size_multiple=1))
+    data = load_data(cfg, tok, mamba)
+    assert data.stats["packed"] is True and "seq_lengths" in data.train.column_names
+    assert sum(sum(r) for r in data.train["seq_lengths"]) == data.stats["tokens"]
+    other = torch.nn.Linear(2, 2)
+    assert not model_supports_packing(other)
+    assert load_data(cfg, tok, other).stats["packed"] is False
+    import dataclasses
+
+    with pytest.raises(ValueError, match="packing=True: the model tiny does not take packed sequences"):
+        load_data(dataclasses.replace(cfg, packing=True), tok, other)
