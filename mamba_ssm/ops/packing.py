@@ -12,7 +12,8 @@ The scan resets its state and the causal conv its window at every start. With ``
 only, each row's final state, (batch, dim, dstate), as without packing.
 
 Checking a ``seq_idx`` on a GPU costs a device sync; the last tensor checked is remembered (by
-identity and version), so the layers of one model forward check it once.
+identity and version), so the layers of one model forward check it once (inference tensors, which
+have no version, are checked every time).
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ def check_seq_idx(seq_idx, batch: int, seqlen: int, device=None, who: str = "sel
         raise ValueError(f"{who}: seq_idx must be (batch, seqlen) = ({batch}, {seqlen}), got {_shape(seq_idx)}")
     if device is not None and seq_idx.device != torch.device(device):
         raise ValueError(f"{who}: seq_idx must be on the inputs' device {device}, got {seq_idx.device}")
+    # inference tensors have no version counter: checked every time
+    version = None if seq_idx.is_inference() else seq_idx._version
     memo = _last_checked
-    if memo is not None and memo[0]() is seq_idx and memo[1:] == (seq_idx._version, batch, seqlen):
+    if version is not None and memo is not None and memo[0]() is seq_idx and memo[1:] == (version, batch, seqlen):
         return
     if seqlen > 1:
         step = seq_idx[:, 1:] - seq_idx[:, :-1]
@@ -49,7 +52,8 @@ def check_seq_idx(seq_idx, batch: int, seqlen: int, device=None, who: str = "sel
             row, t = (step < 0).nonzero()[0].tolist()
             raise ValueError(f"{who}: seq_idx must be non-decreasing along each row; row {row} goes from "
                              f"{int(seq_idx[row, t])} to {int(seq_idx[row, t + 1])} at position {t + 1}")
-    _last_checked = (weakref.ref(seq_idx), seq_idx._version, batch, seqlen)
+    if version is not None:
+        _last_checked = (weakref.ref(seq_idx), version, batch, seqlen)
 
 
 def check_cu_seqlens(cu_seqlens, batch: int, seqlen: int, who: str = "selective_scan"):
