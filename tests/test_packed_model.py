@@ -23,7 +23,7 @@ def _alone(fn, x, cu, dim=1):
 
 
 def _assert_grads_equal(params, out, ref, tol=1e-5):
-    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(out.device)
     grads = torch.autograd.grad((out * gout).sum(), params, allow_unused=True)
     refs = torch.autograd.grad((ref * gout).sum(), params, allow_unused=True)
     for a, r in zip(grads, refs):
@@ -123,3 +123,34 @@ def test_packed_errors():
     layer.conv1d = torch.nn.Sequential(layer.conv1d)
     with pytest.raises(ValueError, match="packed sequences need conv1d to be a plain nn.Conv1d"):
         layer(x, seq_idx=seq_idx)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_model_on_gpu(dtype):
+    """On the GPU's kernels (the Triton conv with seq_idx, the CUDA scan one sequence per row): LoRA
+    logits and gradients of a packed row equal each sequence alone, and a packed prefill equals one
+    forward per prompt; 70 sequences in the row."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from mamba_ssm.utils.generation import DecodingSession
+
+    model = loud_model(seed=4).cuda()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["in_proj", "out_proj"]))
+    lengths = torch.randint(1, 12, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    cu = _cu(lengths).cuda()
+    ids = torch.randint(0, 101, (1, int(cu[-1])), generator=torch.Generator().manual_seed(1)).cuda()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    with warnings.catch_warnings(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        warnings.simplefilter("ignore")
+        out = lora(input_ids=ids, cu_seqlens=cu).logits.float()
+        ref = _alone(lambda t: lora(input_ids=t).logits.float(), ids, cu)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        params = [p for p in lora.parameters() if p.requires_grad]
+        _assert_grads_equal(params, out, ref, tol=tol)
+        prompts = [ids[0, a:e].tolist() for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())][:8]
+        sessions = [DecodingSession(model.eval(), 8, 32, packed_prefill=p) for p in (True, False)]
+        with torch.no_grad():
+            a, b = (s.prefill(prompts) for s in sessions)
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
