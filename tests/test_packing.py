@@ -369,3 +369,11 @@ def test_packed_scan_on_gpu_equals_unpacked_kernel(dtype):
 def test_packed_triton_conv_on_gpu():
     pytest.importorskip("triton")
     _check_conv(_triton_conv, _long_layout(300, 0).cuda(), 4, dtype=torch.float32, tol=1e-5)
+
+
+def test_repack_maps_are_shared_until_seq_idx_changes():
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2]], dtype=torch.int32)
+    rp = packing._repack_of(seq_idx)
+    assert packing._repack_of(seq_idx) is rp and (rp.num_seqs, rp.max_len) == (3, 3)
+    seq_idx[0, 5] = 1
+    assert packing._repack_of(seq_idx).num_seqs == 2

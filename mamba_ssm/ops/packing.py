@@ -177,11 +177,28 @@ class _Repack:
         return flat.view(c, self.batch, self.seqlen).permute(1, 0, 2)
 
 
+_last_repack: tuple | None = None  # (weakref to seq_idx, its _version, its _Repack)
+
+
+def _repack_of(seq_idx) -> _Repack:
+    """The index maps of seq_idx, remembered for the last tensor (building them syncs with the device;
+    the layers of one model forward share them)."""
+    global _last_repack
+    version = None if seq_idx.is_inference() else seq_idx._version
+    memo = _last_repack
+    if version is not None and memo is not None and memo[0]() is seq_idx and memo[1] == version:
+        return memo[2]
+    rp = _Repack(seq_idx)
+    if version is not None:
+        _last_repack = (weakref.ref(seq_idx), version, rp)
+    return rp
+
+
 def scan_by_sequences(scan, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, seq_idx=None, cu_seqlens=None):
     """A packed selective scan computed by an unpacked ``scan`` (selective_scan_ref's signature):
     every sequence on a row of its own, left-padded to the longest. Checked seq_idx required."""
-    rp = _Repack(seq_idx)
+    rp = _repack_of(seq_idx)
     out = scan(rp.to_rows(u), rp.to_rows(delta), A, rp.to_rows(B), rp.to_rows(C), D,
                rp.to_rows(z) if z is not None else None, delta_bias, delta_softplus, return_last_state)
     if not return_last_state:
