@@ -80,6 +80,20 @@ def check_cu_seqlens(cu_seqlens, batch: int, seqlen: int, who: str = "selective_
         raise ValueError(f"{who}: cu_seqlens must end at the packed length seqlen = {seqlen}, got {cu[-1]}")
 
 
+def model_takes_packed_sequences(model) -> bool:
+    """Whether every layer's mixer of an LM (``.backbone.layers``, PEFT-wrapped or not) takes seq_idx
+    and cu_seqlens: this package's Mamba does."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "backbone", None), "layers", None)
+    try:
+        return bool(layers) and all({"seq_idx", "cu_seqlens"} <= set(inspect.signature(l.mixer.forward).parameters)
+                                    for l in layers)
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def seq_idx_from_cu_seqlens(cu_seqlens, seqlen: int, device=None) -> torch.Tensor:
     """(1, seqlen) int32 seq_idx of checked ``cu_seqlens``."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mamba_ssm.ops import packing
 from mamba_ssm.utils import compiled_step
 from mamba_ssm.utils.cuda_graph import CudaGraphStep
 from mamba_ssm.utils.inference_params import InferenceParams
@@ -168,7 +169,7 @@ class DecodingSession:
         self.steps = 0
         self.step_kind: Optional[str] = None  # "eager", "cuda_graph" or "compiled" once prepared
         self._step_fn = None
-        supported = takes_packed_sequences(model)
+        supported = packing.model_takes_packed_sequences(model)
         if packed_prefill and not supported:
             raise ValueError("DecodingSession: packed_prefill=True, but the model's mixers do not take cu_seqlens")
         self.packed_prefill = supported if packed_prefill is None else bool(packed_prefill)
@@ -448,18 +449,6 @@ class DecodingSession:
         if not can_finish:
             lengths[rows] = t + 1
         return Generated(tokens=out[:, :t + 1], lengths=lengths)
-
-
-def takes_packed_sequences(model) -> bool:
-    """Whether every layer's mixer of an LM (with .backbone.layers) takes cu_seqlens (this package's Mamba)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "backbone", None), "layers", None)
-    try:
-        return bool(layers) and all("cu_seqlens" in inspect.signature(l.mixer.forward).parameters for l in layers)
-    except (TypeError, ValueError, AttributeError):
-        return False
 
 
 def generate_ragged(model, prompts, max_new_tokens: int, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,

@@ -239,13 +239,9 @@ def pack_examples(input_ids: list[list[int]], labels: list[list[int]], max_lengt
 
 def model_supports_packing(model) -> bool:
     """True when every mixer of the model (PEFT-wrapped or not) takes seq_idx: this package's Mamba."""
-    import inspect
+    from mamba_ssm.ops.packing import model_takes_packed_sequences
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(getattr(base, "backbone", None), "layers", None)
-    if not layers:
-        return False
-    return all("seq_idx" in inspect.signature(layer.mixer.forward).parameters for layer in layers)
+    return model_takes_packed_sequences(model)
 
 
 class DataCollator:

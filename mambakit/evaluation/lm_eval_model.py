@@ -247,9 +247,9 @@ class MambaEvalLM(TemplateLM):
         self.stats = {"decode_steps": 0, "forward_rows": 0}
         self._cuda_graph = _as_bool(cuda_graph)  # decoding steps as CUDA graphs (CUDA only)
         self._compact = True  # eager decoding drops finished rows from the batch
-        from mamba_ssm.utils.generation import takes_packed_sequences
+        from mamba_ssm.ops.packing import model_takes_packed_sequences
 
-        self._packed = _as_bool(packed) and takes_packed_sequences(self._core)
+        self._packed = _as_bool(packed) and model_takes_packed_sequences(self._core)
 
     # --- construction helpers --------------------------------------------------------------
 
