@@ -103,6 +103,7 @@ def test_loss_falls_and_outputs_complete(reference_run):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, f"loss did not fall: first five {losses[:5]}, last five {losses[-5:]}"
     assert s["steps"] == STEPS and s["mode"] == "lora"
+    assert s["data"]["packed"] is True  # the default for a model that takes seq_idx
     assert s["data"]["truncated"] > 0 and s["data"]["examples"] == 64
     for key in ("accuracy_base", "accuracy_finetuned"):
         assert 0.0 <= s[key] <= 1.0
@@ -176,6 +177,10 @@ def test_sigterm_then_resume_matches_uninterrupted(work, reference_run, tmp_path
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     steps = [json.loads(l)["step"] for l in log.read_text().splitlines() if '"loss"' in l]
     assert steps == list(range(1, STEPS + 1))  # records past the checkpoint were replaced, not duplicated
+    # real tokens seen (no padding) survive the resume: the same count as the uninterrupted run's
+    seen = [[json.loads(l)["num_input_tokens_seen"] for l in (d / "log.jsonl").read_text().splitlines()
+             if '"loss"' in l] for d in (ref_out, out)]
+    assert seen[0] == seen[1] and seen[0][0] > 0 and all(b > a for a, b in zip(seen[0], seen[0][1:]))
 
 
 def test_merge_matches_adapted_and_loads(work, reference_run, tmp_path):

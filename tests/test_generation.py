@@ -146,6 +146,23 @@ def test_session_drops_finished_rows_and_prefills_rows_in_any_order():
     assert (1, want[1][:3]) not in seen and (0, want[0][:6]) in seen
 
 
+def test_packed_prefill_equals_one_forward_per_length():
+    """Prompts of different lengths prefilled as one packed row leave the logits and the cache that a
+    forward per length leaves, also into rows out of order; the decoded tokens are the same."""
+    model = loud_model()
+    prompts = ragged_prompts()
+    sessions = [DecodingSession(model, batch_size=6, max_seqlen=24, packed_prefill=p) for p in (True, False)]
+    for rows in ([5, 0, 2], [4, 1, 3]):
+        a, b = (s.prefill([prompts[r] for r in rows], rows=rows) for s in sessions)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for layer, states in sessions[1].inference_params.key_value_memory_dict.items():
+        for x, y in zip(sessions[0].inference_params.key_value_memory_dict[layer], states):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert sessions[0].generate(8).to_lists() == sessions[1].generate(8).to_lists() == \
+        [alone(model, p, 8) for p in prompts]
+    assert generate_ragged(model, prompts, 8, packed_prefill=False) == generate_ragged(model, prompts, 8)
+
+
 def test_session_errors_name_the_argument():
     model = loud_model()
     session = DecodingSession(model, batch_size=2, max_seqlen=8)

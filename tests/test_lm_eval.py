@@ -264,7 +264,7 @@ def test_out_of_memory_in_prefill_is_retried_with_fewer_rows(tiny, lm, monkeypat
 
     alone = [_gen(lm, [p], until=["\n\n"], max_gen_toks=8)[0] for p in PROMPTS]
     small = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
-                        batch_size=4)
+                        batch_size=4, packed=False)
     forward = small._core.forward
     prefills = []
 
@@ -279,6 +279,60 @@ def test_out_of_memory_in_prefill_is_retried_with_fewer_rows(tiny, lm, monkeypat
     assert _gen(small, PROMPTS, until=["\n\n"], max_gen_toks=8) == alone
     assert prefills.count(2) == 1 and prefills.count(1) == len(PROMPTS)  # "x" and "y" together, then alone
     assert small.stats["forward_rows"] == len(PROMPTS)
+
+
+def test_packed_equals_padded_and_alone(tiny, lm):
+    """packed=true (one packed row per batch, the default) gives the numbers and texts of packed=false
+    and of each request alone; the packed forwards really run (cu_seqlens reach the backbone)."""
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
+
+    kw = dict(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32", batch_size=8)
+    packed, padded = MambaEvalLM(**kw), MambaEvalLM(**kw, packed=False)
+    assert packed._packed and not padded._packed
+    calls = []
+    backbone_forward = packed._core.backbone.forward
+
+    def spy(input_ids, *args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens") is not None)
+        return backbone_forward(input_ids, *args, **kwargs)
+
+    reqs = _instances("loglikelihood", LL_PAIRS)
+    packed._core.backbone.forward = spy
+    try:
+        got = packed.loglikelihood(reqs, disable_tqdm=True)
+        assert calls and calls[0], calls  # the first batch of loglikelihood inputs ran as one packed row
+        calls.clear()
+        texts = _gen(packed, PROMPTS, until=["\n\n"], max_gen_toks=12)
+        assert calls[0], calls  # so did the generation's prefill
+    finally:
+        del packed._core.backbone.forward
+    for (a, ga), (b, gb), (c, gc) in zip(got, padded.loglikelihood(reqs, disable_tqdm=True),
+                                        lm.loglikelihood(reqs, disable_tqdm=True)):
+        assert a == pytest.approx(b, abs=1e-4) and a == pytest.approx(c, abs=1e-4) and ga == gb == gc
+    assert texts == _gen(padded, PROMPTS, until=["\n\n"], max_gen_toks=12) == \
+        [_gen(lm, [p], until=["\n\n"], max_gen_toks=12)[0] for p in PROMPTS]
+
+
+def test_out_of_memory_in_packed_prefill_is_retried_with_fewer_tokens(tiny, lm, monkeypatch):
+    from mambakit.evaluation.lm_eval_model import MambaEvalLM
+
+    alone = [_gen(lm, [p], until=["\n\n"], max_gen_toks=8)[0] for p in PROMPTS]
+    small = MambaEvalLM(pretrained=tiny["model"], tokenizer=str(tiny["ours"]), device="cpu", dtype="float32",
+                        batch_size=4)
+    backbone_forward = small._core.backbone.forward
+    packs = []
+
+    def short_of_memory(input_ids, *args, **kwargs):
+        cu = kwargs.get("cu_seqlens")
+        if cu is not None:  # a packed prefill of more than two prompts "runs out of memory"
+            packs.append(len(cu) - 1)
+            if len(cu) > 3:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return backbone_forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(small._core.backbone, "forward", short_of_memory)
+    assert _gen(small, PROMPTS, until=["\n\n"], max_gen_toks=8) == alone
+    assert packs[0] > 2 and 2 in packs
 
 
 def test_context_matters_in_the_tiny_model(tiny, lm):

@@ -68,9 +68,24 @@ def test_tokenize_masks_prompt_and_appends_eos(tok):
 def test_packing_keeps_examples_whole():
     ids = [[1] * 5, [2] * 4, [3] * 6, [4] * 2]
     labs = [[-100] * 5, [2] * 4, [3] * 6, [4] * 2]
-    rows, rlabs = pack_examples(ids, labs, max_length=10)
+    rows, rlabs, lengths = pack_examples(ids, labs, max_length=10)
     assert rows == [[1] * 5 + [2] * 4, [3] * 6 + [4] * 2]
     assert rlabs[0][:5] == [-100] * 5
+    assert lengths == [[5, 4], [6, 2]]
+
+
+def test_collator_packed_rows_get_seq_idx():
+    """seq_idx numbers the examples of each row (padding a sequence of its own); each example's first
+    label is -100, so no example's last token is trained to predict the next one's first."""
+    batch = DataCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "seq_lengths": [2, 3]},
+        {"input_ids": [1, 2], "labels": [1, 2], "seq_lengths": [1, 1]}])
+    assert batch["seq_idx"].dtype == torch.int32
+    assert batch["seq_idx"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 2, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9], [-100, -100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"row 0 has 2 tokens but its seq_lengths \[1\] sum to 1"):
+        DataCollator(pad_token_id=0)([{"input_ids": [1, 2], "labels": [1, 2], "seq_lengths": [1]}])
 
 
 def test_collator_right_pads():

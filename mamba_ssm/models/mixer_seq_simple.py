@@ -17,6 +17,7 @@ from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.modules.block import Block
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.modules.mlp import GatedMLP
+from mamba_ssm.ops import packing
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn
 from mamba_ssm.utils.generation import GenerationMixin
 
@@ -99,7 +100,11 @@ class MixerModel(nn.Module):
                 for i, layer in enumerate(self.layers)}
 
     def forward(self, input_ids, inference_params=None, **mixer_kwargs):
-        """input_ids: (batch, seqlen) -> hidden states (batch, seqlen, d_model)."""
+        """input_ids: (batch, seqlen) -> hidden states (batch, seqlen, d_model). mixer_kwargs go to every
+        mixer: seq_idx / cu_seqlens for packed sequences (checked and converted to seq_idx once here)."""
+        if inference_params is None and mixer_kwargs.get("cu_seqlens") is not None:
+            mixer_kwargs["seq_idx"], _ = packing.resolve(mixer_kwargs.get("seq_idx"), mixer_kwargs.pop("cu_seqlens"),
+                                                         *input_ids.shape, input_ids.device, "MixerModel")
         hidden_states = self.embedding(input_ids)
         residual = None
         for layer in self.layers:
@@ -163,8 +168,15 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
         if labels.shape != input_ids.shape:
             raise ValueError(f"MambaLMHeadModel: labels must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        targets = labels[:, 1:].to(logits.device)
+        if mixer_kwargs.get("seq_idx") is not None or mixer_kwargs.get("cu_seqlens") is not None:
+            # packed: a sequence's last token does not predict the next sequence's first
+            seq_idx = mixer_kwargs.get("seq_idx")
+            if seq_idx is None:
+                seq_idx = packing.seq_idx_from_cu_seqlens(mixer_kwargs["cu_seqlens"], input_ids.shape[1])
+            targets = targets.masked_fill(packing.starts(seq_idx.to(logits.device))[:, 1:], -100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                               ignore_index=-100)
         return CausalLMOutputWithLoss(logits=logits, loss=loss)
 
     @classmethod

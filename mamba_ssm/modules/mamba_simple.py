@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from mamba_ssm.ops import packing
 from mamba_ssm.ops import selective_scan_interface as _scan
 from mamba_ssm.ops.channel_first import has_hooks, project
 from mamba_ssm.modules import fused_step
@@ -79,15 +80,28 @@ class Mamba(nn.Module):
         return all(type(m) is nn.Linear for m in layers) and type(self.conv1d) is nn.Conv1d \
             and not has_hooks(*layers, self.conv1d)
 
-    def forward(self, hidden_states, inference_params=None):
-        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+    def forward(self, hidden_states, inference_params=None, seq_idx=None, cu_seqlens=None):
+        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        Packed sequences (mamba_ssm/ops/packing.py): seq_idx (batch, seqlen) int32 or cu_seqlens
+        (num_seqs + 1,) restart the conv window and the state at each sequence's start. A prefill
+        with inference_params and cu_seqlens fills a cache of batch num_seqs, one row per sequence.
+        """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: hidden_states must be (batch, seqlen, {self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         batch, seqlen, _ = hidden_states.shape
+        packed = seq_idx is not None or cu_seqlens is not None
+        if packed:
+            seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, batch, seqlen, hidden_states.device, "Mamba")
         conv_state, ssm_state = None, None
         if inference_params is not None:
-            conv_state, ssm_state = self._get_states_from_cache(inference_params, batch)
+            if packed and (cu_seqlens is None or inference_params.seqlen_offset > 0):
+                raise ValueError("Mamba: a packed forward with inference_params is a prefill (seqlen_offset 0) "
+                                 "and needs cu_seqlens (its cache holds one row per sequence); got "
+                                 f"{'seq_idx only' if cu_seqlens is None else 'seqlen_offset > 0'}")
+            cache_batch = cu_seqlens.shape[0] - 1 if packed else batch
+            conv_state, ssm_state = self._get_states_from_cache(inference_params, cache_batch)
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
@@ -99,22 +113,26 @@ class Mamba(nn.Module):
             return _scan.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                   None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
-                                  delta_softplus=True)
+                                  delta_softplus=True, seq_idx=seq_idx)
 
         # Adapters (LoRA) around the projections: each is called through `project`, which applies
         # nn.Linear and described adapters (mamba_ssm.ops.adapters) channel-first, any other module as itself.
         x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             # Keep the last d_conv inputs (left-padded with zeros) for the next step.
-            conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0))[..., -self.d_conv:])
-        x = self._conv(x)
+            if packed:
+                conv_state.copy_(self._last_inputs(x, cu_seqlens))
+            else:
+                conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0))[..., -self.d_conv:])
+        x = self._conv(x, seq_idx)
         x_dbl = project(self.x_proj, x)                                    # (B, dt_rank + 2 N, L)
         # the scan adds dt_proj's bias itself, in fp32, before the softplus
         dt = project(self.dt_proj, x_dbl[:, :self.dt_rank], bias=False)   # (B, d_inner, L)
         B = x_dbl[:, self.dt_rank:self.dt_rank + self.d_state]
         C = x_dbl[:, self.dt_rank + self.d_state:]
         y = _scan.selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                                    delta_softplus=True, return_last_state=ssm_state is not None)
+                                    delta_softplus=True, return_last_state=ssm_state is not None,
+                                    seq_idx=seq_idx, cu_seqlens=cu_seqlens if ssm_state is not None else None)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -127,10 +145,22 @@ class Mamba(nn.Module):
             return F.linear(dt, self.dt_proj.weight)
         return self.dt_proj(dt) - self.dt_proj.bias
 
-    def _conv(self, x):
+    def _conv(self, x, seq_idx=None):
         if type(self.conv1d) is nn.Conv1d:
-            return causal_conv1d_fn(x, self.conv1d.weight, self.conv1d.bias, activation=self.activation)
+            return causal_conv1d_fn(x, self.conv1d.weight, self.conv1d.bias, seq_idx=seq_idx, activation=self.activation)
+        if seq_idx is not None:
+            raise ValueError(f"Mamba: packed sequences need conv1d to be a plain nn.Conv1d (its window restarts at "
+                             f"each sequence), got {type(self.conv1d).__name__}")
         return self.act(self.conv1d(x)[..., : x.shape[-1]])
+
+    def _last_inputs(self, x, cu_seqlens):
+        """(num_seqs, d_inner, d_conv): each packed sequence's last d_conv conv inputs, zeros before its start.
+        x: (1, d_inner, seqlen)."""
+        cu = cu_seqlens.to(x.device, torch.int64)
+        idx = cu[1:, None] - self.d_conv + torch.arange(self.d_conv, device=x.device)   # (num_seqs, d_conv)
+        valid = idx >= cu[:-1, None]
+        win = x[0][:, idx.clamp_min(0)] * valid.to(x.dtype)                            # (d_inner, num_seqs, d_conv)
+        return win.transpose(0, 1)
 
     def step(self, hidden_states, conv_state, ssm_state):
         """One token. hidden_states: (batch, 1, d_model); states updated in place.

@@ -2,6 +2,9 @@
 
 x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,) or None.
 out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x = 0 before t = 0)
+
+Packed sequences (seq_idx (batch, seqlen) int32 or cu_seqlens, mamba_ssm/ops/packing.py): x counts
+as 0 before the start of the output position's own sequence, as if each sequence ran alone.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_ssm.backend import choose_backend
+from mamba_ssm.ops import packing
 from mamba_ssm.ops.channel_first import autocast_dtype, cast_for_autocast
 from mamba_ssm.ops.triton import causal_conv1d as triton_conv
 
@@ -22,8 +26,13 @@ def _triton_conv_chosen(x) -> bool:
     return choose_backend("causal_conv1d", True) == "triton"
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """x: (batch, dim, seqlen) -> (batch, dim, seqlen); activation None, "silu" or "swish"."""
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, activation=None, cu_seqlens=None):
+    """x: (batch, dim, seqlen) -> (batch, dim, seqlen); activation None, "silu" or "swish".
+
+    The fourth argument is seq_idx, as upstream's; a string there is taken as the activation (this
+    package's signature before packing)."""
+    if isinstance(seq_idx, str) and activation is None:
+        seq_idx, activation = None, seq_idx
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d_fn: activation must be None, 'silu' or 'swish', got {activation!r}")
     if weight.dim() == 3:
@@ -32,13 +41,20 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     if x.dim() != 3 or x.shape[1] != dim:
         raise ValueError(f"causal_conv1d_fn: x must be (batch, {dim}, seqlen), got {tuple(x.shape)}")
     seqlen = x.shape[-1]
+    seq_idx, _ = packing.resolve(seq_idx, cu_seqlens, x.shape[0], seqlen, x.device, "causal_conv1d_fn")
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
     if x.is_cuda and _triton_conv_chosen(x):
         dt = autocast_dtype("cuda")  # compute where F.conv1d would under autocast
         if dt is not None:
             x, weight, bias = cast_for_autocast(dt, x, weight, bias)
-        return triton_conv.causal_conv1d_triton(x, weight, bias, activation)
+        return triton_conv.causal_conv1d_triton(x, weight, bias, activation, seq_idx=seq_idx)
+    if seq_idx is not None:
+        dt = autocast_dtype(x.device.type)
+        if dt is not None:
+            x, weight, bias = cast_for_autocast(dt, x, weight, bias)
+        out = _packed_shifted_sum(x, weight, bias, seq_idx)
+        return F.silu(out) if activation is not None else out
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not needs_grad:
         out = _shifted_sum(x, weight, bias)
@@ -67,6 +83,24 @@ def _shifted_sum(x, weight, bias):
         shift = width - 1 - k
         if shift < seqlen:
             out[..., shift:].addcmul_(x[..., : seqlen - shift], w[:, k])
+    return out
+
+
+def _packed_shifted_sum(x, weight, bias, seq_idx):
+    """The convolution of packed sequences as `width` multiply-adds of shifted x, each tap masked
+    to the output position's own sequence (differentiable; x, weight, bias untouched)."""
+    dim, width = weight.shape
+    seqlen = x.shape[-1]
+    out = x * weight[:, width - 1, None]
+    if bias is not None:
+        out = out + bias[:, None]
+    for k in range(width - 1):
+        shift = width - 1 - k
+        if shift >= seqlen:
+            continue
+        same = (seq_idx[:, shift:] == seq_idx[:, :-shift]).to(x.dtype)        # (batch, seqlen - shift)
+        tap = x[..., : seqlen - shift] * same[:, None] * weight[:, k, None]
+        out = out + F.pad(tap, (shift, 0))
     return out
 
 

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from mamba_ssm.ops import packing
 from mamba_ssm.ops.selective_scan_ref import selective_scan_ref
 
 # Elements of one (T, b, K, d_block, n) intermediate; a block of channels is sized to this.
@@ -141,11 +142,12 @@ def _block_size(batch, K, T, dstate, block_elems):
     return max(1, block_elems // max(1, batch * K * T * dstate))
 
 
-def _scan_block(dtb, xb, At, Bg, H, DA):
+def _scan_block(dtb, xb, At, Bg, H, DA, keep=None):
     """Fill H (T+1, b, K, n, db) with all states of one channel block, H[0] holding the chunk
     start states on entry; DA (T, b, K, n, db) receives the decays exp(Δ ⊗ A).
 
-    dtb, xb: (T, b, K, db) step sizes and Δ·u; At: (n, db) = A^T; Bg: (T, b, K, n).
+    dtb, xb: (T, b, K, db) step sizes and Δ·u; At: (n, db) = A^T; Bg: (T, b, K, n);
+    keep: packed sequences' (T, b, K, 1, 1) 0/1 factors of the decays (0 where a sequence starts), or None.
     """
     T = dtb.shape[0]
     DAs, Hs = DA.unbind(0), H.unbind(0)
@@ -153,6 +155,8 @@ def _scan_block(dtb, xb, At, Bg, H, DA):
     for t in range(T):
         torch.mul(dts[t], At, out=DAs[t])
         DAs[t].exp_()
+        if keep is not None:
+            DAs[t].mul_(keep[t])
         torch.mul(xs[t], Bs[t], out=Hs[t + 1])
         torch.addcmul(Hs[t + 1], DAs[t], Hs[t], out=Hs[t + 1])
 
@@ -185,11 +189,33 @@ def _groups(dim, gB, gC):
     return G, G // gB, G // gC
 
 
-def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None):
+def _packing_layout(seq_idx, cu_seqlens, L, K, T, device):
+    """keep (T, b, K) fp32: 0 where a packed sequence starts, else 1 (padding included); chunk_keep
+    (b, K): 0 for chunks a sequence starts in (their start state does not carry in); ends: with
+    cu_seqlens, {t: (sequence numbers, chunks)} of the sequences that end at step t of a chunk."""
+    if seq_idx is None:
+        return None, None, None
+    keep = packing.keep_mask(seq_idx)
+    if K * T != L:
+        keep = F.pad(keep, (0, K * T - L), value=1.0)
+    keep = keep.view(-1, K, T).permute(2, 0, 1).contiguous()
+    ends = None
+    if cu_seqlens is not None:
+        by_t = {}
+        for i, p in enumerate(packing.sequence_ends(cu_seqlens)):
+            by_t.setdefault(p % T, ([], []))
+            by_t[p % T][0].append(i)
+            by_t[p % T][1].append(p // T)
+        ends = {t: (torch.tensor(i, device=device), torch.tensor(k, device=device)) for t, (i, k) in by_t.items()}
+    return keep, keep.prod(0), ends
+
+
+def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None, keep=None, chunk_keep=None, ends=None):
     """Forward without storing any (b, d, L, n) tensor: every step's decays and inputs are built
     on the fly in small buffers that stay in cache, once for the chunk-local sweep and once for the
     full sweep. Returns y (b, d, L) (written into y_out if given), the chunk start states
-    (b, K, n, d) and the last state (b, d, n).
+    (b, K, n, d) and the last state (b, d, n), or with ``ends`` (packed sequences, batch 1) each
+    sequence's final state (num_seqs, d, n). keep, chunk_keep, ends: ``_packing_layout``'s.
     """
     batch, dim, L = dt.shape
     n = Af.shape[1]
@@ -205,6 +231,7 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None):
     CtG = _bc_time_major(C4, K, T)[:, :, :, gidx // rC].unsqueeze(-2)  # (T, b, K, G, 1, n)
     DA = dt.new_empty((batch, K, G, n, dg))
     h = torch.empty_like(DA)
+    keeps = keep.view(T, batch, K, 1, 1, 1).unbind(0) if keep is not None else None
     # chunk-local sweep from zero states; the step slices are gathered once into time-major copies
     for t in range(T):
         if t == 0:
@@ -212,9 +239,13 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None):
             continue
         torch.mul(DTs[t], AtG, out=DA)
         DA.exp_()
+        if keeps is not None:
+            DA.mul_(keeps[t])
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
     # chunk start states
     decay = (DTs.sum(0) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
+    if chunk_keep is not None:
+        decay.mul_(chunk_keep.view(batch, K, 1, 1, 1))
     hs = torch.empty_like(h)
     hs[:, 0].zero_()
     for k in range(1, K):
@@ -222,13 +253,20 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None):
     # full sweep from the true start states; y_t = C_t h_t
     h.copy_(hs)
     Y = dt.new_empty((T, batch, K, G, 1, dg))
+    finals = h.new_empty((sum(len(i) for i, _ in ends.values()), G, n, dg)) if ends is not None else None
     for t in range(T):
         torch.mul(DTs[t], AtG, out=DA)
         DA.exp_()
+        if keeps is not None:
+            DA.mul_(keeps[t])
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
         torch.matmul(CtG[t], h, out=Y[t])
+        if ends is not None and t in ends:
+            finals[ends[t][0]] = h[0, ends[t][1]]
     y = _from_time_major_blocked(Y.view(T, batch, K, dim), L, out=y_out)
     HS = hs.permute(0, 1, 3, 2, 4).reshape(batch, K, n, dim)
+    if finals is not None:
+        return y, HS, finals.transpose(-1, -2).reshape(finals.shape[0], dim, n)
     last = h[:, K - 1].transpose(-1, -2).reshape(batch, dim, n)
     return y, HS, last
 
@@ -283,7 +321,7 @@ def _run_parts(fn, parts):
 class SelectiveScanChunkedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size,
-                block_elems):
+                block_elems, seq_idx, cu_seqlens):
         batch, dim, L = u.shape
         n = A.shape[1]
         uf, dt_raw, dt, Af, B4, C4 = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -293,10 +331,12 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         T = max(1, min(chunk_size or chunk_length(L, batch * part_dim * n), L))
         K = -(-L // T)
         x = dt * uf
+        keep, chunk_keep, ends = _packing_layout(seq_idx, cu_seqlens, L, K, T, u.device)
         # each part writes its channels of y in place (no concatenation of the parts' outputs)
         y = uf.new_empty((batch, dim, L))
         res = _run_parts(lambda c0, c1: _forward_streaming(dt[:, c0:c1], x[:, c0:c1], Af[c0:c1], B4, C4,
-                                                           G, rB, rC, T, K, y_out=y[:, c0:c1]), parts)
+                                                           G, rB, rC, T, K, y_out=y[:, c0:c1], keep=keep,
+                                                           chunk_keep=chunk_keep, ends=ends), parts)
         if len(res) == 1:
             _, HS, last = res[0]
         else:
@@ -311,6 +351,7 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         ctx.T = T
         ctx.block_elems = block_elems
         ctx.return_last_state = return_last_state
+        ctx.packing = (keep, chunk_keep, ends)
         out = out.to(u.dtype)
         if return_last_state:
             return out, last
@@ -352,6 +393,13 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
         At = Af.t().contiguous()
         gA = torch.empty_like(Af)
         glast_f = glast.float() if glast is not None else None
+        keep, chunk_keep, ends = ctx.packing
+        keep5 = keep.view(T, batch, K, 1, 1) if keep is not None else None
+        if ends is not None and glast_f is not None:
+            # each sequence's final-state gradient enters the state gradient at its last step
+            t_of = torch.cat([torch.full_like(i, t) for t, (i, _) in ends.items()])
+            seq_of = torch.cat([i for i, _ in ends.values()])
+            k_of = torch.cat([k for _, k in ends.values()])
         per_block = _block_size(batch, K, T, n, ctx.block_elems or BLOCK_ELEMS)
 
         def run_blocks(c0, c1):
@@ -374,11 +422,14 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
                 gyb = _to_time_major(gy[:, d0:d1], K, T)
                 H, DA, Gs = ws.get((T + 1, batch, K, n, db), (T, batch, K, n, db), (T, batch, K, n, db))
                 H[0] = HS[..., d0:d1]
-                _scan_block(dtb, xb, Ab, Bg, H, DA)
+                _scan_block(dtb, xb, Ab, Bg, H, DA, keep5)
                 # gC_t = Σ_d gy_t h_t
                 gCt[:, :, :, g // rC] += torch.matmul(H[1:], gyb.unsqueeze(-1)).squeeze(-1)
                 # state gradients g_t = C_t gy_t + DA_{t+1} g_{t+1}: chunk-local sweep from zero ...
                 torch.mul(gyb.unsqueeze(-2), Cg.unsqueeze(-1), out=Gs)  # (T, b, K, n, db)
+                if ends is not None and glast_f is not None:
+                    Gs.index_put_((t_of, torch.zeros_like(t_of), k_of),
+                                  glast_f[seq_of, d0:d1].transpose(-1, -2), accumulate=True)
                 GSs, DAs = Gs.unbind(0), DA.unbind(0)
                 gl = GSs[T - 1].clone()
                 for t in range(T - 2, -1, -1):
@@ -386,8 +437,10 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
                 v = gl.mul_(DAs[0])  # what each chunk passes back to the previous chunk's end state
                 # ... carries across chunks (from the end, starting with the gradient of last_state) ...
                 decay = (dtb.sum(0).unsqueeze(-2) * Ab).clamp_min_(EXP_FLOOR).exp_()
+                if chunk_keep is not None:
+                    decay.mul_(chunk_keep.view(batch, K, 1, 1))
                 carry = torch.empty_like(v)
-                if glast_f is not None:
+                if glast_f is not None and ends is None:
                     carry[:, K - 1] = glast_f[:, d0:d1].transpose(-1, -2)
                 else:
                     carry[:, K - 1].zero_()
@@ -425,18 +478,23 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
             return None if gr is None or ref is None else gr.to(ref.dtype)
 
         return (cast(gu, u), cast(gdt, delta), cast(gA, A), cast(gB, B), cast(gC, C), cast(gD, D), cast(gz, z),
-                cast(gdelta_bias, delta_bias), None, None, None, None)
+                cast(gdelta_bias, delta_bias), None, None, None, None, None, None)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_size=None, block_elems=None):
+                           return_last_state=False, chunk_size=None, block_elems=None, seq_idx=None,
+                           cu_seqlens=None):
     """Chunked selective scan; same arguments and results as ``selective_scan_ref``.
 
-    Inputs are assumed checked (``check_selective_scan_inputs``). Computes in fp32 and returns
-    ``out`` in u's dtype (and ``last_state`` fp32 (batch, dim, dstate) if asked); gradients come
-    back in each input's dtype.
+    Inputs are assumed checked (``check_selective_scan_inputs``; seq_idx / cu_seqlens by
+    ``packing.resolve``). Computes in fp32 and returns ``out`` in u's dtype (and ``last_state`` fp32
+    if asked); gradients come back in each input's dtype. Packed sequences: the decay is zeroed at
+    each sequence's first step, and so is the decay that carries a state across any chunk that a
+    sequence starts in.
     """
     if u.shape[-1] == 0:  # no time step: the reference gives the empty output and zero state
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  seq_idx, cu_seqlens)
+    seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
     return SelectiveScanChunkedFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                        bool(return_last_state), chunk_size, block_elems)
+                                        bool(return_last_state), chunk_size, block_elems, seq_idx, cu_seqlens)

@@ -5,9 +5,12 @@ Shapes and the recurrence: `selective_scan_ref` (ops/selective_scan_ref.py).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from mamba_ssm.backend import choose_backend
+from mamba_ssm.ops import packing
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.channel_first import channel_first_linear
 from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
@@ -17,21 +20,39 @@ __all__ = ["selective_scan_fn", "selective_scan_ref", "mamba_inner_fn", "mamba_i
            "check_selective_scan_inputs"]
 
 
+_warned_packed_cuda = False
+
+
+def _packed_cuda_notice():
+    global _warned_packed_cuda
+    if not _warned_packed_cuda:
+        _warned_packed_cuda = True
+        warnings.warn("mamba_ssm: the CUDA scan kernel has no seq_idx yet; packed sequences run through it one "
+                      "sequence per row, left-padded to the longest (exact, but the scan pays for the padding)",
+                      RuntimeWarning, stacklevel=3)
+
+
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+                      return_last_state=False, seq_idx=None, cu_seqlens=None):
     """Selective scan on the fastest available backend (see mamba_ssm.backend).
 
     Same signature, shapes and results as `selective_scan_ref`; differentiable in every tensor input.
     The ``torch`` backend (any device) is the chunked scan of `selective_scan_chunked`, with a
-    hand-written backward.
+    hand-written backward. Packed sequences: seq_idx / cu_seqlens (mamba_ssm/ops/packing.py).
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
     backend = choose_backend("selective_scan", u.is_cuda)
     if backend == "cuda":
         from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
 
+        if seq_idx is not None:
+            _packed_cuda_notice()
+            return packing.scan_by_sequences(selective_scan_cuda, u, delta, A, B, C, D, z, delta_bias,
+                                             delta_softplus, return_last_state, seq_idx, cu_seqlens)
         return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  seq_idx=seq_idx, cu_seqlens=cu_seqlens)
 
 
 def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
@@ -81,11 +102,14 @@ def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_pro
 
 
 def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus):
+                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, seq_idx,
+                 cu_seqlens):
     w, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                              out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
+    seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, xz.shape[0], xz.shape[2], xz.device,
+                                          "mamba_inner_fn")
     x, z = xz.chunk(2, dim=1)
-    x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")                  # (batch, dim, seqlen)
+    x = causal_conv1d_fn(x, w, conv1d_bias, seq_idx=seq_idx, activation="silu")  # (batch, dim, seqlen)
     # the projections read and write channel-first tensors: no transposing copies (channel_first.py)
     x_dbl = channel_first_linear(x, x_proj_weight)                           # (batch, dt_rank + 2*dstate, seqlen)
     delta = channel_first_linear(x_dbl[:, :dt_rank], delta_proj_weight)     # (batch, dim, seqlen)
@@ -97,13 +121,13 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
         C = x_dbl[:, x_dbl.shape[1] - dstate:]
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype).unsqueeze(-1)
-    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx=seq_idx)
     return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                   delta_softplus=True, checkpoint_lvl=1):
+                   delta_softplus=True, checkpoint_lvl=1, seq_idx=None, cu_seqlens=None):
     """The Mamba block between in_proj and the output: conv1d + SiLU, x_proj, dt_proj, selective scan
     gated by z, out_proj. xz: (batch, 2*dim, seqlen) (in_proj's output); returns (batch, seqlen, d_model).
 
@@ -112,19 +136,20 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     out_proj_weight: (d_model, dim). B / C given as arguments replace the projected ones.
     ``checkpoint_lvl`` (upstream: 1 recomputes the conv output and delta in backward) is accepted;
     the selective scan on the PyTorch path already keeps only chunk states, and the other pieces
-    are small, so it does not change anything here.
+    are small, so it does not change anything here. Packed sequences: seq_idx / cu_seqlens
+    (mamba_ssm/ops/packing.py) reset the conv window and the scan's state where a sequence starts.
     """
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
     return _mamba_inner(selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus)
+                        delta_softplus, seq_idx, cu_seqlens)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                     out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                    delta_softplus=True, checkpoint_lvl=1):
+                    delta_softplus=True, checkpoint_lvl=1, seq_idx=None, cu_seqlens=None):
     """Reference of `mamba_inner_fn` (same signature), built on `selective_scan_ref`."""
     return _mamba_inner(selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus)
+                        delta_softplus, seq_idx, cu_seqlens)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mamba_ssm.ops import packing
+
 MAX_DSTATE = 256
 
 
@@ -82,14 +84,18 @@ def _expand_groups(X, dim):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+                       return_last_state=False, seq_idx=None, cu_seqlens=None):
     """Reference selective scan: a plain loop over time steps, computed in fp32.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate); B, C: (batch, dstate, seqlen) or
     (batch, groups, dstate, seqlen); D, delta_bias: (dim,).
-    Returns out (batch, dim, seqlen) in u's dtype, and last_state (batch, dim, dstate) fp32 if asked.
+    Packed sequences (mamba_ssm/ops/packing.py): seq_idx (batch, seqlen) int32 or cu_seqlens
+    (num_seqs + 1,); the state is reset where a sequence starts.
+    Returns out (batch, dim, seqlen) in u's dtype, and last_state fp32 if asked: (batch, dim, dstate),
+    or with cu_seqlens each sequence's final state (num_seqs, dim, dstate).
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
     dtype_in = u.dtype
     u = u.float()
     delta = delta.float()
@@ -109,9 +115,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     # With seqlen 0 the zero state (and below the empty output) are sums over the empty time axis,
     # so that they stay connected to the inputs (whose gradients are then zero).
     x = delta_A.sum(2) if seqlen == 0 else A.new_zeros((batch, dim, A.shape[1]))
-    ys = []
+    keep = packing.keep_mask(seq_idx)[:, None, :, None] if seq_idx is not None else None  # (batch, 1, L, 1)
+    ends = set(packing.sequence_ends(cu_seqlens)) if cu_seqlens is not None else ()
+    ys, finals = [], []
     for i in range(seqlen):
-        x = delta_A[:, :, i] * x + delta_B_u[:, :, i]
+        decay = delta_A[:, :, i] if keep is None else delta_A[:, :, i] * keep[:, :, i]
+        x = decay * x + delta_B_u[:, :, i]
+        if i in ends:
+            finals.append(x[0])
         if C.dim() == 3:
             y = torch.einsum("bdn,bn->bd", x, C[:, :, i])
         else:
@@ -123,4 +134,6 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if z is not None:
         out = out * F.silu(z.float())
     out = out.to(dtype_in)
+    if cu_seqlens is not None:
+        x = torch.stack(finals)
     return (out, x) if return_last_state else out

@@ -6,7 +6,9 @@ cache); every new token then costs one recurrent `step` per layer, whatever the 
 A recurrent model reads left to right with no attention mask, so padding a short prompt would run
 the pad tokens through its state: a ragged batch is never padded. Prompts of one length are
 prefilled together, each row's states land in its row of the batch's cache, and one step per
-token then advances every row (`DecodingSession`). `decode` is the same loop on a rectangular batch.
+token then advances every row (`DecodingSession`); prompts of different lengths are prefilled as
+one packed row (cu_seqlens, mamba_ssm/ops/packing.py) when the model takes packed sequences.
+`decode` is the same loop on a rectangular batch.
 
 `cg=True` (upstream: CUDA graphs) makes the per-token step cheaper: on a GPU it is captured as a
 CUDA graph (`cuda_graph.py`, one per batch size and dtype, kept on the model); on a CPU the whole
@@ -26,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mamba_ssm.ops import packing
 from mamba_ssm.utils import compiled_step
 from mamba_ssm.utils.cuda_graph import CudaGraphStep
 from mamba_ssm.utils.inference_params import InferenceParams
@@ -140,13 +143,16 @@ class DecodingSession:
 
     Rows keep their numbers (0 .. batch_size - 1) when others are dropped; `rows` lists those in the
     batch, in batch order, and `logits` (batch, vocab) holds each one's latest logits.
+    packed_prefill: prompts of different lengths in one prefill call run as one packed row, no
+    padding (None, the default: when every layer's mixer takes cu_seqlens; False: one forward per length).
     cg=True: steps run as a CUDA graph on a GPU and as the compiled step on a CPU, on a fixed batch
     (keep_rows raises). The graph is captured (or the step compiled) at the first step or at
     prepare_step(); a failure there warns and steps eagerly. One cg session per batch size and model
     at a time: the graph's static cache belongs to the session that bound it last.
     """
 
-    def __init__(self, model, batch_size: int, max_seqlen: int, cg: bool = False):
+    def __init__(self, model, batch_size: int, max_seqlen: int, cg: bool = False,
+                 packed_prefill: Optional[bool] = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"DecodingSession: batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(max_seqlen, int) or max_seqlen < 1:
@@ -163,6 +169,10 @@ class DecodingSession:
         self.steps = 0
         self.step_kind: Optional[str] = None  # "eager", "cuda_graph" or "compiled" once prepared
         self._step_fn = None
+        supported = packing.model_takes_packed_sequences(model)
+        if packed_prefill and not supported:
+            raise ValueError("DecodingSession: packed_prefill=True, but the model's mixers do not take cu_seqlens")
+        self.packed_prefill = supported if packed_prefill is None else bool(packed_prefill)
 
     @property
     def batch_size(self) -> int:
@@ -212,6 +222,9 @@ class DecodingSession:
         for i, p in enumerate(seqs):
             groups.setdefault(p.numel(), []).append(i)
         parts = []
+        if self.packed_prefill and len(groups) > 1:
+            parts = [(list(range(n)), self._prefill_packed(seqs, positions))]
+            groups = {}
         for length, idx in groups.items():
             ids = prompts.to(self.device) if isinstance(prompts, Tensor) and len(idx) == n \
                 else torch.stack([seqs[i] for i in idx])
@@ -230,25 +243,53 @@ class DecodingSession:
         for r, p in zip(rows, seqs):
             self._prompts[r] = p
         params = self.inference_params
-        params.seqlen_offset = max(params.seqlen_offset, max(groups))  # > 0: the next calls are steps
+        params.seqlen_offset = max(params.seqlen_offset, max(p.numel() for p in seqs))  # > 0: the next calls are steps
+        return logits
+
+    def _own_cache(self, positions):
+        """(the cache that a prefill of these batch positions writes, whether it is the batch's own views)."""
+        cache = self._cache()
+        first = positions[0]
+        contiguous = positions == list(range(first, first + len(positions)))
+        own = {} if not contiguous else \
+            {layer: tuple(s[first:first + len(positions)] for s in states) for layer, states in cache.items()}
+        return own, contiguous
+
+    def _store(self, own, positions):
+        cache = self._cache()
+        index = torch.tensor(positions, device=self.device)
+        for layer, states in own.items():
+            for dst, src in zip(cache[layer], states):
+                dst.index_copy_(0, index, src)
+
+    def _prefill_packed(self, seqs, positions):
+        """Prompts of any lengths as one packed row (cu_seqlens), each into its batch position: (n, vocab)."""
+        own, contiguous = self._own_cache(positions)
+        params = InferenceParams(max_seqlen=self.inference_params.max_seqlen, max_batch_size=len(positions),
+                                 key_value_memory_dict=own)
+        lengths = torch.tensor([p.numel() for p in seqs])
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        ids = torch.cat(seqs)[None]
+        ends = (cu[1:] - 1).to(self.device)
+        model = self.model
+        if hasattr(model, "backbone") and hasattr(model, "lm_head"):  # the LM head at the prompts' ends only
+            hidden = model.backbone(ids, inference_params=params, cu_seqlens=cu.to(self.device))
+            logits = model.lm_head(hidden[0, ends])
+        else:
+            logits = model(ids, inference_params=params, cu_seqlens=cu.to(self.device)).logits[0, ends]
+        if not contiguous:
+            self._store(own, positions)
         return logits
 
     def _prefill_rows(self, ids, positions):
         """Prompts of one length, ids (n, seqlen), into the batch positions `positions`: (n, vocab)."""
-        cache = self._cache()
-        first = positions[0]
-        contiguous = positions == list(range(first, first + len(positions)))
         # Contiguous rows are written in place through views; others through a cache of their own.
-        own = {} if not contiguous else \
-            {layer: tuple(s[first:first + len(positions)] for s in states) for layer, states in cache.items()}
+        own, contiguous = self._own_cache(positions)
         params = InferenceParams(max_seqlen=self.inference_params.max_seqlen, max_batch_size=len(positions),
                                  key_value_memory_dict=own)
         logits = self.model(ids, inference_params=params, num_last_tokens=1).logits[:, -1]
         if not contiguous:
-            index = torch.tensor(positions, device=self.device)
-            for layer, states in own.items():
-                for dst, src in zip(cache[layer], states):
-                    dst.index_copy_(0, index, src)
+            self._store(own, positions)
         return logits
 
     # --- steps ---------------------------------------------------------------------------------
@@ -412,20 +453,21 @@ class DecodingSession:
 
 def generate_ragged(model, prompts, max_new_tokens: int, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,
                     repetition_penalty=1.0, eos_token_id=None, stop=None, cg=False, vocab_size=None,
-                    drop_finished=True, generator=None) -> list[list[int]]:
+                    drop_finished=True, generator=None, packed_prefill=None) -> list[list[int]]:
     """New tokens for each prompt (token lists of any lengths >= 1), decoded as one batch.
 
     Each row's list holds its tokens up to and including its eos_token_id, or the token after which
     stop(row, tokens) returned True, or max_new_tokens tokens. The tokens are those of each prompt
     decoded alone (greedy: the same; sampled: from the same distributions). Arguments as in
-    DecodingSession.generate; cg as in `decode`.
+    DecodingSession.generate; cg as in `decode`; packed_prefill as in DecodingSession.
     """
     prompts = [list(p) for p in prompts]
     if not prompts:
         return []
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate_ragged: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    session = DecodingSession(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, cg=cg)
+    session = DecodingSession(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, cg=cg,
+                              packed_prefill=packed_prefill)
     session.prefill(prompts)
     return session.generate(max_new_tokens, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature,
                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, stop=stop,

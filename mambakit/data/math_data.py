@@ -25,9 +25,12 @@ tokens: the loss is taken on the response and its EOS only.
 Examples longer than ``max_length`` are cut on the right (the count is reported); an example whose
 prompt alone fills ``max_length`` has nothing to learn from and is dropped (also reported).
 
-Packing (optional) places whole examples one after another in rows of at most ``max_length``
-tokens, never splitting one. Mamba is recurrent and this package has no per-example state reset,
-so in a packed row the state flows from one example into the next; the loss mask is unchanged.
+Packing places whole examples one after another in rows of at most ``max_length`` tokens, never
+splitting one, and records each row's example lengths (``seq_lengths``); the collator turns them
+into ``seq_idx`` (mamba_ssm/ops/packing.py), with which the model restarts its state at every
+example, so each example is computed as if alone. Labels stay response-only, and no example's last
+token is trained to predict the next example's first. ``packing=None`` (the default) packs when
+the model takes ``seq_idx`` (``model_supports_packing``).
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ class DataConfig:
     max_examples: int | None = None
     eval_max_examples: int | None = None
     max_length: int = 512
-    packing: bool = False
+    packing: bool | None = None
     template: str = PROMPT_TEMPLATE
     response_prefix: str = RESPONSE_PREFIX
     seed: int = 0
@@ -211,28 +214,44 @@ def tokenize_examples(prompts: list[str], responses: list[str], tokenizer, max_l
 
 
 def pack_examples(input_ids: list[list[int]], labels: list[list[int]], max_length: int):
-    """Greedy packing in order: whole examples appended to a row while they fit in max_length."""
-    rows_ids, rows_labels = [], []
+    """Greedy packing in order: whole examples appended to a row while they fit in max_length.
+
+    Returns (rows_ids, rows_labels, rows_lengths), rows_lengths[i] the lengths of row i's examples."""
+    rows_ids, rows_labels, rows_lengths = [], [], []
     cur_ids: list[int] = []
     cur_labels: list[int] = []
+    cur_lengths: list[int] = []
     for ids, lab in zip(input_ids, labels):
         if cur_ids and len(cur_ids) + len(ids) > max_length:
             rows_ids.append(cur_ids)
             rows_labels.append(cur_labels)
-            cur_ids, cur_labels = [], []
+            rows_lengths.append(cur_lengths)
+            cur_ids, cur_labels, cur_lengths = [], [], []
         cur_ids = cur_ids + ids
         cur_labels = cur_labels + lab
+        cur_lengths = cur_lengths + [len(ids)]
     if cur_ids:
         rows_ids.append(cur_ids)
         rows_labels.append(cur_labels)
-    return rows_ids, rows_labels
+        rows_lengths.append(cur_lengths)
+    return rows_ids, rows_labels, rows_lengths
+
+
+def model_supports_packing(model) -> bool:
+    """True when every mixer of the model (PEFT-wrapped or not) takes seq_idx: this package's Mamba."""
+    from mamba_ssm.ops.packing import model_takes_packed_sequences
+
+    return model_takes_packed_sequences(model)
 
 
 class DataCollator:
     """Right-pads a list of {input_ids, labels} to the longest row (pad id, label -100, mask 0).
 
     Right padding is safe for Mamba: a recurrent model reads left to right, so trailing pads cannot
-    change the outputs at earlier positions, and their labels are ignored.
+    change the outputs at earlier positions, and their labels are ignored. Packed rows (with
+    ``seq_lengths``) also get ``seq_idx`` (batch, n) int32: 0, 1, ... per example along the row, the
+    padding a sequence of its own; the label of each example's first token is -100 (nothing
+    predicts it from the example before).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -249,12 +268,27 @@ class DataCollator:
         ids = torch.full((len(rows), n), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
+        packed = "seq_lengths" in rows[0]
+        seq_idx = torch.zeros((len(rows), n), dtype=torch.int32) if packed else None
         for i, r in enumerate(rows):
             k = len(r["input_ids"])
             ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+            if packed:
+                lengths = list(r["seq_lengths"])
+                if sum(lengths) != k:
+                    raise ValueError(f"DataCollator: row {i} has {k} tokens but its seq_lengths {lengths} sum to "
+                                     f"{sum(lengths)}")
+                starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+                labels[i, starts] = IGNORE_INDEX
+                seq_idx[i, :k] = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                                         torch.tensor(lengths))
+                seq_idx[i, k:] = len(lengths)
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            out["seq_idx"] = seq_idx
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +324,9 @@ def load_math_data(cfg: DataConfig, tokenizer) -> MathData:
     if not ids:
         raise ValueError(f"no training example fits max_length={cfg.max_length}: all {stats['examples']} prompts "
                          f"alone are at least that long")
+    columns = {}
     if cfg.packing:
-        ids, labels = pack_examples(ids, labels, cfg.max_length)
+        ids, labels, columns["seq_lengths"] = pack_examples(ids, labels, cfg.max_length)
     stats["rows"] = len(ids)
     stats["response_tokens"] = sum(sum(1 for x in lab if x != IGNORE_INDEX) for lab in labels)
     stats["tokens"] = sum(len(x) for x in ids)
@@ -305,5 +340,5 @@ def load_math_data(cfg: DataConfig, tokenizer) -> MathData:
         for q, r in zip(held[pf], held[rf]):
             eval_examples.append({"question": q, "prompt": format_prompt(q, cfg.template), "response": str(r)})
     stats["eval_examples"] = len(eval_examples)
-    return MathData(train=Dataset.from_dict({"input_ids": ids, "labels": labels}), eval_examples=eval_examples,
-                    stats=stats)
+    return MathData(train=Dataset.from_dict({"input_ids": ids, "labels": labels, **columns}),
+                    eval_examples=eval_examples, stats=stats)

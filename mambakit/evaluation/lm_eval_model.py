@@ -21,6 +21,9 @@ model_args:
   cuda_graph      on CUDA, run each decoding step as a captured CUDA graph (default true; one
                   launch per token instead of one per kernel; falls back to eager steps if
                   capture fails)
+  packed          run the sequences of a batch as one packed row (cu_seqlens: no padding, each
+                  sequence from a zero state) in loglikelihood forwards and generation prefills
+                  (default true; used only where the model's mixers take cu_seqlens)
 
 Under `accelerate launch` or `torchrun` (WORLD_SIZE > 1) each process is one rank of lm-eval's
 data-parallel mode (mambakit/evaluation/data_parallel.py).
@@ -28,12 +31,14 @@ data-parallel mode (mambakit/evaluation/data_parallel.py).
 Why this model and not lm-eval's `mamba_ssm`: Mamba is recurrent, so left padding (what HF-style
 batched generation uses) changes the state of every row it pads, and lm-eval's wrapper generates to
 the maximum length whatever the stop sequences. Here:
-  * loglikelihood: sequences sorted by length, right padded (a token can only influence later
-    positions, so padding after the last real token cannot change a result), identical inputs
+  * loglikelihood: sequences sorted by length, packed into one row (or, with packed=false, right
+    padded: a token can only influence later positions, so padding after the last real token
+    cannot change a result), identical inputs
     computed once (multiple-choice continuations of one token share everything), and the LM head
     applied only at the positions that are scored;
-  * generate_until: mamba_ssm's DecodingSession: each prompt (or each set of prompts of one length)
-    is prefilled on its own into its row of the batch's cache, and one batched `step` per token
+  * generate_until: mamba_ssm's DecodingSession: the prompts are prefilled as packed rows (or,
+    with packed=false, each set of prompts of one length on its own) into their rows of the
+    batch's cache, and one batched `step` per token
     decodes every row, whatever its prompt length; a row leaves the batch when it emits EOS or one
     of the stop strings, and the loop ends as soon as every row has;
   * loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens.
@@ -207,7 +212,7 @@ class MambaEvalLM(TemplateLM):
 
     def __init__(self, pretrained="state-spaces/mamba-130m", tokenizer=None, dtype="auto", device=None, peft=None,
                  peft_merge=True, max_length=2048, max_gen_toks=256, batch_size=1, max_batch_size=None,
-                 cuda_graph=True, trust_remote_code=None, **kwargs):
+                 cuda_graph=True, packed=True, trust_remote_code=None, **kwargs):
         super().__init__()
         if kwargs:
             logger.warning("mamba: ignoring model_args it does not know: %s", ", ".join(sorted(kwargs)))
@@ -251,6 +256,9 @@ class MambaEvalLM(TemplateLM):
         self.stats = {"decode_steps": 0, "forward_rows": 0}
         self._cuda_graph = _as_bool(cuda_graph)  # decoding steps as CUDA graphs (CUDA only)
         self._compact = True  # eager decoding drops finished rows from the batch
+        from mamba_ssm.ops.packing import model_takes_packed_sequences
+
+        self._packed = _as_bool(packed) and model_takes_packed_sequences(self._core)
 
     # --- construction helpers --------------------------------------------------------------
 
@@ -334,21 +342,21 @@ class MambaEvalLM(TemplateLM):
 
     # --- model calls ------------------------------------------------------------------------
 
-    def _hidden(self, input_ids):
+    def _hidden(self, input_ids, **packed):
         core = self._core
         if hasattr(core, "backbone") and hasattr(core, "lm_head"):
-            return core.backbone(input_ids)
+            return core.backbone(input_ids, **packed)
         return None
 
-    def _logits_at(self, input_ids, rows_positions):
+    def _logits_at(self, input_ids, rows_positions, **packed):
         """Log-probabilities (float32) at the given positions.
 
-        input_ids (B, L); rows_positions: list of (row, LongTensor of positions). Returns a list of
-        (n_i, vocab) tensors. The LM head runs only on those positions.
+        input_ids (B, L); rows_positions: list of (row, LongTensor of positions); packed: cu_seqlens
+        for a packed row. Returns a list of (n_i, vocab) tensors. The LM head runs only on those positions.
         """
-        hidden = self._hidden(input_ids)
+        hidden = self._hidden(input_ids, **packed)
         if hidden is None:  # a model without backbone / lm_head: full logits
-            logits = self._core(input_ids).logits
+            logits = self._core(input_ids, **packed).logits
             return [F.log_softmax(logits[r, pos].float(), dim=-1) for r, pos in rows_positions]
         rows = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in rows_positions]).to(hidden.device)
         pos = torch.cat(list(p for _, p in rows_positions)).to(hidden.device)
@@ -404,15 +412,26 @@ class MambaEvalLM(TemplateLM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
 
         def run(batch):
-            length = len(batch[0])
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            rows_positions = []
-            for r, inp in enumerate(batch):
-                ids[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)  # right padding
-                n = max(targets[i][1] for i in by_input[inp])
-                rows_positions.append((r, torch.arange(len(inp) - n, len(inp))))
+            packed = {}
+            if self._packed and len(batch) > 1:  # one row, no padding: [inp_0 inp_1 ...], cu_seqlens
+                ids = torch.tensor([sum((list(inp) for inp in batch), [])], dtype=torch.long)
+                lengths = torch.tensor([len(inp) for inp in batch])
+                cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+                packed["cu_seqlens"] = cu.to(torch.int32).to(self._device)
+                rows_positions = []
+                for inp, end in zip(batch, cu[1:].tolist()):
+                    n = max(targets[i][1] for i in by_input[inp])
+                    rows_positions.append((0, torch.arange(end - n, end)))
+            else:
+                length = len(batch[0])
+                ids = torch.full((len(batch), length), pad, dtype=torch.long)
+                rows_positions = []
+                for r, inp in enumerate(batch):
+                    ids[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)  # right padding
+                    n = max(targets[i][1] for i in by_input[inp])
+                    rows_positions.append((r, torch.arange(len(inp) - n, len(inp))))
             self.stats["forward_rows"] += len(batch)
-            logps = self._logits_at(ids.to(self._device), rows_positions)
+            logps = self._logits_at(ids.to(self._device), rows_positions, **packed)
             for inp, logp in zip(batch, logps):
                 greedy_all = logp.argmax(dim=-1)
                 for i in by_input[inp]:
@@ -485,7 +504,28 @@ class MambaEvalLM(TemplateLM):
 
     def _prefill(self, session, prompts: list[list[int]], budget: _TokenBudget):
         """Prefill each row of `session` with its prompt: prompts of one length together, longest
-        first, in chunks of the budget's rows; a chunk that runs out of memory is retried smaller."""
+        first, in chunks of the budget's rows; a chunk that runs out of memory is retried smaller.
+        Packed: prompts of any lengths together, longest first, in chunks of at most the tokens that
+        the budget gives the longest's padded rows."""
+        if session.packed_prefill:
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            start = 0
+            while start < len(order):
+                longest = len(prompts[order[start]])
+                limit, total, end = budget.rows(longest) * longest, 0, start
+                while end < len(order) and (end == start or total + len(prompts[order[end]]) <= limit):
+                    total += len(prompts[order[end]])
+                    end += 1
+                chunk = order[start:end]
+                try:
+                    session.prefill([prompts[i] for i in chunk], rows=chunk)
+                except Exception as e:  # noqa: BLE001
+                    if _is_oom(e) and budget.shrink(len(chunk), longest):
+                        continue
+                    raise
+                self.stats["forward_rows"] += len(chunk)
+                start = end
+            return
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             by_len[len(p)].append(i)
@@ -528,7 +568,8 @@ class MambaEvalLM(TemplateLM):
         if max_gen <= 0:
             return [[] for _ in prompts]
         cg = self._cuda_graph and self._device.type == "cuda"
-        session = DecodingSession(self._core, len(prompts), max(len(p) for p in prompts) + max_gen, cg=cg)
+        session = DecodingSession(self._core, len(prompts), max(len(p) for p in prompts) + max_gen, cg=cg,
+                                  packed_prefill=self._packed)
         self._prefill(session, prompts, budget)
         out = session.generate(
             max_gen, top_k=s["top_k"], top_p=s["top_p"] if s["top_p"] < 1.0 else 0.0, min_p=s["min_p"],

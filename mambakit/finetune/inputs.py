@@ -1,12 +1,13 @@
 """The fine-tune's inputs: the base model, its tokenizer (checked against the embedding) and the data."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from mamba_ssm.models.checkpoint import looks_like_hub_id
-from mambakit.data.math_data import load_math_data, tokenize_examples
+from mambakit.data.math_data import load_math_data, model_supports_packing, tokenize_examples
 from mambakit.finetune.config import FinetuneConfig
 
 
@@ -47,9 +48,19 @@ def load_tokenizer_checked(cfg: FinetuneConfig, model):
     return tok
 
 
-def load_data(cfg: FinetuneConfig, tokenizer):
-    """Training rows and held-out examples; also a tokenised held-out set for the eval loss."""
-    data = load_math_data(cfg.data_config(), tokenizer)
+def load_data(cfg: FinetuneConfig, tokenizer, model=None):
+    """Training rows and held-out examples; also a tokenised held-out set for the eval loss.
+
+    packing None (the default) packs when ``model`` takes packed sequences; packing asked for a model
+    that does not is an error."""
+    dcfg = cfg.data_config()
+    supported = model is None or model_supports_packing(model)
+    if cfg.packing and not supported:
+        raise ValueError(f"packing=True: the model {cfg.model} does not take packed sequences (seq_idx); "
+                         f"run without --packing")
+    dcfg = dataclasses.replace(dcfg, packing=supported if cfg.packing is None else cfg.packing)
+    data = load_math_data(dcfg, tokenizer)
+    data.stats["packed"] = dcfg.packing
     if cfg.eval_loss_steps and data.eval_examples:
         from datasets import Dataset
 

@@ -7,7 +7,7 @@ The recipe is a short sequence of named steps::
 
     model     = load_model(cfg)                    # inputs.py: either checkpoint layout, fp32 masters
     tokenizer = load_tokenizer_checked(cfg, model)  # inputs.py: vocabulary must fit the embedding
-    data      = load_data(cfg, tokenizer)          # inputs.py: template, response-only labels, held-out split
+    data      = load_data(cfg, tokenizer, model)   # inputs.py: template, response-only labels, packing, held-out split
     model     = apply_lora(cfg, model)             # lora.py: PEFT LoRA on the projections, or full
     prepare_output_dir(cfg)                        # outputs.py: only now is anything written
     base      = evaluate(cfg, model, ..., "base")  # evaluate.py: exact match before training (cached)
@@ -63,7 +63,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         args = training_arguments(cfg)  # also sets up the process group under torchrun
         model = load_model(cfg)
         tokenizer = load_tokenizer_checked(cfg, model)
-        data = load_data(cfg, tokenizer)
+        data = load_data(cfg, tokenizer, model)
         model = apply_lora(cfg, model)
         if not cfg.full_finetune:
             model.print_trainable_parameters()

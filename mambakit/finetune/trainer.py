@@ -37,7 +37,33 @@ def make_trainer_class():
     from transformers.trainer_utils import rotate_checkpoints
 
     class MambaTrainer(Trainer):
-        """Trainer with Mamba's weight-decay groups, atomic checkpoints and tied-weight saving."""
+        """Trainer with Mamba's weight-decay groups, atomic checkpoints and tied-weight saving.
+
+        Logs ``num_input_tokens_seen``: real tokens (attention_mask, no padding) over all ranks, kept
+        in the trainer state (so a resumed run goes on counting); counted on the device without a
+        sync, summed at each log and checkpoint."""
+
+        _tokens_pending = 0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            self._tokens_pending = self._tokens_pending + (mask.sum() if mask is not None
+                                                           else inputs["input_ids"].numel())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def _flush_tokens(self):
+            n = torch.as_tensor(self._tokens_pending, dtype=torch.int64, device=self.args.device)
+            group = distributed.process_group()
+            if group is not None:
+                group.all_reduce(n)
+            self.state.num_input_tokens_seen += int(n)
+            self._tokens_pending = 0
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:  # the training logs, at the same steps on every rank
+                self._flush_tokens()
+                logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+            return super().log(logs, *args, **kwargs)
 
         def get_decay_parameter_names(self, model):
             return [n for n, p in model.named_parameters() if not no_decay_parameter(n, p)]
@@ -79,6 +105,7 @@ def make_trainer_class():
                 shutil.rmtree(tmp)
             self.accelerator.wait_for_everyone()
             os.makedirs(tmp, exist_ok=True)
+            self._flush_tokens()
             self.store_flos()
             self.save_model(tmp, _internal_call=True)
             if not self.args.save_only_model:

@@ -38,7 +38,7 @@ lora_pair() {  # name, extra flags, steps
     > /tmp/log_$1_2gpu.txt 2>&1
   stamp "$1 2 GPUs rc=$?"
 }
-lora_pair ddp "" ${STEPS:-40}
+lora_pair ddp "--no-packing" ${STEPS:-40}
 [ "${ONE_GPU_ONLY:-0}" = 1 ] || python3 benchmarks/compare_loss_curves.py /tmp/ddp_1 /tmp/ddp_2 --out "$OUT/ddp_check.json" --label "LoRA, DDP 2 GPUs vs 1" \
   --meta '{"global_batch": 16, "seqlen_max": 512, "shape": "130m (random weights)", "lora": "r 16, dropout 0, in_proj/x_proj/dt_proj/out_proj"}'
 if [ "${PACKED:-1}" = 1 ]; then

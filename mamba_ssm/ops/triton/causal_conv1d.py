@@ -43,7 +43,7 @@ _BLOCK_D, _BLOCK_T = 16, 128
 
 class CausalConv1dTritonFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, silu):
+    def forward(ctx, x, weight, bias, silu, seq_idx=None):
         import triton
 
         batch, dim, seqlen = x.shape
@@ -52,11 +52,13 @@ class CausalConv1dTritonFn(torch.autograd.Function):
         weight = weight.contiguous()
         out = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(seqlen, _BLOCK_T), triton.cdiv(dim, _BLOCK_D), batch)
+        if seq_idx is not None:
+            seq_idx = seq_idx.contiguous()
         _kernels()[0][grid](
-            x, weight, bias if bias is not None else weight, out, dim, seqlen,
+            x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, out, dim, seqlen,
             x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            W=width, HAS_BIAS=bias is not None, SILU=silu, BD=_BLOCK_D, BT=_BLOCK_T)
-        ctx.save_for_backward(x, weight, bias)
+            W=width, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu, BD=_BLOCK_D, BT=_BLOCK_T)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
         ctx.silu = silu
         return out
 
@@ -64,7 +66,8 @@ class CausalConv1dTritonFn(torch.autograd.Function):
     def backward(ctx, gout):
         import triton
 
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        seq = seq_idx if seq_idx is not None else x
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
         gout = gout if gout.stride(-1) == 1 else gout.contiguous()
@@ -81,19 +84,21 @@ class CausalConv1dTritonFn(torch.autograd.Function):
         grid = (n_t, triton.cdiv(dim, _BLOCK_D), batch)
         k = _kernels()
         k[1][grid](
-            x, weight, bias if bias is not None else weight, gout, gpre, gw_part, gb_part, dim, seqlen,
-            x.stride(0), x.stride(1), gout.stride(0), gout.stride(1),
-            W=width, HAS_BIAS=bias is not None, SILU=ctx.silu, NEED_W=need_w, BD=_BLOCK_D, BT=_BLOCK_T)
-        k[2][grid](gpre, weight, gx, dim, seqlen, gx.stride(0), gx.stride(1), W=width, BD=_BLOCK_D, BT=_BLOCK_T)
+            x, weight, bias if bias is not None else weight, seq, gout, gpre, gw_part, gb_part, dim, seqlen,
+            x.stride(0), x.stride(1), gout.stride(0), gout.stride(1), W=width, HAS_BIAS=bias is not None,
+            HAS_SEQ=seq_idx is not None, SILU=ctx.silu, NEED_W=need_w, BD=_BLOCK_D, BT=_BLOCK_T)
+        k[2][grid](gpre, weight, seq, gx, dim, seqlen, gx.stride(0), gx.stride(1), W=width,
+                   HAS_SEQ=seq_idx is not None, BD=_BLOCK_D, BT=_BLOCK_T)
         gw = gw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = gb_part.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
-def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """x: (batch, dim, seqlen) with stride(-1) == 1 preferred; weight: (dim, width); bias: (dim,).
+def causal_conv1d_triton(x, weight, bias=None, activation=None, seq_idx=None):
+    """x: (batch, dim, seqlen) with stride(-1) == 1 preferred; weight: (dim, width); bias: (dim,);
+    seq_idx: packed sequences' checked (batch, seqlen) int32 or None.
     Same contract as causal_conv1d_fn (activation None, "silu" or "swish")."""
-    return CausalConv1dTritonFn.apply(x, weight, bias, activation is not None)
+    return CausalConv1dTritonFn.apply(x, weight, bias, activation is not None, seq_idx)
 
 
 def _kernels():
