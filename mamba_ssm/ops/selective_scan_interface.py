@@ -80,30 +80,72 @@ def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_pro
     return w, dt_rank, dstate
 
 
+def rms_norm_channels(t, weight, eps):
+    """RMS norm over the channels of a channel-first t (batch, n, seqlen): t / sqrt(mean_n(t^2) + eps) * weight,
+    in float32, returned in t's dtype. weight: (n,)."""
+    tf = t.float()
+    out = tf * torch.rsqrt(tf.pow(2).mean(dim=1, keepdim=True) + eps) * weight.float().unsqueeze(-1)
+    return out.to(t.dtype)
+
+
+def _check_rms_weights(b_rms_weight, c_rms_weight, dt_rms_weight, dim, dt_rank, dstate, B, C):
+    """Falcon-Mamba's norms: which of B / C / dt they apply to; dt's is 'before' or 'after' dt_proj."""
+    for name, wt, given in (("b_rms_weight", b_rms_weight, B), ("c_rms_weight", c_rms_weight, C)):
+        if wt is None:
+            continue
+        if given is not None:
+            raise ValueError(f"mamba_inner_fn: {name} normalises the projected {name[0].upper()}; it cannot be "
+                             f"given with {name[0].upper()} as an argument")
+        if tuple(wt.shape) != (dstate,):
+            raise ValueError(f"mamba_inner_fn: {name} must be (dstate,) = ({dstate},), got {_shape(wt)}")
+    if dt_rms_weight is None:
+        return None
+    if tuple(dt_rms_weight.shape) == (dt_rank,):
+        return "before"
+    if tuple(dt_rms_weight.shape) == (dim,):
+        return "after"
+    raise ValueError(f"mamba_inner_fn: dt_rms_weight must be (dt_rank,) = ({dt_rank},) (dt normalised after "
+                     f"x_proj) or (dim,) = ({dim},) (upstream's: delta normalised after dt_proj), "
+                     f"got {_shape(dt_rms_weight)}")
+
+
 def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus):
+                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                 b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, b_c_dt_rms_eps=1e-6):
     w, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                              out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
+    dt_norm = _check_rms_weights(b_rms_weight, c_rms_weight, dt_rms_weight, xz.shape[1] // 2, dt_rank, dstate,
+                                 B, C)
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")                  # (batch, dim, seqlen)
     # the projections read and write channel-first tensors: no transposing copies (channel_first.py)
     x_dbl = channel_first_linear(x, x_proj_weight)                           # (batch, dt_rank + 2*dstate, seqlen)
-    delta = channel_first_linear(x_dbl[:, :dt_rank], delta_proj_weight)     # (batch, dim, seqlen)
+    dt = x_dbl[:, :dt_rank]
+    if dt_norm == "before":
+        dt = rms_norm_channels(dt, dt_rms_weight, b_c_dt_rms_eps)
+    delta = channel_first_linear(dt, delta_proj_weight)                      # (batch, dim, seqlen)
+    if dt_norm == "after":
+        delta = rms_norm_channels(delta, dt_rms_weight, b_c_dt_rms_eps)
     if B is None:
         B = x_dbl[:, dt_rank:dt_rank + dstate]
         if B_proj_bias is not None:
             B = B + B_proj_bias.to(B.dtype).unsqueeze(-1)
+        if b_rms_weight is not None:
+            B = rms_norm_channels(B, b_rms_weight, b_c_dt_rms_eps)
     if C is None:
         C = x_dbl[:, x_dbl.shape[1] - dstate:]
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype).unsqueeze(-1)
+        if c_rms_weight is not None:
+            C = rms_norm_channels(C, c_rms_weight, b_c_dt_rms_eps)
     y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                    out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                   delta_softplus=True, checkpoint_lvl=1):
+                   delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                   b_c_dt_rms_eps=1e-6):
     """The Mamba block between in_proj and the output: conv1d + SiLU, x_proj, dt_proj, selective scan
     gated by z, out_proj. xz: (batch, 2*dim, seqlen) (in_proj's output); returns (batch, seqlen, d_model).
 
@@ -113,18 +155,25 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     ``checkpoint_lvl`` (upstream: 1 recomputes the conv output and delta in backward) is accepted;
     the selective scan on the PyTorch path already keeps only chunk states, and the other pieces
     are small, so it does not change anything here.
+
+    Falcon-Mamba's RMS norms (eps b_c_dt_rms_eps; each None = no norm): b_rms_weight and c_rms_weight
+    (dstate,) normalise the projected B and C over dstate. dt_rms_weight (dt_rank,) normalises dt after
+    x_proj, before dt_proj: Falcon-Mamba as transformers (5.x), llama.cpp and mlx-lm compute it.
+    dt_rms_weight (dim,) normalises delta after dt_proj (before its bias), which is what upstream's
+    mamba_inner_fn does with it (transformers 4.x's CUDA path passed ones of that size).
     """
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
     return _mamba_inner(selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus)
+                        delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                     out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None,
-                    delta_softplus=True, checkpoint_lvl=1):
+                    delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None,
+                    b_c_dt_rms_eps=1e-6):
     """Reference of `mamba_inner_fn` (same signature), built on `selective_scan_ref`."""
     return _mamba_inner(selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus)
+                        delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)
