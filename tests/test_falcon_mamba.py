@@ -216,3 +216,32 @@ def test_lora_step_on_falcon_mamba(tmp_path):
         losses.append(loss.item())
     torch.testing.assert_close(torch.tensor(losses[0]), base_loss, rtol=1e-5, atol=1e-5)  # lora_B starts at zero
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_path_on_the_gpu_agrees_with_the_reference(tmp_path):
+    p = make_params(batch=2, d_model=32, dstate=16, dt_rank=4, seqlen=300, seed=7)
+    p = {k: (v.detach().cuda().requires_grad_() if v is not None else None) for k, v in p.items()}
+    ones = {"b_rms_weight": torch.ones(16, device="cuda"), "c_rms_weight": torch.ones(16, device="cuda"),
+            "dt_rms_weight": torch.ones(4, device="cuda"), "b_c_dt_rms_eps": 1e-6}
+    args = [p[k] for k in PARAMS]
+    out = mamba_inner_fn(*args, **ones)
+    ref = mamba_inner_ref(*args, **ones)
+    close(out, ref, 1e-4, "out")
+    w = torch.randn_like(out)
+    leaves = [t for t in args if t is not None]
+    for a, b in zip(torch.autograd.grad((out * w).sum(), leaves), torch.autograd.grad((ref * w).sum(), leaves)):
+        close(a, b, 1e-3, "grad")
+    # the whole model: fused forward against the PyTorch backend, and cached (fused step: eager) decoding
+    hf_falcon(seed=2, d_model=64).save_pretrained(tmp_path / "hf")
+    model = MambaLMHeadModel.from_pretrained(tmp_path / "hf", device="cuda").eval()
+    ids = torch.randint(0, 97, (2, 40), device="cuda")
+    with torch.no_grad():
+        fused = model(ids).logits
+        with use_backend("torch"):
+            plain = model(ids).logits
+    assert rel_err(plain, fused) < 1e-4
+    out = model.generate(ids[:, :8], max_length=40, teacher_outputs=ids, output_scores=True,
+                         return_dict_in_generate=True, cg=True)
+    assert rel_err(fused[:, 7:39], torch.stack(out.scores, 1)) < 1e-3
