@@ -28,9 +28,20 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     backend = choose_backend("selective_scan", u.is_cuda)
     if backend == "cuda":
+        lacking = "complex A" if A.is_complex() else \
+            next((f"time-invariant {n} (dim, dstate)" for n, t in (("B", B), ("C", C)) if t.dim() == 2), None)
+        if lacking is not None:
+            raise NotImplementedError(
+                f"selective_scan_fn: {lacking} is not supported by this package's CUDA kernel; run the call on the "
+                "PyTorch path: `with mamba_ssm.backend.use_backend('torch'):` (or MAMBA_SSM_BACKEND=torch)")
         from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
 
         return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if A.is_complex():  # the reference loop is the one complex implementation (autograd for the backward)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    # time-invariant B / C: the grouped form with one group per channel (a broadcast view, no copy)
+    B, C = (t.unsqueeze(0).unsqueeze(-1).expand(u.shape[0], *t.shape, u.shape[-1]) if t.dim() == 2 else t
+            for t in (B, C))
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -56,11 +67,10 @@ def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_pro
         err(f"conv1d_weight must be (dim, 1, width) or (dim, width) with dim = {dim}, got {_shape(conv1d_weight)}")
     if conv1d_bias is not None and tuple(conv1d_bias.shape) != (dim,):
         err(f"conv1d_bias must be (dim,) = ({dim},), got {_shape(conv1d_bias)}")
-    if A.is_complex():
-        err("complex A is not supported (Mamba-1 uses real A); got dtype " + str(A.dtype))
     if A.dim() != 2 or A.shape[0] != dim:
         err(f"A must be (dim, dstate) with dim = {dim}, got {_shape(A)}")
-    dstate = A.shape[1]
+    # x_proj's B and C columns: dstate reals each, or (re, im) pairs of complex A's dstate states
+    dstate = A.shape[1] * (2 if A.is_complex() else 1)
     if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != dim:
         err(f"delta_proj_weight must be (dim, dt_rank) with dim = {dim}, got {_shape(delta_proj_weight)}")
     dt_rank = delta_proj_weight.shape[1]
@@ -68,7 +78,8 @@ def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_pro
     if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != dim or x_proj_weight.shape[0] < need or (
             (B is None or C is None) and x_proj_weight.shape[0] != need):
         err(f"x_proj_weight must be (dt_rank + 2*dstate, dim) = ({dt_rank} + 2*{dstate}, {dim})"
-            f"{' (or at least dt_rank rows when B and C are given)' if need == dt_rank else ''}, "
+            f"{' (or at least dt_rank rows when B and C are given)' if need == dt_rank else ''}"
+            f"{' (complex A: dstate counts 2 reals per state)' if A.is_complex() else ''}, "
             f"got {_shape(x_proj_weight)}")
     if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
         err(f"out_proj_weight must be (d_model, dim) with dim = {dim}, got {_shape(out_proj_weight)}")
@@ -109,6 +120,13 @@ def _check_rms_weights(b_rms_weight, c_rms_weight, dt_rms_weight, dim, dt_rank, 
                      f"got {_shape(dt_rms_weight)}")
 
 
+def _interleave_pairs(X):
+    """x_proj's B or C of complex A, (batch, 2*dstate, seqlen) with columns (re, im) per state ->
+    (batch, dstate, 2*seqlen) with (re, im) interleaved along time, as the scan takes them."""
+    b, n2, L = X.shape
+    return X.reshape(b, n2 // 2, 2, L).transpose(2, 3).reshape(b, n2 // 2, 2 * L)
+
+
 def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
                  out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                  b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, b_c_dt_rms_eps=1e-6):
@@ -116,6 +134,9 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
                                              out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
     dt_norm = _check_rms_weights(b_rms_weight, c_rms_weight, dt_rms_weight, xz.shape[1] // 2, dt_rank, dstate,
                                  B, C)
+    if A.is_complex() and (b_rms_weight is not None or c_rms_weight is not None):
+        raise ValueError("mamba_inner_fn: b_rms_weight / c_rms_weight (Falcon-Mamba's norms) are for real A; "
+                         f"got complex A ({A.dtype})")
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_fn(x, w, conv1d_bias, activation="silu")                  # (batch, dim, seqlen)
     # the projections read and write channel-first tensors: no transposing copies (channel_first.py)
@@ -132,12 +153,16 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
             B = B + B_proj_bias.to(B.dtype).unsqueeze(-1)
         if b_rms_weight is not None:
             B = rms_norm_channels(B, b_rms_weight, b_c_dt_rms_eps)
+        if A.is_complex():
+            B = _interleave_pairs(B)
     if C is None:
         C = x_dbl[:, x_dbl.shape[1] - dstate:]
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype).unsqueeze(-1)
         if c_rms_weight is not None:
             C = rms_norm_channels(C, c_rms_weight, b_c_dt_rms_eps)
+        if A.is_complex():
+            C = _interleave_pairs(C)
     y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
 
