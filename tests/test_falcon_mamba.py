@@ -191,6 +191,16 @@ def test_transformers_falcon_mamba_loads_decodes_and_saves_back(tmp_path, shape)
     assert cfg["mixer_rms_eps"] == kw.get("mixer_rms_eps", 1e-6)
     back = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert rel_err(want, hf_logits(back, ids)[..., :vocab]) < 1e-4
+    # and in our own layout (ssm_cfg keeps b_c_dt_rms_eps; upstream's config cannot hold another norm eps)
+    if "layer_norm_epsilon" in kw:
+        with pytest.warns(UserWarning, match="eps"):
+            model.save_pretrained(tmp_path / "own")
+        return
+    model.save_pretrained(tmp_path / "own")
+    own = MambaLMHeadModel.from_pretrained(tmp_path / "own").eval()
+    assert own.config.ssm_cfg == model.config.ssm_cfg
+    with torch.no_grad():
+        assert torch.equal(own(ids).logits, model(ids).logits)
 
 
 def test_lora_step_on_falcon_mamba(tmp_path):
