@@ -28,7 +28,7 @@ from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 class Mamba(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, b_c_dt_rms_eps=None, device=None, dtype=None):
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, b_c_dt_rms_eps=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
