@@ -93,7 +93,8 @@ def test_scan_forms_equal_the_float64_recurrence(fn, B_form, C_form, cplx):
         close(a, e, 1e-4, f"grad {k}")
 
 
-def _inner_params(cplx, given_BC, seed=0, batch=2, d_model=4, N=3, dt_rank=2, width=3, L=9):
+def _inner_params(cplx, given, seed=0, batch=2, d_model=4, N=3, dt_rank=2, width=3, L=9):
+    """given: which of B and C are time-invariant arguments ("", "B", "C" or "BC"); x_proj projects the others."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     dim = 2 * d_model
@@ -102,10 +103,10 @@ def _inner_params(cplx, given_BC, seed=0, batch=2, d_model=4, N=3, dt_rank=2, wi
     if cplx:
         A = torch.complex(A, 2 * r(dim, N))
     p = dict(xz=r(batch, 2 * dim, L), conv1d_weight=0.5 * r(dim, 1, width), conv1d_bias=0.1 * r(dim),
-             x_proj_weight=0.3 * r(dt_rank + (0 if given_BC else 2 * cols), dim), delta_proj_weight=0.5 * r(dim, dt_rank),
+             x_proj_weight=0.3 * r(dt_rank + (2 - len(given)) * cols, dim), delta_proj_weight=0.5 * r(dim, dt_rank),
              out_proj_weight=0.3 * r(d_model, dim), out_proj_bias=0.1 * r(d_model), A=A,
-             B=(torch.complex(r(dim, N), r(dim, N)) if cplx else r(dim, N)) if given_BC else None,
-             C=(torch.complex(r(dim, N), r(dim, N)) if cplx else r(dim, N)) if given_BC else None,
+             B=(torch.complex(r(dim, N), r(dim, N)) if cplx else r(dim, N)) if "B" in given else None,
+             C=(torch.complex(r(dim, N), r(dim, N)) if cplx else r(dim, N)) if "C" in given else None,
              D=r(dim), delta_bias=0.1 * r(dim))
     return {k: (v.requires_grad_() if v is not None else None) for k, v in p.items()}
 
@@ -126,21 +127,26 @@ def inner_oracle(q):
     r = q["delta_proj_weight"].shape[1]
     x_dbl = torch.einsum("bdl,cd->bcl", x, q["x_proj_weight"])
     delta = torch.einsum("brl,dr->bdl", x_dbl[:, :r], q["delta_proj_weight"])
-    B, C = q["B"], q["C"]
-    if B is None:
-        cols = (x_dbl.shape[1] - r) // 2
-        B, C = x_dbl[:, r:r + cols], x_dbl[:, r + cols:]
-        if q["A"].is_complex():   # (b, 2N, L) column pairs -> (b, N, 2L) interleaved along time
-            B, C = (t.unflatten(1, (-1, 2)).transpose(2, 3).flatten(2) for t in (B, C))
+    cols = q["A"].shape[1] * (2 if q["A"].is_complex() else 1)
+
+    def projected(t):   # complex A: (b, 2N, L) column pairs -> (b, N, 2L) interleaved along time
+        return t.unflatten(1, (-1, 2)).transpose(2, 3).flatten(2) if q["A"].is_complex() else t
+
+    B = q["B"] if q["B"] is not None else projected(x_dbl[:, r:r + cols])
+    C = q["C"] if q["C"] is not None else projected(x_dbl[:, x_dbl.shape[1] - cols:])
     y, _ = oracle(x, delta, q["A"], B, C, q["D"], z, q["delta_bias"], softplus=True)
     return torch.einsum("bdl,md->blm", y, q["out_proj_weight"]) + q["out_proj_bias"]
 
 
-@pytest.mark.parametrize("cplx,given_BC", [(True, False), (True, True), (False, True)],
-                         ids=["complex-projected", "complex-invariant", "real-invariant"])
+INNER_CASES = [(True, ""), (True, "BC"), (True, "B"), (False, "BC"), (False, "B"), (False, "C")]
+
+
+@pytest.mark.parametrize("cplx,given", INNER_CASES,
+                         ids=[f"{'complex' if c else 'real'}-{g or 'projected'}" for c, g in INNER_CASES])
 @pytest.mark.parametrize("fn", [mamba_inner_fn, mamba_inner_ref], ids=["fn", "ref"])
-def test_inner_block_with_complex_or_time_invariant_weights(fn, cplx, given_BC):
-    p = _inner_params(cplx, given_BC)
+def test_inner_block_with_complex_or_time_invariant_weights(fn, cplx, given):
+    # with one of B / C given, x_proj holds dt's rows and the other's only (upstream's test_mamba_inner_fn)
+    p = _inner_params(cplx, given)
     with use_backend("torch"):
         out = fn(*[p[k] for k in INNER])
     q = {k: (v.detach().to(torch.complex128 if v.is_complex() else torch.float64).requires_grad_()
@@ -184,3 +190,11 @@ def test_bad_forms_name_the_argument(fn, case, mutate, match):
     mutate(ins)
     with pytest.raises(ValueError, match=match):
         fn(*[ins[k] for k in NAMES])
+
+
+def test_x_proj_rows_with_one_of_B_C_given_are_checked():
+    p = _inner_params(False, "B")
+    p["x_proj_weight"] = torch.randn(2 + 3 + 1, 8)
+    with pytest.raises(ValueError, match=r"x_proj_weight must be \(rows, dim\) with dim = 8 and dt_rank \+ dstate or "
+                                         r"dt_rank \+ 2\*dstate = 2 \+ 3 or 2 \+ 2\*3 rows, got \(6, 8\)"):
+        mamba_inner_fn(*[p[k] for k in INNER])

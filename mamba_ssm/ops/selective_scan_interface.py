@@ -74,11 +74,17 @@ def _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_pro
     if delta_proj_weight.dim() != 2 or delta_proj_weight.shape[0] != dim:
         err(f"delta_proj_weight must be (dim, dt_rank) with dim = {dim}, got {_shape(delta_proj_weight)}")
     dt_rank = delta_proj_weight.shape[1]
-    need = dt_rank + (2 * dstate if (B is None or C is None) else 0)
-    if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != dim or x_proj_weight.shape[0] < need or (
-            (B is None or C is None) and x_proj_weight.shape[0] != need):
-        err(f"x_proj_weight must be (dt_rank + 2*dstate, dim) = ({dt_rank} + 2*{dstate}, {dim})"
-            f"{' (or at least dt_rank rows when B and C are given)' if need == dt_rank else ''}"
+    # rows: dt, then B's dstate (when projected), then C's (the last dstate); with one of B / C given,
+    # upstream's test keeps only the projected one's rows, a Mamba layer's x_proj has both
+    projected = (B is None) + (C is None)
+    rows = x_proj_weight.shape[0] if x_proj_weight.dim() == 2 else -1
+    allowed = {0: rows >= dt_rank, 1: rows in (dt_rank + dstate, dt_rank + 2 * dstate),
+               2: rows == dt_rank + 2 * dstate}[projected]
+    if x_proj_weight.dim() != 2 or x_proj_weight.shape[1] != dim or not allowed:
+        want = {0: f"at least dt_rank = {dt_rank} rows (B and C are given)",
+                1: f"dt_rank + dstate or dt_rank + 2*dstate = {dt_rank} + {dstate} or {dt_rank} + 2*{dstate} rows",
+                2: f"dt_rank + 2*dstate = {dt_rank} + 2*{dstate} rows"}[projected]
+        err(f"x_proj_weight must be (rows, dim) with dim = {dim} and {want}"
             f"{' (complex A: dstate counts 2 reals per state)' if A.is_complex() else ''}, "
             f"got {_shape(x_proj_weight)}")
     if out_proj_weight.dim() != 2 or out_proj_weight.shape[1] != dim:
