@@ -7,6 +7,9 @@ the same run and a sweep over batch sizes (the logic lives in mambakit.bench.gen
     # GPU, the study's measurement (random weights when the checkpoint is not reachable)
     python benchmarks/benchmark_generation_mamba_simple.py --model-name state-spaces/mamba-1.4b \
         --promptlen 2048 --genlen 128 --batch 1 16 64 --cg
+    # a hybrid of that size (random weights): attention at every 8th layer
+    python benchmarks/benchmark_generation_mamba_simple.py --model-name 1.4b --attn-every 8 \
+        --promptlen 2048 --genlen 128 --batch 1 16 --cg
 
 Prints the decoded text of the prompt's continuation, the prompt and generation lengths and, per
 model and batch size, the prompt processing + decoding time (mean of --repeats calls after a

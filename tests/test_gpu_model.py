@@ -102,9 +102,9 @@ def test_cuda_graphs_one_per_batch_size_reused_across_calls_and_lengths(monkeypa
     captures = []
 
     class Counted(cuda_graph._CapturedStep):
-        def __init__(self, model, batch_size):
+        def __init__(self, model, batch_size, *args):
             captures.append(batch_size)
-            super().__init__(model, batch_size)
+            super().__init__(model, batch_size, *args)
 
     monkeypatch.setattr(cuda_graph, "_CapturedStep", Counted)
     model = loud_model(d_model=64, vocab_size=257, d_state=16, seed=4).cuda()

@@ -57,6 +57,7 @@ _HF_TO_SSM = {"state_size": "d_state", "conv_kernel": "d_conv", "expand": "expan
               "time_step_min": "dt_min", "time_step_max": "dt_max", "time_step_init_scheme": "dt_init",
               "time_step_scale": "dt_scale", "time_step_floor": "dt_init_floor", "use_conv_bias": "conv_bias",
               "use_bias": "bias"}
+_FALCON_MIXER_RMS_EPS = 1e-6  # transformers' FalconMambaConfig.mixer_rms_eps default
 _DEFAULT_NORM_EPS = 1e-5       # what MambaLMHeadModel gives its norms; upstream's config cannot change it
 _HF_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -74,6 +75,8 @@ def detect_layout(config_dict: dict, source: str = "config.json") -> str:
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{source}: expected a JSON object, got {type(config_dict).__name__}")
     model_type = config_dict.get("model_type")
+    if model_type == "falcon_mamba":
+        return "transformers"
     if model_type not in (None, "mamba"):
         raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; this package loads Mamba-1 "
                               f"checkpoints (upstream mamba_ssm's config, or transformers' model_type 'mamba')")
@@ -153,6 +156,8 @@ def config_from_transformers_dict(config_dict: dict, source: str = "config.json"
                 value = "auto"
         if value != _MIXER_DEFAULTS[ssm_name]:
             ssm_cfg[ssm_name] = value
+    if config_dict.get("model_type") == "falcon_mamba":   # FalconMambaForCausalLM: norms of dt, B, C
+        ssm_cfg["b_c_dt_rms_eps"] = float(config_dict.get("mixer_rms_eps", _FALCON_MIXER_RMS_EPS))
     expand = ssm_cfg.get("expand", _MIXER_DEFAULTS["expand"])
     if "intermediate_size" in config_dict and config_dict["intermediate_size"] != int(expand * d_model):
         raise CheckpointError(f"{source}: intermediate_size {config_dict['intermediate_size']} is not "
@@ -209,6 +214,7 @@ def config_to_transformers_dict(config, vocab_rows=None, norm_epsilon=_DEFAULT_N
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba1":
         raise CheckpointError(f"ssm_cfg layer {layer!r} cannot be written as transformers' MambaForCausalLM")
+    mixer_rms_eps = ssm_cfg.pop("b_c_dt_rms_eps", None)   # set: FalconMambaForCausalLM
     unknown = sorted(set(ssm_cfg) - set(ssm) - {"use_fast_path"})
     if unknown:
         raise CheckpointError(f"ssm_cfg field(s) {', '.join(unknown)} have no transformers equivalent")
@@ -246,6 +252,9 @@ def config_to_transformers_dict(config, vocab_rows=None, norm_epsilon=_DEFAULT_N
         "bos_token_id": 0,
         "eos_token_id": 0,
     }
+    if mixer_rms_eps is not None:
+        out.update(architectures=["FalconMambaForCausalLM"], model_type="falcon_mamba",
+                   mixer_rms_eps=float(mixer_rms_eps))
     out.update(token_ids or {})
     if dtype is not None:
         out["dtype"] = str(dtype).replace("torch.", "")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.modules.block import Block
 from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.modules.mha import MHA
 from mamba_ssm.modules.mlp import GatedMLP
 from mamba_ssm.ops import packing
 from mamba_ssm.ops.triton.layer_norm import RMSNorm, layer_norm_fn
@@ -43,12 +44,12 @@ def create_block(d_model, d_intermediate, ssm_cfg=None, attn_layer_idx=None, att
                  dtype=None):
     factory_kwargs = {"device": device, "dtype": dtype}
     ssm_cfg = dict(ssm_cfg or {})
-    if attn_layer_idx and layer_idx in attn_layer_idx:
-        raise NotImplementedError("attention layers (attn_layer_idx) are not supported by this package yet")
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba1":
         raise NotImplementedError(f"ssm_cfg layer {layer!r} is not supported: this package implements Mamba1")
     mixer_cls = partial(Mamba, layer_idx=layer_idx, **ssm_cfg, **factory_kwargs)
+    if attn_layer_idx and layer_idx in attn_layer_idx:
+        mixer_cls = partial(MHA, layer_idx=layer_idx, **(attn_cfg or {}), **factory_kwargs)
     norm_cls = partial(nn.LayerNorm if not rms_norm else RMSNorm, eps=norm_epsilon, **factory_kwargs)
     if d_intermediate == 0:
         mlp_cls = nn.Identity

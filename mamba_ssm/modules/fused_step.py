@@ -91,6 +91,8 @@ def step_path(mixer, hidden):
         return None  # torch.compile traces the PyTorch step
     if not _plain(mixer):
         return None  # wrapped (LoRA) or hooked projections run as modules
+    if getattr(mixer, "b_c_dt_rms_eps", None) is not None:
+        return None  # Falcon-Mamba's norms of dt, B and C: the kernels do not have them, the eager step does
     weights = _weights(mixer)
     if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
         return None

@@ -5,6 +5,8 @@ x -> causal depthwise conv (width d_conv) -> silu -> x_proj -> [dt (dt_rank), B 
 dt -> dt_proj (adds dt bias) -> softplus -> Δ;   y = selective_scan(x, Δ, A, B, C, D) * silu(z)
 y -> out_proj -> (B, L, d_model)
 
+Falcon-Mamba (b_c_dt_rms_eps set): dt, B and C are RMS-normalised (no weight) right after x_proj.
+
 A = -exp(A_log) keeps the state's decay in (0, 1); A_log, D and dt_proj.bias are tagged
 `_no_weight_decay` so optimizers can leave them out of weight decay.
 """
@@ -27,7 +29,7 @@ from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 class Mamba(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, device=None, dtype=None):
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, b_c_dt_rms_eps=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
@@ -38,6 +40,10 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(self.d_model / 16) if dt_rank == "auto" else dt_rank
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
+        if b_c_dt_rms_eps is not None and not (isinstance(b_c_dt_rms_eps, (int, float)) and b_c_dt_rms_eps > 0):
+            raise ValueError(f"Mamba: b_c_dt_rms_eps must be None (no norms) or a positive number, "
+                             f"got {b_c_dt_rms_eps!r}")
+        self.b_c_dt_rms_eps = b_c_dt_rms_eps
 
         self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -113,7 +119,7 @@ class Mamba(nn.Module):
             return _scan.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                   None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
-                                  delta_softplus=True, seq_idx=seq_idx)
+                                  delta_softplus=True, **self._rms_kwargs(xz.device), seq_idx=seq_idx)
 
         # Adapters (LoRA) around the projections: each is called through `project`, which applies
         # nn.Linear and described adapters (mamba_ssm.ops.adapters) channel-first, any other module as itself.
@@ -126,10 +132,14 @@ class Mamba(nn.Module):
                 conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0))[..., -self.d_conv:])
         x = self._conv(x, seq_idx)
         x_dbl = project(self.x_proj, x)                                    # (B, dt_rank + 2 N, L)
-        # the scan adds dt_proj's bias itself, in fp32, before the softplus
-        dt = project(self.dt_proj, x_dbl[:, :self.dt_rank], bias=False)   # (B, d_inner, L)
+        dt = x_dbl[:, :self.dt_rank]
         B = x_dbl[:, self.dt_rank:self.dt_rank + self.d_state]
         C = x_dbl[:, self.dt_rank + self.d_state:]
+        if self.b_c_dt_rms_eps is not None:
+            dt, B, C = (_scan.rms_norm_channels(t, torch.ones(t.shape[1], device=t.device), self.b_c_dt_rms_eps)
+                        for t in (dt, B, C))
+        # the scan adds dt_proj's bias itself, in fp32, before the softplus
+        dt = project(self.dt_proj, dt, bias=False)                        # (B, d_inner, L)
         y = _scan.selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                     delta_softplus=True, return_last_state=ssm_state is not None,
                                     seq_idx=seq_idx, cu_seqlens=cu_seqlens if ssm_state is not None else None)
@@ -137,6 +147,14 @@ class Mamba(nn.Module):
             y, last_state = y
             ssm_state.copy_(last_state)
         return project(self.out_proj, y, channels_last_out=True).transpose(1, 2)
+
+    def _rms_kwargs(self, device):
+        """mamba_inner_fn's Falcon-Mamba arguments: weightless norms of B, C and dt (before dt_proj)."""
+        if self.b_c_dt_rms_eps is None:
+            return {}
+        ones = torch.ones(self.d_state, device=device)
+        return dict(b_rms_weight=ones, c_rms_weight=ones, dt_rms_weight=torch.ones(self.dt_rank, device=device),
+                    b_c_dt_rms_eps=self.b_c_dt_rms_eps)
 
     def _dt_without_bias(self, dt):
         # The step's state update adds dt_proj's bias itself. A wrapped dt_proj (an adapter) is
@@ -180,6 +198,9 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, conv_state, self.conv1d.weight, self.conv1d.bias, self.activation)
         x_db = self.x_proj(x)
         dt, B, C = torch.split(x_db, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.b_c_dt_rms_eps is not None:
+            dt, B, C = (_scan.rms_norm_channels(t.unsqueeze(-1), torch.ones(t.shape[1], device=t.device),
+                                                self.b_c_dt_rms_eps).squeeze(-1) for t in (dt, B, C))
         dt = self._dt_without_bias(dt)
         A = -torch.exp(self.A_log.float())
         y = selective_state_update(ssm_state, x, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,

@@ -109,6 +109,8 @@ def unsupported_reason(model):
             return f"layer {getattr(block, 'layer_idx', '?')} is not a plain Mamba mixer"
         if getattr(block, "mlp", None) is not None:
             return "blocks with an MLP are not compiled"
+        if m.b_c_dt_rms_eps is not None:
+            return "Falcon-Mamba's norms of dt, B and C are not compiled"
         # Wrapped projections (LoRA adapters) must run as modules: the compiled step reads raw weights.
         if not (all(type(p) is nn.Linear for p in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj))
                 and type(m.conv1d) is nn.Conv1d and type(block.norm) in (nn.LayerNorm, RMSNorm)):

@@ -2,7 +2,9 @@
 
 A graph owns a static cache (every layer's conv and SSM state) and a static token buffer. Graphs
 are kept on the model, one per (batch size, dtype, device), and reused by every later call
-whatever the prompt or generation length (a Mamba step does not depend on the position). When
+whatever the prompt or generation length (a Mamba step does not depend on the position). A model
+with attention layers (modules whose `cache_holds_sequence` is True) needs a cache as long as the
+decoding: its graph is captured for max_length, and captured again for another max_length. When
 the model's parameters have moved to other memory since (`.to()` there and back), the graphs,
 which read the old addresses, are dropped and captured again.
 
@@ -45,9 +47,20 @@ def clear_cuda_graphs(model):
     model.__dict__.pop(_STORE, None)
 
 
+def cache_length(model, max_length):
+    """The sequence length a graph's static cache needs: 1 for recurrent layers only (a Mamba step does
+    not depend on the position), max_length where a layer caches the sequence (attention)."""
+    if not any(getattr(m, "cache_holds_sequence", False) for m in model.modules()):
+        return 1
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"CudaGraphStep: a model with attention layers needs max_length (a positive int, the "
+                         f"decoding's prompt + new tokens), got {max_length!r}")
+    return max_length
+
+
 class CudaGraphStep:
-    """The model's captured step for `batch_size` rows (captured on first use). max_length is accepted
-    for compatibility and unused: a step does not depend on the sequence length."""
+    """The model's captured step for `batch_size` rows (captured on first use). max_length: the tokens
+    a row may hold in all; used only by models with attention layers (see cache_length)."""
 
     def __init__(self, model, batch_size, max_length=None):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -57,8 +70,10 @@ class CudaGraphStep:
             raise ValueError(f"CudaGraphStep: the model must be on a CUDA device, got {param.device}")
         graphs = _store(model)["graphs"]
         key = (batch_size, param.dtype, param.device)
-        if key not in graphs:
-            graphs[key] = _CapturedStep(model, batch_size)
+        length = cache_length(model, max_length)
+        if key not in graphs or graphs[key].cache_length != length:
+            graphs.pop(key, None)  # free the old graph's pool before capturing another
+            graphs[key] = _CapturedStep(model, batch_size, length)
         self._captured = graphs[key]
         self.batch_size = batch_size
 
@@ -89,11 +104,12 @@ class CudaGraphStep:
 
 
 class _CapturedStep:
-    def __init__(self, model, batch_size):
+    def __init__(self, model, batch_size, cache_length=1):
         device = next(model.parameters()).device
         self.owner = None
-        self.params = InferenceParams(max_seqlen=1, max_batch_size=batch_size)
-        self.cache = model.allocate_inference_cache(batch_size, 1)
+        self.cache_length = cache_length
+        self.params = InferenceParams(max_seqlen=cache_length, max_batch_size=batch_size)
+        self.cache = model.allocate_inference_cache(batch_size, cache_length)
         self.params.key_value_memory_dict = self.cache
         self.params.seqlen_offset = 1  # > 0 selects the recurrent step path
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -102,6 +118,9 @@ class _CapturedStep:
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside the graph (lazy inits, allocator)
                 model(self.token, inference_params=self.params, num_last_tokens=1)
+                for states in self.cache.values():  # an attention cache's lengths back to 0
+                    for state in states:
+                        state.zero_()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):

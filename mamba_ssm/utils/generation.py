@@ -301,7 +301,7 @@ class DecodingSession:
         params, fn, kind = self.inference_params, None, "eager"
         if self.cg and self.device.type == "cuda":
             try:
-                graph = CudaGraphStep(self.model, self.batch_size)
+                graph = CudaGraphStep(self.model, self.batch_size, self.inference_params.max_seqlen)
                 graph.bind(params)  # the states prefilled so far move into the graph's static cache
                 fn, kind = (lambda token: graph(token, params)), "cuda_graph"
             except Exception as e:  # noqa: BLE001 - a failed capture must not fail the decoding

@@ -13,7 +13,10 @@ Models: `--model-name` is a hub id or a local directory loaded with
 `MambaLMHeadModel.from_pretrained`; when it cannot be loaded (no network, no cache) and it
 names a known size (``130m``, ``370m``, ``790m``, ``1.4b``, ``2.8b``, or a hub id ending in
 one, e.g. ``state-spaces/mamba-1.4b``), a model of that shape with random weights is used and
-the result says so. ``tiny`` is a CPU smoke size. The baseline is transformers'
+the result says so. ``tiny`` is a CPU smoke size. ``--attn-every N`` makes the random model a hybrid
+of that size: attention (`mamba_ssm.modules.mha.MHA`, head_dim 64 (128 from d_model 2048), rotary
+on half of it, a conv on qkv, upstream's mamba2attn settings) at every N-th layer instead of Mamba.
+The baseline is transformers'
 `GPTNeoXForCausalLM` in the matching Pythia shape (random weights, ``attn_implementation="sdpa"``);
 for a checkpoint of another shape, a GPT-NeoX of the same width with half as many layers
 (one attention+MLP layer holds about as many weights as two Mamba layers).
@@ -69,6 +72,7 @@ class BenchConfig:
     tokenizer: str | None = None
     seed: int = 0
     threads: int = 0
+    attn_every: int = 0             # > 0: random weights, attention at every attn_every-th layer
 
     def resolved_device(self) -> str:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,21 +95,37 @@ def size_of(model_name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def random_mamba(size: str, device, dtype, vocab_size: int = MAMBA_VOCAB):
+def hybrid_layout(d_model: int, n_layer: int, attn_every: int) -> dict:
+    """MambaConfig fields putting attention at every attn_every-th layer (layers attn_every-1, 2*attn_every-1, ...)."""
+    head_dim = 128 if d_model >= 2048 else 64
+    attn_cfg = {"num_heads": d_model // head_dim, "head_dim": head_dim, "rotary_emb_dim": head_dim // 2,
+                "causal": True, "d_conv": 4, "qkv_proj_bias": False, "out_proj_bias": False}
+    return {"attn_layer_idx": list(range(attn_every - 1, n_layer, attn_every)), "attn_cfg": attn_cfg}
+
+
+def random_mamba(size: str, device, dtype, vocab_size: int = MAMBA_VOCAB, attn_every: int = 0):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     d_model, n_layer = MAMBA_SIZES[size]
+    hybrid = hybrid_layout(d_model, n_layer, attn_every) if attn_every else {}
     cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, rms_norm=True, residual_in_fp32=True,
-                      fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)
+                      fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True, **hybrid)
     return MambaLMHeadModel(cfg, device=device, dtype=dtype)
 
 
-def load_mamba(model_name: str, device, dtype):
+def load_mamba(model_name: str, device, dtype, attn_every: int = 0):
     """(model, info): the checkpoint when it loads, else random weights of the named size."""
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     size = size_of(model_name)
+    if attn_every:
+        if size is None:
+            raise ValueError(f"--attn-every builds a random hybrid model of a known size ({', '.join(MAMBA_SIZES)}); "
+                             f"got --model-name {model_name!r}")
+        model = random_mamba(size, device, dtype, attn_every=attn_every)
+        return model, {"weights": "random", "size": size, "attn_layer_idx": model.config.attn_layer_idx,
+                       "attn_cfg": model.config.attn_cfg}
     if size == "tiny" or (size is not None and model_name.lower() == size):
         return random_mamba(size, device, dtype), {"weights": "random", "size": size}
     try:
@@ -287,7 +307,9 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
 
     tokenizer = _load_tokenizer(cfg)
-    mamba, mamba_info = load_mamba(cfg.model_name, device, dtype)
+    if cfg.attn_every < 0:
+        raise ValueError(f"attn_every must be >= 0, got {cfg.attn_every}")
+    mamba, mamba_info = load_mamba(cfg.model_name, device, dtype, attn_every=cfg.attn_every)
     mamba.eval()
     mamba_info.update(n_params=n_params(mamba), d_model=mamba.config.d_model, n_layer=mamba.config.n_layer)
     models = [("mamba", mamba, mamba_generate_fn(mamba, cfg), mamba_info)]
@@ -339,6 +361,8 @@ def default_stem(cfg: BenchConfig, results: dict) -> str:
     """generation_<size>_<card>: one file per model size and card, overwritten by the next run (the
     date, inputs and versions are inside)."""
     size = results["models"]["mamba"].get("size") or Path(cfg.model_name.rstrip("/")).name
+    attn_every = getattr(cfg, "attn_every", 0)
+    size = f"{size}-attn{attn_every}" if attn_every else size
     gpu = results.get("machine", {}).get("gpu")
     on_cuda = str(results["inputs"]["device"]).startswith("cuda")
     return f"generation_{size}_{gpu_tag(gpu) if on_cuda and gpu else 'cpu'}"
@@ -412,6 +436,8 @@ def build_parser():
     p.add_argument("--no-baseline", action="store_true", help="skip the transformer baseline")
     p.add_argument("--tokenizer", type=str, default=None, help="tokenizer directory or tokenizer.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-every", type=int, default=0,
+                   help="random weights of --model-name's size with attention at every N-th layer (a hybrid model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out-json", type=str, default=None, help=f"result JSON (default: {RESULTS_DIR}/generation_*.json)")
     p.add_argument("--out-png", type=str, default=None, help="throughput PNG (default: next to the JSON)")
@@ -424,7 +450,7 @@ def main(argv=None):
                       temperature=args.temperature, topk=args.topk, topp=args.topp, minp=args.minp,
                       repetition_penalty=args.repetition_penalty, batch=args.batch, repeats=args.repeats,
                       device=args.device, dtype=args.dtype, cg=args.cg, baseline=not args.no_baseline,
-                      tokenizer=args.tokenizer, seed=args.seed, threads=args.threads)
+                      tokenizer=args.tokenizer, seed=args.seed, threads=args.threads, attn_every=args.attn_every)
     results = run_benchmark(cfg)
     json_path = Path(args.out_json) if args.out_json else RESULTS_DIR / (default_stem(cfg, results) + ".json")
     png_path = Path(args.out_png) if args.out_png else json_path.with_suffix(".png")
