@@ -28,13 +28,14 @@ def generate_both(model, prompt, new_tokens=10):
     return eager, compiled
 
 
-@pytest.mark.parametrize("cfg", [{}, {"rms_norm": False, "residual_in_fp32": False}])
-def test_compiled_step_gives_the_eager_tokens_and_logits(cfg):
+@pytest.mark.parametrize("cfg,batch", [({}, 2), ({"rms_norm": False, "residual_in_fp32": False}, 2), ({}, 3)])
+def test_compiled_step_gives_the_eager_tokens_and_logits(cfg, batch):
+    # batch 2: products as multiply + sum (GEMV_MAX_ROWS); 3: as matrix products
     model = tiny_model(seed=11, **cfg)
-    prompt = torch.randint(0, 101, (2, 5))
+    prompt = torch.randint(0, 101, (batch, 5))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
-        step = compiled_step.CompiledStep.build(model, 2)
+        step = compiled_step.CompiledStep.build(model, batch)
     assert step is not None
     eager, compiled = generate_both(model, prompt)
     assert torch.equal(eager.sequences, compiled.sequences)

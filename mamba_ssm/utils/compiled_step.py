@@ -1,10 +1,12 @@
 """The CPU decoding step compiled with torch.compile (inductor's C++ code): `decode(..., cg=True)` on a CPU.
 
 An eager step launches ~40 small ops per layer (norm, conv shift, softplus, exp, state update,
-gate, ...); at batch 1 each costs more in dispatch than in arithmetic (~20 ms of a ~50 ms step for
-the 130m model, whose matrix-vector products, memory-bound, take ~28 ms). Here the whole step
-(embedding, every layer, final norm, LM head) is one graph: per layer, its four matrix products
-(library calls) and three fused C++ loops, behind a single guard check per token.
+gate, ...); at batch 1 each costs more in dispatch than in arithmetic. Here the whole step
+(embedding, every layer, final norm, LM head) is one graph of fused C++ loops behind a single guard
+check per token. At batch 1 and 2 the matrix products are written as multiply + sum, so that they
+too become C++ loops on every thread (torch's CPU matrix-vector product uses one): the 130m model
+on 2 cores decodes ~50 tokens/s in fp32 instead of ~21 (2026-12-07); larger batches call the
+library's matrix products.
 
 The step is written as a function of plain tensors (`step_logits`: weights and states are
 arguments), so it does not depend on how the model object is built, and a model of the same
@@ -57,6 +59,22 @@ def _add_norm(hidden, residual, norm_w, norm_b, eps, is_rms, residual_in_fp32):
     return h.to(in_dtype), residual
 
 
+# At most this many rows, a matrix product is written as multiply + sum, which inductor compiles into
+# one C++ loop over the weight on every thread; torch's own matrix-vector product runs on one thread
+# on the CPU (130m shape, 2 cores, fp32, 2026-12-07: the 96 layer products 18.3 ms against 28.9).
+GEMV_MAX_ROWS = 2
+
+
+def _linear(x, w, b=None):
+    """F.linear(x, w, b) for x (batch, in): fp32 sums, the result in x's dtype."""
+    if x.shape[0] > GEMV_MAX_ROWS:
+        return F.linear(x, w, b)
+    out = (x.float().unsqueeze(1) * w.float()).sum(-1)
+    if b is not None:
+        out = out + b.float()
+    return out.to(x.dtype)
+
+
 def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in_b, conv_w, conv_b, x_w, dt_w,
                dt_b, A, D, out_w, out_b, eps: float, is_rms: bool, residual_in_fp32: bool, dt_rank: int):
     """One Block(Mamba) step.
@@ -67,7 +85,7 @@ def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in
     Returns (out (batch, d_model), new residual (batch, d_model)).
     """
     h, residual = _add_norm(hidden, residual, norm_w, norm_b, eps, is_rms, residual_in_fp32)
-    x, z = F.linear(h, in_w, in_b).chunk(2, dim=-1)
+    x, z = _linear(h, in_w, in_b).chunk(2, dim=-1)
     # conv: shift the window left by one and append x; a depthwise dot product over the window
     window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
     conv_state.copy_(window)
@@ -77,15 +95,15 @@ def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in
     x = F.silu(x)
 
     d_state = A.shape[1]
-    x_db = F.linear(x, x_w)
+    x_db = _linear(x, x_w)
     dt, B, C = torch.split(x_db, [dt_rank, d_state, d_state], dim=-1)
-    dt = F.softplus(F.linear(dt, dt_w).float() + dt_b.float())
+    dt = F.softplus(_linear(dt, dt_w).float() + dt_b.float())
     xf = x.float()
     state = ssm_state.float() * torch.exp(dt.unsqueeze(-1) * A) + (dt * xf).unsqueeze(-1) * B.float().unsqueeze(1)
     ssm_state.copy_(state)
     y = (state * C.float().unsqueeze(1)).sum(-1) + xf * D.float()
     y = (y * F.silu(z.float())).to(x.dtype)
-    return F.linear(y, out_w, out_b), residual
+    return _linear(y, out_w, out_b), residual
 
 
 def _layer_args(block):
@@ -163,7 +181,7 @@ def step_logits(token, conv_states, ssm_states, layers, emb_w, norm_f_w, norm_f_
                                       residual_in_fp32=residual_in_fp32, dt_rank=dt_rank)
     # final norm: layer_norm_fn(hidden, residual=residual, prenorm=False)
     hidden, _ = _add_norm(hidden, residual, norm_f_w, norm_f_b, eps_f, is_rms, residual_in_fp32)
-    return F.linear(hidden, head_w, head_b)
+    return _linear(hidden, head_w, head_b)
 
 
 _compiled = None
