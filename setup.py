@@ -40,9 +40,9 @@ setup(
     extras_require={
         "finetune": ["peft>=0.10", "datasets>=2.18", "accelerate>=0.26", "tensorboard", "matplotlib", "tqdm"],
         "eval": ["lm-eval>=0.4.2", "datasets>=2.18"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "gguf>=0.10"],
         "all": ["peft>=0.10", "datasets>=2.18", "accelerate>=0.26", "tensorboard", "matplotlib", "tqdm",
-                "lm-eval>=0.4.2", "pytest>=7"],
+                "lm-eval>=0.4.2", "pytest>=7", "gguf>=0.10"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -8,6 +8,9 @@ inside; the next run of that size overwrites it).
       on a CPU the decoding step compiled by torch.compile (mamba_ssm/utils/compiled_step.py).
       The one-time compile is done before timing and reported as ours_greedy_compile_s; the eager
       step (cg=False) is measured too, as ours_greedy_eager_*. greedy_mode says which ran.
+  (e) llama.cpp's greedy decoding of the same weights (mambakit/bench/llama_cpp.py writes them as
+      GGUF, f32 and f16), timed as ours, and how many of its tokens are ours; skipped with a
+      message unless llama-cpp-python and gguf are installed (--no-llama-cpp skips it).
 
 transformers' forward+backward is very slow at long sequences (the shared CPU anchor records
 that it did not finish at 1024 tokens in 800 s), so it is measured at --hf-bwd-seqlen and ours
@@ -16,6 +19,7 @@ at both lengths.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -85,6 +89,8 @@ def main(argv=None):
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true", help="measure ours only")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                   help="skip llama.cpp's greedy decoding (run when llama-cpp-python and gguf are installed)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory of the JSON (cpu_model_<size>.json)")
     args = p.parse_args(argv)
     from mamba_ssm.models.config_mamba import MambaConfig
@@ -125,6 +131,8 @@ def main(argv=None):
     fig["ours_greedy_s"], fig["ours_greedy_min_s"] = timed(
         lambda: model.generate(prompt, max_length=max_length, cg=True), args.repeats, with_min=True)
     fig["ours_greedy_tok_per_s"] = args.gen_len / fig["ours_greedy_s"]
+    if args.llama_cpp:
+        res["llama_cpp"] = llama_cpp_baseline(model, prompt, max_length, args, fig)
 
     if not args.skip_hf:
         with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +173,32 @@ def main(argv=None):
     path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["figures"], indent=1))
     print(f"wrote {path}")
+
+
+def llama_cpp_baseline(model, prompt, max_length, args, fig):
+    """(e) llama.cpp's greedy decoding of the same weights (GGUF f32 and f16), timed as ours: prompt +
+    gen_len tokens, tokens/s = gen_len / time; and whether its tokens are ours (fp32, compiled step)."""
+    from mambakit.bench import llama_cpp
+
+    reason = llama_cpp.available()
+    if reason is not None:
+        print(reason)
+        return {"skipped": reason}
+    ours = model.generate(prompt, max_length=max_length, cg=True).sequences[0, prompt.shape[1]:].tolist()
+    info = {"version": importlib.metadata.version("llama_cpp_python"), "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for weights in ("f32", "f16"):
+            path = Path(tmp) / f"model-{weights}.gguf"
+            llama_cpp.write_gguf(model, path, weights)
+            tokens, times = llama_cpp.greedy(path, prompt[0].tolist(), args.gen_len, args.repeats,
+                                             torch.get_num_threads())
+            fig[f"llama_cpp_{weights}_greedy_s"] = statistics.median(times)
+            fig[f"llama_cpp_{weights}_greedy_min_s"] = min(times)
+            fig[f"llama_cpp_{weights}_greedy_tok_per_s"] = args.gen_len / statistics.median(times)
+            fig[f"greedy_speedup_vs_llama_cpp_{weights}"] = fig[f"llama_cpp_{weights}_greedy_s"] / fig["ours_greedy_s"]
+            info[f"{weights}_tokens_equal_ours"] = sum(a == b for a, b in zip(tokens, ours))
+    info["tokens_compared"] = len(ours)
+    return info
 
 
 def hf_worker(directory, repeats, gen_len):
