@@ -184,7 +184,7 @@ def llama_cpp_baseline(model, prompt, max_length, args, fig):
     if reason is not None:
         print(reason)
         return {"skipped": reason}
-    ours = model.generate(prompt, max_length=max_length, cg=True).sequences[0, prompt.shape[1]:].tolist()
+    ours = model.generate(prompt, max_length=max_length, cg=True)[0, prompt.shape[1]:].tolist()
     info = {"version": importlib.metadata.version("llama_cpp_python"), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         for weights in ("f32", "f16"):

@@ -91,27 +91,34 @@ def write_gguf(model, path, weights: str = "f32") -> None:
 def greedy(path, prompt_ids, gen_len: int, repeats: int, threads: int):
     """Greedy decoding of `gen_len` tokens after `prompt_ids` (a list of ints) by llama.cpp.
     Returns (tokens of the last run, times in s of each run: prompt + gen_len tokens, after a warm-up)."""
+    import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=len(prompt_ids) + gen_len + 8, n_threads=threads,
-                n_threads_batch=threads, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + gen_len + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the last evaluated token's (Llama.scores keeps none without logits_all)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
 
     def run():
         llm.reset()
         llm.eval(list(prompt_ids))
         out = []
         for i in range(gen_len):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
             out.append(tok)
             if i + 1 < gen_len:  # the last token is not fed back (as generate())
                 llm.eval([tok])
         return out
 
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = run()
-        times.append(time.perf_counter() - t0)
+    try:
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            tokens = run()
+            times.append(time.perf_counter() - t0)
+    finally:
+        llm.close()  # now, not in a destructor at interpreter exit
     return tokens, times
