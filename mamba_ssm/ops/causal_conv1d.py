@@ -22,8 +22,11 @@ def _triton_conv_chosen(x) -> bool:
     return choose_backend("causal_conv1d", True) == "triton"
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """x: (batch, dim, seqlen) -> (batch, dim, seqlen); activation None, "silu" or "swish"."""
+def causal_conv1d_fn(x, weight, bias=None, activation=None, seq_idx=None):
+    """x: (batch, dim, seqlen) -> (batch, dim, seqlen); activation None, "silu" or "swish".
+
+    seq_idx (batch, seqlen) integers: packed sequences; a tap never reads across a change of seq_idx.
+    """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d_fn: activation must be None, 'silu' or 'swish', got {activation!r}")
     if weight.dim() == 3:
@@ -34,6 +37,9 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
     seqlen = x.shape[-1]
     if seqlen == 0:  # F.conv1d rejects an empty length; the output is empty too
         return x.clone()
+    if seq_idx is not None:
+        out = _packed_conv(x, weight, bias, seq_idx)
+        return F.silu(out) if activation is not None else out
     if x.is_cuda and _triton_conv_chosen(x):
         dt = autocast_dtype("cuda")  # compute where F.conv1d would under autocast
         if dt is not None:
@@ -67,6 +73,28 @@ def _shifted_sum(x, weight, bias):
         shift = width - 1 - k
         if shift < seqlen:
             out[..., shift:].addcmul_(x[..., : seqlen - shift], w[:, k])
+    return out
+
+
+def _packed_conv(x, weight, bias, seq_idx):
+    """The convolution of packed sequences: each shifted tap masked where it crosses into another one."""
+    batch, dim, seqlen = x.shape
+    if not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != (batch, seqlen) \
+            or seq_idx.dtype.is_floating_point or seq_idx.dtype == torch.bool:
+        got = f"{tuple(seq_idx.shape)} {seq_idx.dtype}" if isinstance(seq_idx, torch.Tensor) else repr(seq_idx)
+        raise ValueError(f"causal_conv1d_fn: seq_idx must be an integer tensor (batch, seqlen) = "
+                         f"{(batch, seqlen)}, got {got}")
+    width = weight.shape[1]
+    out = x * weight[:, width - 1, None]
+    if bias is not None:
+        out = out + bias[:, None]
+    for k in range(width - 1):
+        shift = width - 1 - k
+        if shift >= seqlen:
+            continue
+        same = (seq_idx[:, shift:] == seq_idx[:, :-shift]).unsqueeze(1).to(x.dtype)   # (batch, 1, seqlen - shift)
+        tap = x[..., :-shift] * weight[:, k, None] * same
+        out = out + F.pad(tap, (shift, 0))
     return out
 
 
