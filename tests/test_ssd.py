@@ -246,4 +246,3 @@ def test_not_a_per_token_loop():
     start = time.perf_counter()
     mamba_chunk_scan_combined(chunk_size=128, dt_softplus=True, **t)
     assert time.perf_counter() - start < 2.0
-    assert math.isfinite(start)
