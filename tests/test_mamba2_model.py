@@ -68,3 +68,26 @@ def test_cg_on_cpu_falls_back_to_the_eager_step_with_the_same_tokens(monkeypatch
     with pytest.warns(RuntimeWarning, match="not a plain Mamba mixer"):
         out = model.generate(prompt, max_length=9, cg=True)
     torch.testing.assert_close(out, model.generate(prompt, max_length=9))
+
+
+def test_prompts_of_different_lengths_are_prefilled_packed_into_any_rows(monkeypatch):
+    model = loud_mamba2_model(seed=7)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (6, 1, 4)]
+    want = [model.generate(torch.tensor([p]), max_length=len(p) + 6)[0, len(p):].tolist() for p in prompts]
+    calls = []
+    forward = Mamba2.forward
+
+    def spy(self, u, *args, **kwargs):
+        calls.append((tuple(u.shape), kwargs.get("cu_seqlens")))
+        return forward(self, u, *args, **kwargs)
+
+    monkeypatch.setattr(Mamba2, "forward", spy)
+    session = DecodingSession(model, batch_size=4, max_seqlen=16)
+    session.prefill([prompts[0], prompts[2]], rows=[3, 1])      # not contiguous, not in order
+    session.prefill([prompts[1], [5, 6]], rows=[0, 2])
+    prefill_calls = [c for c in calls if c[1] is not None]
+    assert [c[0] for c in prefill_calls] == [(1, 10, 32)] * 2 + [(1, 3, 32)] * 2   # 2 layers, one call each
+    assert prefill_calls[0][1].tolist() == [0, 6, 10]
+    out = session.generate(6).to_lists()
+    assert [out[3], out[0], out[1]] == want

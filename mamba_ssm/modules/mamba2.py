@@ -24,6 +24,9 @@ from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_s
 
 
 class Mamba2(nn.Module):
+    # forward takes packed prompts (cu_seqlens) with inference_params: one cache row per prompt
+    packed_prefill = True
+
     def __init__(self, d_model, d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None,
                  ngroups=1, A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
                  dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False,

@@ -212,10 +212,14 @@ class DecodingSession:
         for i, p in enumerate(seqs):
             groups.setdefault(p.numel(), []).append(i)
         parts = []
-        for length, idx in groups.items():
-            ids = prompts.to(self.device) if isinstance(prompts, Tensor) and len(idx) == n \
-                else torch.stack([seqs[i] for i in idx])
-            parts.append((idx, self._prefill_rows(ids, [positions[i] for i in idx])))
+        if len(groups) > 1 and _packs(self.model):
+            # Mamba-2: every prompt in one packed forward (cu_seqlens), each from a zero state, no padding
+            parts.append((list(range(n)), self._prefill_rows(seqs, positions)))
+        else:
+            for length, idx in groups.items():
+                ids = prompts.to(self.device) if isinstance(prompts, Tensor) and len(idx) == n \
+                    else torch.stack([seqs[i] for i in idx])
+                parts.append((idx, self._prefill_rows(ids, [positions[i] for i in idx])))
         if len(parts) == 1 and positions == list(range(self.batch_size)):
             logits = parts[0][1]
             self.logits = logits
@@ -234,7 +238,8 @@ class DecodingSession:
         return logits
 
     def _prefill_rows(self, ids, positions):
-        """Prompts of one length, ids (n, seqlen), into the batch positions `positions`: (n, vocab)."""
+        """Prompts of one length, ids (n, seqlen), or a list of n 1-D prompts of any lengths (packed:
+        models whose mixers take cu_seqlens), into the batch positions `positions`: (n, vocab)."""
         cache = self._cache()
         first = positions[0]
         contiguous = positions == list(range(first, first + len(positions)))
@@ -243,7 +248,13 @@ class DecodingSession:
             {layer: tuple(s[first:first + len(positions)] for s in states) for layer, states in cache.items()}
         params = InferenceParams(max_seqlen=self.inference_params.max_seqlen, max_batch_size=len(positions),
                                  key_value_memory_dict=own)
-        logits = self.model(ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+        if isinstance(ids, Tensor):
+            logits = self.model(ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+        else:
+            lengths = torch.tensor([0] + [p.numel() for p in ids], device=self.device)
+            cu_seqlens = lengths.cumsum(0).to(torch.int32)
+            hidden = self.model.backbone(torch.cat(ids).unsqueeze(0), inference_params=params, cu_seqlens=cu_seqlens)
+            logits = self.model.lm_head(hidden[0, cu_seqlens[1:].long() - 1])
         if not contiguous:
             index = torch.tensor(positions, device=self.device)
             for layer, states in own.items():
@@ -408,6 +419,13 @@ class DecodingSession:
         if not can_finish:
             lengths[rows] = t + 1
         return Generated(tokens=out[:, :t + 1], lengths=lengths)
+
+
+def _packs(model) -> bool:
+    """Every layer's mixer takes packed prompts (cu_seqlens) with a cache row per prompt (Mamba-2)."""
+    layers = getattr(getattr(model, "backbone", None), "layers", None)
+    return bool(layers) and hasattr(model, "lm_head") and all(
+        getattr(getattr(b, "mixer", None), "packed_prefill", False) for b in layers)
 
 
 def generate_ragged(model, prompts, max_new_tokens: int, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,
