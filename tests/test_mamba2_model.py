@@ -91,3 +91,13 @@ def test_prompts_of_different_lengths_are_prefilled_packed_into_any_rows(monkeyp
     assert prefill_calls[0][1].tolist() == [0, 6, 10]
     out = session.generate(6).to_lists()
     assert [out[3], out[0], out[1]] == want
+
+
+def test_generation_benchmark_knows_the_mamba2_sizes():
+    from mambakit.bench.generation import PYTHIA_SIZES, random_mamba, size_of
+
+    assert size_of("state-spaces/mamba2-1.3b") == "mamba2-1.3b" and size_of("mamba2-130m") == "mamba2-130m"
+    assert size_of("state-spaces/mamba-130m") == "130m"
+    model = random_mamba("mamba2-130m", "meta", torch.float32)
+    assert type(model.backbone.layers[0].mixer) is Mamba2 and len(model.backbone.layers) == 24
+    assert model.backbone.layers[0].mixer.nheads == 24 and PYTHIA_SIZES["mamba2-1.3b"][3] == "pythia-1.4b"
