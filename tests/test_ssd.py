@@ -246,3 +246,12 @@ def test_not_a_per_token_loop():
     start = time.perf_counter()
     mamba_chunk_scan_combined(chunk_size=128, dt_softplus=True, **t)
     assert time.perf_counter() - start < 2.0
+
+
+def test_upstream_module_paths_import():
+    from mamba_ssm.modules import ssd_minimal
+    from mamba_ssm.ops.triton import layernorm_gated, selective_state_update, ssd_combined
+
+    assert ssd_minimal.ssd_minimal_discrete is ssd_minimal_discrete and ssd_minimal.segsum is segment_sums
+    assert callable(ssd_combined.mamba_split_conv1d_scan_combined) and callable(layernorm_gated.RMSNorm)
+    assert callable(selective_state_update.selective_state_update)
