@@ -255,3 +255,15 @@ def test_upstream_module_paths_import():
     assert ssd_minimal.ssd_minimal_discrete is ssd_minimal_discrete and ssd_minimal.segsum is segment_sums
     assert callable(ssd_combined.mamba_split_conv1d_scan_combined) and callable(layernorm_gated.RMSNorm)
     assert callable(selective_state_update.selective_state_update)
+
+
+def test_float32_keeps_small_decays_after_large_ones_inside_a_chunk():
+    # 32 steps of strong decay, then slow ones: inside the chunk the decays between the slow steps are
+    # differences of cumulative sums near -3000, which float32 sums would leave exact to ~2e-4 only
+    t = make(b=1, l=64, h=2, p=3, g=1, n=4, D_shape=None, z=False, init=False, bias=False)
+    t["A"] = torch.full((2,), -16.0, dtype=torch.float64)
+    t["dt"] = torch.cat([torch.full((1, 32, 2), 6.0), torch.full((1, 32, 2), 0.002)], 1).double()
+    out = mamba_chunk_scan_combined(chunk_size=64, **{k: v.float() for k, v in t.items()})
+    ref, _, _ = recurrence64(**{k: v.float().double() for k, v in t.items()})
+    err = ((out.double() - ref).abs().max() / ref[:, 32:].abs().max()).item()
+    assert err < 2e-5, err

@@ -187,7 +187,9 @@ def ssd_core(xdt, a, B, C, chunk_size, initial_states=None, seq_idx=None, state_
     xc = F.pad(xdt, (0, 0, 0, 0, 0, pad)).view(b, nc, q, g, hg, p)
     Bc = F.pad(B, (0, 0, 0, 0, 0, pad)).view(b, nc, q, g, n)
     Cc = F.pad(C, (0, 0, 0, 0, 0, pad)).view(b, nc, q, g, n)
-    Acum = F.pad(a, (0, 0, 0, pad)).view(b, nc, q, g, hg).permute(0, 1, 3, 4, 2).cumsum(-1)  # (b,c,g,hg,q)
+    # decays are differences of these sums: summed in float64, so that a difference of two large sums
+    # keeps its digits (in float32 a sum of -4000 leaves differences only ~5e-4 exact)
+    Acum = F.pad(a, (0, 0, 0, pad)).view(b, nc, q, g, hg).permute(0, 1, 3, 4, 2).to(torch.float64).cumsum(-1)
 
     if seg is not None:
         segc = F.pad(seg, (0, pad), value=0)
@@ -200,12 +202,12 @@ def ssd_core(xdt, a, B, C, chunk_size, initial_states=None, seq_idx=None, state_
     # inside chunks: y_l = sum_{s<=l} exp(Acum_l - Acum_s) (C_l.B_s) xdt_s
     causal = torch.ones(q, q, dtype=torch.bool, device=xdt.device).tril()
     same = causal if seg is None else causal & (segc[..., :, None] == segc[..., None, :])[:, :, None, None]
-    decay = torch.exp((Acum[..., :, None] - Acum[..., None, :]).masked_fill(~same, -_INF))  # (b,c,g,hg,l,s)
+    decay = torch.exp((Acum[..., :, None] - Acum[..., None, :]).to(f).masked_fill(~same, -_INF))  # (b,c,g,hg,l,s)
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
     y = torch.einsum("bcghls,bcsghp->bclghp", decay * CB.unsqueeze(3), xc)
 
     # each chunk's own contribution to the state at its end
-    to_end = torch.exp(Acum[..., -1:] - Acum)                                      # (b, c, g, hg, q)
+    to_end = torch.exp((Acum[..., -1:] - Acum).to(f))                              # (b, c, g, hg, q)
     if seg is not None:
         to_end = to_end * (segc == segc[..., -1:])[:, :, None, None, :]
     E = torch.einsum("bcghs,bcsghp,bcsgn->bcghpn", to_end, xc, Bc)
@@ -216,13 +218,13 @@ def ssd_core(xdt, a, B, C, chunk_size, initial_states=None, seq_idx=None, state_
         else initial_states.to(f).view(b, 1, g, hg, p, n)
     E = torch.cat([init, E], dim=1)
     chunk_decay = F.pad(Acum[..., -1], (0, 0, 0, 0, 1, 0)).permute(0, 2, 3, 1)      # (b, g, hg, c + 1)
-    W = torch.exp(segment_sums(chunk_decay))                                       # (b, g, hg, j, k)
+    W = torch.exp(segment_sums(chunk_decay).to(f))                                 # (b, g, hg, j, k)
     if seg is not None:
         W = W * (seg_end[:, :, None] == seg_end[:, None, :])[:, None, None]
     S = torch.einsum("bghjk,bkghpn->bjghpn", W, E)                                 # (b, c + 1, g, hg, p, n)
 
     # the state before each chunk, seen from each of its positions
-    from_start = torch.exp(Acum)
+    from_start = torch.exp(Acum.to(f))
     if seg is not None:
         from_start = from_start * (segc == seg_end[:, :nc, None])[:, :, None, None, :]
     y = y + torch.einsum("bclgn,bcghpn,bcghl->bclghp", Cc, S[:, :nc], from_start)
@@ -246,15 +248,16 @@ def _states_at(t, q, Acum, xc, Bc, S, segs):
     A_c = Acum[c]                                                                  # (k, g, hg, q)
     A_t = A_c.gather(-1, r.view(-1, 1, 1, 1).expand(*A_c.shape[:-1], 1))         # (k, g, hg, 1)
     upto = torch.arange(q, device=t.device)[None, :] <= r[:, None]               # (k, q)
-    before = torch.ones_like(r, dtype=A_c.dtype)
+    before = torch.ones_like(r, dtype=torch.float64)
     if segs is not None:
         segc, seg_end = segs
         seg_t = segc[c, r]
         upto = upto & (segc[c] == seg_t[:, None])
-        before = (seg_end[c] == seg_t).to(A_c.dtype)
-    w = torch.exp((A_t - A_c).masked_fill(~upto[:, None, None, :], -_INF))
+        before = (seg_end[c] == seg_t).to(torch.float64)
+    f = xc.dtype
+    w = torch.exp((A_t - A_c).to(f).masked_fill(~upto[:, None, None, :], -_INF))
     own = torch.einsum("kghs,ksghp,ksgn->kghpn", w, xc[c], Bc[c])
-    carried = S[c] * (torch.exp(A_t[..., 0]) * before.view(-1, 1, 1))[..., None, None]
+    carried = S[c] * (torch.exp(A_t[..., 0].to(f)) * before.to(f).view(-1, 1, 1))[..., None, None]
     return own + carried
 
 
