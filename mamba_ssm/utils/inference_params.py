@@ -11,7 +11,8 @@ from torch import Tensor
 @dataclass
 class InferenceParams:
     """Decoding state: key_value_memory_dict[layer_idx] = (conv_state (batch, d_inner, d_conv),
-    ssm_state (batch, d_inner, d_state)).
+    ssm_state (batch, d_inner, d_state)); for Mamba-2 layers (conv_state (batch, conv_dim, d_conv),
+    ssm_state (batch, nheads, headdim, d_state)).
 
     seqlen_offset: tokens already processed; 0 makes a layer run the full prompt forward (and fill its
     states), > 0 makes it take one recurrent step per call.
