@@ -267,3 +267,12 @@ def test_float32_keeps_small_decays_after_large_ones_inside_a_chunk():
     ref, _, _ = recurrence64(**{k: v.float().double() for k, v in t.items()})
     err = ((out.double() - ref).abs().max() / ref[:, 32:].abs().max()).item()
     assert err < 2e-5, err
+
+
+def test_pair_difference_gradient():
+    from mamba_ssm.ops.ssd_chunked import _PairDiff
+
+    v = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _PairDiff.apply(t, torch.float64), (v,))
+    out = _PairDiff.apply(v, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 5, 5)

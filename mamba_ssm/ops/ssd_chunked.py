@@ -202,7 +202,7 @@ def ssd_core(xdt, a, B, C, chunk_size, initial_states=None, seq_idx=None, state_
     # inside chunks: y_l = sum_{s<=l} exp(Acum_l - Acum_s) (C_l.B_s) xdt_s
     causal = torch.ones(q, q, dtype=torch.bool, device=xdt.device).tril()
     same = causal if seg is None else causal & (segc[..., :, None] == segc[..., None, :])[:, :, None, None]
-    decay = torch.exp((Acum[..., :, None] - Acum[..., None, :]).to(f).masked_fill(~same, -_INF))  # (b,c,g,hg,l,s)
+    decay = torch.exp(_PairDiff.apply(Acum, f).masked_fill(~same, -_INF))            # (b, c, g, hg, l, s)
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
     y = torch.einsum("bcghls,bcsghp->bclghp", decay * CB.unsqueeze(3), xc)
 
@@ -236,6 +236,20 @@ def ssd_core(xdt, a, B, C, chunk_size, initial_states=None, seq_idx=None, state_
         states = _states_at(state_positions, q, Acum[0], xc[0], Bc[0], S[0],
                             None if seg is None else (segc[0], seg_end[0])).reshape(-1, h, p, n)
     return y, final, states
+
+
+class _PairDiff(torch.autograd.Function):
+    """v (..., q) float64 -> (..., q, q) in `dtype`: out[..., l, s] = v[l] - v[s], subtracted in float64.
+    The backward reduces the (q, q) gradient in `dtype` (no float64 tensor of that size is kept)."""
+
+    @staticmethod
+    def forward(ctx, v, dtype):
+        ctx.v_dtype = v.dtype
+        return (v[..., :, None] - v[..., None, :]).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad.sum(-1) - grad.sum(-2)).to(ctx.v_dtype), None
 
 
 def _states_at(t, q, Acum, xc, Bc, S, segs):
