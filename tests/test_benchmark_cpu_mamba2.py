@@ -17,5 +17,6 @@ def test_tiny_run_writes_every_figure(tmp_path):
     assert written["figures"] == res["figures"]
     fig = res["figures"]
     assert fig["max_rel_logit_diff_vs_hf"] < 1e-4
-    for key in ("ours_fwd_s", "hf_fwd_s", "ours_fwdbwd_s", "hf_fwdbwd_s", "fwd_speedup_vs_hf", "fwdbwd_speedup_vs_hf"):
+    for key in ("ours_fwd_s", "hf_fwd_s", "ours_fwdbwd_s", "hf_fwdbwd_s", "fwd_speedup_vs_hf", "fwdbwd_speedup_vs_hf",
+                "matmul_floor_fwd_s", "ours_fwd_over_floor"):
         assert fig[key] > 0, key
