@@ -225,6 +225,17 @@ def cpu(results_dir: Path) -> _Table:
         mode = f"; ours: {inp['greedy_mode']}" if inp.get("greedy_mode") else ""
         t.add(f"{size} greedy decoding, tokens/s, prompt {inp.get('prompt_len')}, {inp.get('gen_len')} new{mode}",
               f.get("ours_greedy_tok_per_s"), f.get("hf_greedy_tok_per_s"), hf, True, "CPU", date, name)
+    for name, d in _load(results_dir, "cpu_mamba2_*.json"):
+        f, inp, date = d.get("figures", {}), d.get("inputs", {}), _date(d)
+        size, hf = f"Mamba-2 {inp.get('size', '?')}", "transformers Mamba2"
+        load = d.get("machine", {}).get("load_average")
+        note = f", load {load[0]:.1f}" if load else ""
+        t.add(f"{size} forward, s, batch 1, {inp.get('seqlen')} tokens{note}", f.get("ours_fwd_s"),
+              f.get("hf_fwd_s"), hf, False, "CPU", date, name)
+        t.add(f"{size} forward, s, against its matrix products alone", f.get("ours_fwd_s"),
+              f.get("matmul_floor_fwd_s"), "floor", False, "CPU", date, name)
+        t.add(f"{size} forward+backward, s, {inp.get('seqlen')} tokens{note}", f.get("ours_fwdbwd_s"),
+              f.get("hf_fwdbwd_s"), hf, False, "CPU", date, name)
     for name, d in _load(results_dir, "cpu_scan*.json"):
         r, date = d.get("results", {}), _date(d)
         shape = _shape(d.get("inputs", {}).get("shape_batch_dim_seqlen_dstate", []))
@@ -252,8 +263,8 @@ AREAS = (
     ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
                 "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
                 "requests/s counting the model's calls alone (*model time*) and lm-eval's whole run (*wall time*).", lm_eval),
-    ("CPU", "Whole 130m-shape model against transformers' MambaForCausalLM (fp32, batch 1), and the chunked "
-            "CPU scan against the per-step reference loop.", cpu),
+    ("CPU", "Whole 130m-shape model against transformers' MambaForCausalLM (Mamba-2: Mamba2ForCausalLM) "
+            "(fp32, batch 1), and the chunked CPU scan against the per-step reference loop.", cpu),
 )
 
 

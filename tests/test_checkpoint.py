@@ -495,7 +495,7 @@ def test_transformers_config_missing_field_named(tmp_path):
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"model_type": "mamba2", "hidden_size": 32}, "mamba2"),
+    ({"model_type": "mamba3", "hidden_size": 32}, "model_type 'mamba3' is not supported"),
     ({"hello": 1}, "cannot tell the checkpoint layout"),
     ({"model_type": "mamba", "num_hidden_layers": 2, "vocab_size": 10}, "missing required field.*hidden_size"),
     ({"d_model": "32", "n_layer": 2, "vocab_size": 10}, "'d_model' must be a positive integer"),

@@ -38,16 +38,18 @@ def test_upstream_1x_layernorm_module_name():
     assert layernorm.layer_norm_fn is layer_norm.layer_norm_fn
 
 
-def test_mamba2_imports_as_in_upstream_2x_and_says_it_is_not_implemented():
-    # upstream 2.x's package re-exports Mamba2: scripts importing it must still load
+def test_mamba2_imports_as_in_upstream_2x_and_builds_blocks():
+    # upstream 2.x's package re-exports Mamba2
     from mamba_ssm import Mamba2
     from mamba_ssm.modules.mamba2 import Mamba2 as Mamba2Module
 
     assert Mamba2 is Mamba2Module
-    with pytest.raises(NotImplementedError, match=r"Mamba2\(d_model=64\).*Mamba-1"):
-        Mamba2(d_model=64, d_state=128)
-    with pytest.raises(NotImplementedError, match="Mamba2"):
-        MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=11, ssm_cfg={"layer": "Mamba2"}))
+    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=11,
+                                         ssm_cfg={"layer": "Mamba2", "headdim": 16, "d_state": 8}))
+    assert all(type(layer.mixer) is Mamba2 for layer in model.backbone.layers)
+    assert [layer.mixer.layer_idx for layer in model.backbone.layers] == [0, 1]
+    with pytest.raises(ValueError, match="ssm_cfg layer must be 'Mamba1' or 'Mamba2', got 'Mamba3'"):
+        MambaLMHeadModel(MambaConfig(d_model=32, n_layer=1, vocab_size=11, ssm_cfg={"layer": "Mamba3"}))
 
 
 def test_mamba_initialisation_follows_the_paper():
@@ -208,7 +210,7 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(torch.zeros(1, 5, dtype=torch.long), max_length=5)
     with pytest.raises(ValueError, match="dt_init"):
         Mamba(d_model=16, dt_init="bogus")
-    with pytest.raises(NotImplementedError, match="Mamba2"):
+    with pytest.raises(ValueError, match="headdim"):
         MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=10, ssm_cfg={"layer": "Mamba2"}))
 
 

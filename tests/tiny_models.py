@@ -37,3 +37,18 @@ def hybrid_model(seed=0, d_model=32, n_layer=4, vocab_size=101, attn_layer_idx=(
             elif name.endswith(("in_proj.weight", "x_proj.weight", "fc1.weight")):
                 p.mul_(2.0)
     return model.eval()
+
+
+def loud_mamba2_model(seed=0, d_model=32, n_layer=2, vocab_size=101, d_state=8, headdim=8, ngroups=2, chunk_size=4,
+                      dtype=None):
+    """loud_model's Mamba-2 counterpart: untied, loudly initialised, small chunks (prompts span several)."""
+    torch.manual_seed(seed)
+    model = MambaLMHeadModel(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                                         ssm_cfg={"layer": "Mamba2", "d_state": d_state, "headdim": headdim,
+                                                  "ngroups": ngroups, "chunk_size": chunk_size},
+                                         tie_embeddings=False),
+                             initializer_cfg={"initializer_range": 0.5}, dtype=dtype)
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(3.0)
+    return model.eval()

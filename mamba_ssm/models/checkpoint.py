@@ -10,6 +10,10 @@
   in ``model.safetensors`` (possibly sharded with ``model.safetensors.index.json``) or
   ``pytorch_model.bin``. Same keys except ``backbone.embeddings.weight``; ``lm_head.weight`` is absent
   when the embeddings are tied. The embedding has exactly ``vocab_size`` rows (no padding).
+* transformers' ``Mamba2ForCausalLM`` (also "transformers"): model_type "mamba2", num_heads, head_dim,
+  n_groups, state_size, chunk_size, time_step_limit, ...; mixer keys as upstream's Mamba-2
+  (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj); ``lm_head.weight`` present when untied.
+  Upstream's Mamba-2 checkpoints use upstream's layout with ``ssm_cfg {"layer": "Mamba2", ...}``.
 
 The layout is told from config.json. Pickled files are only read with ``torch.load(weights_only=True)``.
 Every parameter of the model must come from the checkpoint: a missing, mis-shaped or unexpected tensor
@@ -77,15 +81,16 @@ def detect_layout(config_dict: dict, source: str = "config.json") -> str:
     model_type = config_dict.get("model_type")
     if model_type == "falcon_mamba":
         return "transformers"
-    if model_type not in (None, "mamba"):
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; this package loads Mamba-1 "
-                              f"checkpoints (upstream mamba_ssm's config, or transformers' model_type 'mamba')")
+    if model_type not in (None, "mamba", "mamba2"):
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; this package loads Mamba "
+                              f"checkpoints (upstream mamba_ssm's config, or transformers' model_type 'mamba', "
+                              f"'mamba2' or 'falcon_mamba')")
     keys = set(config_dict)
     if keys & {"hidden_size", "num_hidden_layers"}:
         return "transformers"
     if keys & _UPSTREAM_MARKERS:
         return "mamba_ssm"
-    if model_type == "mamba" or keys & _TRANSFORMERS_MARKERS:
+    if model_type in ("mamba", "mamba2") or keys & _TRANSFORMERS_MARKERS:
         return "transformers"
     raise CheckpointError(f"{source}: cannot tell the checkpoint layout: it has neither upstream mamba_ssm's "
                           f"fields (d_model, n_layer, ...) nor transformers' (model_type 'mamba', hidden_size, ...)")
@@ -140,6 +145,8 @@ def config_from_transformers_dict(config_dict: dict, source: str = "config.json"
     Fields transformers would default are defaulted the same way (see its MambaConfig).
     """
     _require(config_dict, ("hidden_size", "num_hidden_layers", "vocab_size"), source)
+    if config_dict.get("model_type") == "mamba2":
+        return config_from_transformers_mamba2_dict(config_dict, source)
     d_model = config_dict["hidden_size"]
     act = config_dict.get("hidden_act", "silu")
     if act != "silu":
@@ -170,6 +177,118 @@ def config_from_transformers_dict(config_dict: dict, source: str = "config.json"
     extras = {"norm_epsilon": float(config_dict.get("layer_norm_epsilon", _DEFAULT_NORM_EPS)),
               "token_ids": {k: config_dict[k] for k in _HF_TOKEN_FIELDS if k in config_dict}}
     return config, extras
+
+
+# transformers' Mamba2Config field -> (Mamba2 argument, transformers' default)
+_HF2_TO_SSM = {"state_size": ("d_state", 128), "conv_kernel": ("d_conv", 4), "expand": ("expand", 2),
+               "n_groups": ("ngroups", 8), "head_dim": ("headdim", 64), "chunk_size": ("chunk_size", 256),
+               "time_step_min": ("dt_min", 0.001), "time_step_max": ("dt_max", 0.1),
+               "time_step_floor": ("dt_init_floor", 1e-4), "use_bias": ("bias", False),
+               "use_conv_bias": ("conv_bias", True)}
+# Mamba2's constructor defaults (modules/mamba2.Mamba2), to write only what differs
+_MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "chunk_size": 256,
+                    "dt_min": 0.001, "dt_max": 0.1, "dt_init_floor": 1e-4, "bias": False, "conv_bias": True,
+                    "dt_limit": (0.0, math.inf)}
+
+
+def _json_float(v):
+    """A number of config.json: a JSON number, Python's Infinity, or transformers 5's {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and set(v) == {"__float__"}:
+        v = v["__float__"]
+    if isinstance(v, bool):
+        raise TypeError(v)
+    return float(v)
+
+
+def config_from_transformers_mamba2_dict(config_dict: dict, source: str = "config.json"):
+    """transformers' Mamba2Config dict -> (MambaConfig with ssm_cfg layer "Mamba2", extras)."""
+    d_model = config_dict["hidden_size"]
+    act = config_dict.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (the Mamba-2 mixer uses 'silu')")
+    ssm_cfg = {"layer": "Mamba2"}
+    for hf_name, (name, hf_default) in _HF2_TO_SSM.items():
+        value = config_dict.get(hf_name, hf_default)
+        if value != _MAMBA2_DEFAULTS[name]:
+            ssm_cfg[name] = value
+    limit = config_dict.get("time_step_limit", (0.0, math.inf))
+    try:
+        limit = tuple(_json_float(v) for v in limit)
+    except (TypeError, ValueError):
+        limit = None
+    if limit is None or len(limit) != 2:
+        raise CheckpointError(f"{source}: time_step_limit must be a pair [min, max], got "
+                              f"{config_dict.get('time_step_limit')!r}")
+    if limit != (0.0, math.inf):
+        ssm_cfg["dt_limit"] = limit
+    expand = config_dict.get("expand", 2)
+    heads = config_dict.get("num_heads", 128)
+    head_dim = config_dict.get("head_dim", 64)
+    if heads * head_dim != expand * d_model:
+        raise CheckpointError(f"{source}: num_heads * head_dim = {heads} * {head_dim} must equal expand * "
+                              f"hidden_size = {expand} * {d_model}")
+    config = MambaConfig(
+        d_model=d_model, d_intermediate=0, n_layer=config_dict["num_hidden_layers"],
+        vocab_size=config_dict["vocab_size"], ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
+        residual_in_fp32=bool(config_dict.get("residual_in_fp32", True)), fused_add_norm=True,
+        pad_vocab_size_multiple=8, tie_embeddings=bool(config_dict.get("tie_word_embeddings", False)))
+    extras = {"norm_epsilon": float(config_dict.get("layer_norm_epsilon", _DEFAULT_NORM_EPS)),
+              "token_ids": {k: config_dict[k] for k in _HF_TOKEN_FIELDS if k in config_dict}}
+    return config, extras
+
+
+def config_to_transformers_mamba2_dict(config, ssm_cfg, vocab_rows, norm_epsilon, dtype, token_ids) -> dict:
+    """MambaConfig with Mamba-2 layers -> transformers' Mamba2Config dict."""
+    ssm = dict(_MAMBA2_DEFAULTS)
+    holdable = set(ssm) | {"use_mem_eff_path", "A_init_range", "conv_init"}
+    cannot = {"d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False}
+    for name, only in cannot.items():
+        if name in ssm_cfg and ssm_cfg[name] != only:
+            raise CheckpointError(f"transformers' Mamba2ForCausalLM cannot hold ssm_cfg {name}={ssm_cfg[name]!r} "
+                                  f"(it has {name}={only!r})")
+    unknown = sorted(set(ssm_cfg) - holdable - set(cannot))
+    if unknown:
+        raise CheckpointError(f"ssm_cfg field(s) {', '.join(unknown)} have no transformers equivalent")
+    ssm.update({k: v for k, v in ssm_cfg.items() if k in ssm})
+    expand = ssm["expand"]
+    if float(expand) != int(expand):
+        raise CheckpointError(f"transformers' Mamba2Config needs an integer expand, got {expand!r}")
+    d_inner = int(expand) * config.d_model
+    lo, hi = (float(v) for v in ssm["dt_limit"])
+    out = {
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": "mamba2",
+        "vocab_size": int(vocab_rows if vocab_rows is not None else _padded_vocab_size(config)),
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "num_heads": d_inner // ssm["headdim"],
+        "head_dim": ssm["headdim"],
+        "n_groups": ssm["ngroups"],
+        "state_size": ssm["d_state"],
+        "expand": int(expand),
+        "conv_kernel": ssm["d_conv"],
+        "chunk_size": ssm["chunk_size"],
+        "time_step_limit": [lo, hi],
+        "time_step_min": float(ssm["dt_min"]),
+        "time_step_max": float(ssm["dt_max"]),
+        "time_step_floor": float(ssm["dt_init_floor"]),
+        "time_step_rank": math.ceil(config.d_model / 16),
+        "use_bias": bool(ssm["bias"]),
+        "use_conv_bias": bool(ssm["conv_bias"]),
+        "hidden_act": "silu",
+        "layer_norm_epsilon": float(norm_epsilon),
+        "residual_in_fp32": bool(config.residual_in_fp32),
+        "tie_word_embeddings": bool(config.tie_embeddings),
+        "rescale_prenorm_residual": False,
+        "use_cache": True,
+        "pad_token_id": 0,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    out.update(token_ids or {})
+    if dtype is not None:
+        out["dtype"] = str(dtype).replace("torch.", "")
+    return out
 
 
 def config_from_dict(config_dict: dict, source: str = "config.json"):
@@ -212,6 +331,8 @@ def config_to_transformers_dict(config, vocab_rows=None, norm_epsilon=_DEFAULT_N
     ssm = dict(_MIXER_DEFAULTS)
     ssm_cfg = dict(config.ssm_cfg or {})
     layer = ssm_cfg.pop("layer", "Mamba1")
+    if layer == "Mamba2":
+        return config_to_transformers_mamba2_dict(config, ssm_cfg, vocab_rows, norm_epsilon, dtype, token_ids)
     if layer != "Mamba1":
         raise CheckpointError(f"ssm_cfg layer {layer!r} cannot be written as transformers' MambaForCausalLM")
     mixer_rms_eps = ssm_cfg.pop("b_c_dt_rms_eps", None)   # set: FalconMambaForCausalLM
@@ -600,6 +721,20 @@ def _shape_error(key, ckpt_shape, model_shape):
     return f"{key}: checkpoint shape {tuple(ckpt_shape)} != model shape {tuple(model_shape)}"
 
 
+def _shape_hint(model, key):
+    """What the config says a Mamba-2 in_proj holds, for a mis-shaped one (else "")."""
+    if not key.endswith("mixer.in_proj.weight"):
+        return ""
+    try:
+        mixer = model.get_submodule(key[: -len(".in_proj.weight")])
+    except AttributeError:
+        return ""
+    if not hasattr(mixer, "nheads"):
+        return ""
+    return (f" (the config's Mamba-2 in_proj has 2*d_inner + 2*ngroups*d_state + nheads = 2*{mixer.d_inner} + "
+            f"2*{mixer.ngroups}*{mixer.d_state} + {mixer.nheads} rows: the checkpoint's config contradicts its weights)")
+
+
 def load_into(model, entries: dict, source: str, vocab_size=None):
     """Copy checkpoint tensors into the model's parameters (cast to their dtypes), checking every key.
 
@@ -625,7 +760,7 @@ def load_into(model, entries: dict, source: str, vocab_size=None):
             vocab_rows = key in (EMBEDDING_KEY, LM_HEAD_KEY) and len(shape) == len(want) and shape[1:] == want[1:] \
                 and shape[0] < want[0] and (vocab_size is None or shape[0] >= vocab_size)
             if not vocab_rows:
-                problems.append(_shape_error(key, shape, want))
+                problems.append(_shape_error(key, shape, want) + _shape_hint(model, key))
                 continue
             pad = True
         plan.append((group, key, present[1:], target, pad))

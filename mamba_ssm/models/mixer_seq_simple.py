@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.modules.block import Block
+from mamba_ssm.modules.mamba2 import Mamba2
 from mamba_ssm.modules.mamba_simple import Mamba
 from mamba_ssm.modules.mha import MHA
 from mamba_ssm.modules.mlp import GatedMLP
@@ -45,9 +46,9 @@ def create_block(d_model, d_intermediate, ssm_cfg=None, attn_layer_idx=None, att
     factory_kwargs = {"device": device, "dtype": dtype}
     ssm_cfg = dict(ssm_cfg or {})
     layer = ssm_cfg.pop("layer", "Mamba1")
-    if layer != "Mamba1":
-        raise NotImplementedError(f"ssm_cfg layer {layer!r} is not supported: this package implements Mamba1")
-    mixer_cls = partial(Mamba, layer_idx=layer_idx, **ssm_cfg, **factory_kwargs)
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"ssm_cfg layer must be 'Mamba1' or 'Mamba2', got {layer!r}")
+    mixer_cls = partial(Mamba2 if layer == "Mamba2" else Mamba, layer_idx=layer_idx, **ssm_cfg, **factory_kwargs)
     if attn_layer_idx and layer_idx in attn_layer_idx:
         mixer_cls = partial(MHA, layer_idx=layer_idx, **(attn_cfg or {}), **factory_kwargs)
     norm_cls = partial(nn.LayerNorm if not rms_norm else RMSNorm, eps=norm_epsilon, **factory_kwargs)

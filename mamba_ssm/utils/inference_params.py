@@ -11,7 +11,8 @@ from torch import Tensor
 @dataclass
 class InferenceParams:
     """Decoding state: key_value_memory_dict[layer_idx] = (conv_state (batch, d_inner, d_conv),
-    ssm_state (batch, d_inner, d_state)) for a Mamba layer; an attention layer's is (kv_cache
+    ssm_state (batch, d_inner, d_state)) for a Mamba layer; for a Mamba-2 layer (conv_state (batch,
+    conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state)); an attention layer's is (kv_cache
     (batch, max_seqlen, 2, heads_kv, head_dim), lengths (batch,)[, conv_state]) (modules/mha.py), each
     row's length kept there (lengths_per_sample is not read).
 

@@ -11,12 +11,12 @@ decode throughput = batch * (genlen - 1) / decode. CUDA is synchronised around e
 
 Models: `--model-name` is a hub id or a local directory loaded with
 `MambaLMHeadModel.from_pretrained`; when it cannot be loaded (no network, no cache) and it
-names a known size (``130m``, ``370m``, ``790m``, ``1.4b``, ``2.8b``, or a hub id ending in
-one, e.g. ``state-spaces/mamba-1.4b``), a model of that shape with random weights is used and
-the result says so. ``tiny`` is a CPU smoke size. ``--attn-every N`` makes the random model a hybrid
-of that size: attention (`mamba_ssm.modules.mha.MHA`, head_dim 64 (128 from d_model 2048), rotary
-on half of it, a conv on qkv, upstream's mamba2attn settings) at every N-th layer instead of Mamba.
-The baseline is transformers'
+names a known size (``130m``, ``370m``, ``790m``, ``1.4b``, ``2.8b``, Mamba-2's ``mamba2-130m`` ...
+``mamba2-2.7b``, or a hub id ending in one, e.g. ``state-spaces/mamba-1.4b``), a model of that shape
+with random weights is used and the result says so. ``tiny`` is a CPU smoke size. ``--attn-every N``
+makes the random model a hybrid of that size: attention (`mamba_ssm.modules.mha.MHA`, head_dim 64 (128
+from d_model 2048), rotary on half of it, a conv on qkv, upstream's mamba2attn settings) at every N-th
+layer instead of Mamba. The baseline is transformers'
 `GPTNeoXForCausalLM` in the matching Pythia shape (random weights, ``attn_implementation="sdpa"``);
 for a checkpoint of another shape, a GPT-NeoX of the same width with half as many layers
 (one attention+MLP layer holds about as many weights as two Mamba layers).
@@ -47,6 +47,12 @@ PYTHIA_SIZES = {
     "790m": (2048, 16, 8, "pythia-1b"), "1.4b": (2048, 24, 16, "pythia-1.4b"),
     "2.8b": (2560, 32, 32, "pythia-2.8b"),
 }
+# upstream's Mamba-2 checkpoints (state-spaces/mamba2-*): headdim 64, d_state 128, expand 2
+MAMBA2_SIZES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),
+                "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
+PYTHIA_SIZES.update({"mamba2-130m": PYTHIA_SIZES["130m"], "mamba2-370m": PYTHIA_SIZES["370m"],
+                     "mamba2-780m": PYTHIA_SIZES["790m"], "mamba2-1.3b": PYTHIA_SIZES["1.4b"],
+                     "mamba2-2.7b": PYTHIA_SIZES["2.8b"]})
 MAMBA_VOCAB = 50277
 PYTHIA_VOCAB = 50304
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -89,8 +95,11 @@ class BenchConfig:
 def size_of(model_name: str) -> str | None:
     """The known size a model name stands for ('1.4b' for 'state-spaces/mamba-1.4b'), else None."""
     name = model_name.lower().rstrip("/")
-    if name in MAMBA_SIZES:
+    if name in MAMBA_SIZES or name in MAMBA2_SIZES:
         return name
+    m = re.search(r"(mamba2-(?:130m|370m|780m|1\.3b|2\.7b))(-hf)?$", name)
+    if m:
+        return m.group(1)
     m = re.search(r"(130m|370m|790m|1\.4b|2\.8b)(-hf)?$", name)
     return m.group(1) if m else None
 
@@ -107,10 +116,12 @@ def random_mamba(size: str, device, dtype, vocab_size: int = MAMBA_VOCAB, attn_e
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    d_model, n_layer = MAMBA_SIZES[size]
+    mamba2 = size in MAMBA2_SIZES
+    d_model, n_layer = MAMBA2_SIZES[size] if mamba2 else MAMBA_SIZES[size]
     hybrid = hybrid_layout(d_model, n_layer, attn_every) if attn_every else {}
     cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, rms_norm=True, residual_in_fp32=True,
-                      fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True, **hybrid)
+                      fused_add_norm=True, pad_vocab_size_multiple=16 if mamba2 else 8, tie_embeddings=True,
+                      ssm_cfg={"layer": "Mamba2"} if mamba2 else {}, **hybrid)
     return MambaLMHeadModel(cfg, device=device, dtype=dtype)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mambakit.finetune.config import FinetuneConfig
+from mambakit.finetune.config import DEFAULT_TARGETS, FinetuneConfig
 
 
 def _linear_names(model) -> list[str]:
@@ -20,7 +20,11 @@ def apply_lora(cfg: FinetuneConfig, model):
     from peft import LoraConfig, get_peft_model
 
     names = [n for n, _ in model.named_modules()]
-    for t in cfg.target_modules:
+    targets = list(cfg.target_modules)
+    if targets == list(DEFAULT_TARGETS):
+        # the default names Mamba-1's four projections; Mamba-2 mixers have only in_proj and out_proj
+        targets = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)] or targets
+    for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
             raise ValueError(f"target module {t!r} matches no module of the model; "
                              f"linear modules present: {_linear_names(model)}")
@@ -28,7 +32,7 @@ def apply_lora(cfg: FinetuneConfig, model):
 
     transformers.set_seed(cfg.seed)  # the adapters' initial A matrices
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none")
+                      target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lcfg)
     peft_model.peft_config["default"].base_model_name_or_path = cfg.model
     return peft_model

@@ -1,8 +1,11 @@
 """One recurrent step of the selective scan, for decoding (upstream's name; PyTorch body).
 
-state: (batch, dim, dstate) or (batch, nheads, headdim, dstate), updated in place.
-x, dt, z: (batch, dim); A: (dim, dstate); B, C: (batch, dstate) or (batch, groups, dstate);
-D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype.
+state: (batch, dim, dstate), updated in place; x, dt, z: (batch, dim); A: (dim, dstate);
+B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype.
+Heads (Mamba-2): state (batch, nheads, headdim, dstate); x, dt, z (batch, nheads, headdim); A
+(nheads, headdim, dstate); D, dt_bias (nheads, headdim); B, C (batch, ngroups, dstate).
+state_batch_indices (batch,): the state slot of each row (state may hold more slots than rows);
+a negative index marks a padding row.
 """
 from __future__ import annotations
 
@@ -84,11 +87,32 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         _check(state, x, dt, A, B, C)
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if state_batch_indices is not None:
-        sub = state[state_batch_indices]
-        out = selective_state_update_ref(sub, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-        state[state_batch_indices] = sub
-        return out
+        return _update_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def _update_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    """Row i of x steps state[state_batch_indices[i]]; a negative index marks a padding row: no state
+    is touched and its output is zero."""
+    idx = state_batch_indices
+    if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (x.shape[0],) or idx.dtype.is_floating_point:
+        got = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"selective_state_update: state_batch_indices must be an integer tensor (batch,) = "
+                         f"({x.shape[0]},), got {got}")
+    idx = idx.long()
+    if idx.numel() and int(idx.max()) >= state.shape[0]:
+        raise ValueError(f"selective_state_update: state_batch_indices must be < the state's {state.shape[0]} "
+                         f"slots (negative: padding), got {idx.tolist()}")
+    rows = (idx >= 0).nonzero().squeeze(1)
+    out = torch.zeros_like(x)
+    if rows.numel():
+        slots = idx[rows]
+        sub = state[slots]
+        pick = (lambda t: None if t is None else t[rows])  # noqa: E731
+        out[rows] = selective_state_update_ref(sub, x[rows], dt[rows], A, B[rows], C[rows], D, pick(z), dt_bias,
+                                               dt_softplus)
+        state[slots] = sub
+    return out
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
