@@ -225,6 +225,11 @@ def cpu(results_dir: Path) -> _Table:
         mode = f"; ours: {inp['greedy_mode']}" if inp.get("greedy_mode") else ""
         t.add(f"{size} greedy decoding, tokens/s, prompt {inp.get('prompt_len')}, {inp.get('gen_len')} new{mode}",
               f.get("ours_greedy_tok_per_s"), f.get("hf_greedy_tok_per_s"), hf, True, "CPU", date, name)
+        for w in ("f32", "f16"):
+            if f.get(f"llama_cpp_{w}_greedy_tok_per_s") is not None:
+                t.add(f"{size} greedy decoding, tokens/s, ours fp32 against llama.cpp's {w} weights (same weights)",
+                      f.get("ours_greedy_tok_per_s"), f.get(f"llama_cpp_{w}_greedy_tok_per_s"), f"llama.cpp {w}",
+                      True, "CPU", date, name)
     for name, d in _load(results_dir, "cpu_mamba2_*.json"):
         f, inp, date = d.get("figures", {}), d.get("inputs", {}), _date(d)
         size, hf = f"Mamba-2 {inp.get('size', '?')}", "transformers Mamba2"
