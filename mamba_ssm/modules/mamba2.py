@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-from mamba_ssm.ops.ssd_chunked import conv_seq_idx, process_dt, seq_idx_from_cu_seqlens
+from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
+from mamba_ssm.ops.ssd_chunked import conv_seq_idx, process_dt
 from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
 

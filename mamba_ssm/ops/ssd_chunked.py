@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
+
 _INF = float("inf")
 
 
@@ -115,13 +117,6 @@ def conv_seq_idx(seq_idx):
     if isinstance(seq_idx, torch.Tensor) and not seq_idx.dtype.is_floating_point and seq_idx.dtype != torch.bool:
         return seq_idx.to(torch.int32)
     return seq_idx
-
-
-def seq_idx_from_cu_seqlens(cu_seqlens, seqlen):
-    """(num_seqs + 1,) offsets -> (1, seqlen) int32 sequence numbers."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    ids = torch.arange(lengths.numel(), device=cu_seqlens.device, dtype=torch.int32)
-    return torch.repeat_interleave(ids, lengths, output_size=seqlen).unsqueeze(0)
 
 
 def _segments(seq_idx):
