@@ -94,11 +94,11 @@ def test_no_working_cxx_compiler_falls_back_to_eager(monkeypatch):
     torch.manual_seed(16)  # a shape no other test compiles, so nothing comes from a cache
     model = MambaLMHeadModel(MambaConfig(d_model=40, n_layer=2, vocab_size=77, ssm_cfg={"d_state": 4})).eval()
     prompt = torch.randint(0, 77, (1, 3))
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
     monkeypatch.setattr(compiled_step, "_warned", False)
     monkeypatch.setattr(compiled_step, "_failed", None)
-    with pytest.warns(RuntimeWarning, match="compiled CPU decoding step unavailable"):
+    # inductor's own patch (monkeypatch's undo deletes a config entry, and later compiles then fail)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}), \
+            pytest.warns(RuntimeWarning, match="compiled CPU decoding step unavailable"):
         seq = model.generate(prompt, max_length=9, cg=True)
     assert torch.equal(seq, model.generate(prompt, max_length=9))
 
