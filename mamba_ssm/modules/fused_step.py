@@ -20,7 +20,9 @@ out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer'
 
 The rule, measured on an H100 (2026-12-07, 1.4b, bf16, ms/token in a CUDA graph): batch 1 gemv 1.64
 against partials 1.83; batches 2 and 4 partials 1.84 and 1.83 against gemm 2.14 and 2.20 and gemv 1.89
-and 2.65; batch 16 gemm 2.19 against partials 2.70.
+and 2.65; batch 16 gemm 2.19 against partials 2.70. (gemv then ended in cuBLAS's out_proj; its
+`linear_gemv` took 7.9 against 10.0 us a layer in a per-kernel profile; the whole step with it is
+not timed yet.)
 
 MAMBA_SSM_FUSED_STEP (read once at import): 1 (default) the rule above; 0 the eager step. Tests and
 tools/device/decode_step_sweep.py set `MODE`, also to "partials" or "gemm" (one path at every batch).
