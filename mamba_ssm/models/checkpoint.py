@@ -169,11 +169,16 @@ def config_from_transformers_dict(config_dict: dict, source: str = "config.json"
     if "intermediate_size" in config_dict and config_dict["intermediate_size"] != int(expand * d_model):
         raise CheckpointError(f"{source}: intermediate_size {config_dict['intermediate_size']} is not "
                               f"expand * hidden_size = {expand} * {d_model}")
+    return _transformers_lm_config(config_dict, d_model, ssm_cfg, tie_default=True)
+
+
+def _transformers_lm_config(config_dict: dict, d_model: int, ssm_cfg: dict, tie_default: bool):
+    """(MambaConfig, extras) of a transformers config dict once its mixer settings are in ssm_cfg."""
     config = MambaConfig(
         d_model=d_model, d_intermediate=0, n_layer=config_dict["num_hidden_layers"],
         vocab_size=config_dict["vocab_size"], ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
         residual_in_fp32=bool(config_dict.get("residual_in_fp32", True)), fused_add_norm=True,
-        pad_vocab_size_multiple=8, tie_embeddings=bool(config_dict.get("tie_word_embeddings", True)))
+        pad_vocab_size_multiple=8, tie_embeddings=bool(config_dict.get("tie_word_embeddings", tie_default)))
     extras = {"norm_epsilon": float(config_dict.get("layer_norm_epsilon", _DEFAULT_NORM_EPS)),
               "token_ids": {k: config_dict[k] for k in _HF_TOKEN_FIELDS if k in config_dict}}
     return config, extras
@@ -227,14 +232,7 @@ def config_from_transformers_mamba2_dict(config_dict: dict, source: str = "confi
     if heads * head_dim != expand * d_model:
         raise CheckpointError(f"{source}: num_heads * head_dim = {heads} * {head_dim} must equal expand * "
                               f"hidden_size = {expand} * {d_model}")
-    config = MambaConfig(
-        d_model=d_model, d_intermediate=0, n_layer=config_dict["num_hidden_layers"],
-        vocab_size=config_dict["vocab_size"], ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, rms_norm=True,
-        residual_in_fp32=bool(config_dict.get("residual_in_fp32", True)), fused_add_norm=True,
-        pad_vocab_size_multiple=8, tie_embeddings=bool(config_dict.get("tie_word_embeddings", False)))
-    extras = {"norm_epsilon": float(config_dict.get("layer_norm_epsilon", _DEFAULT_NORM_EPS)),
-              "token_ids": {k: config_dict[k] for k in _HF_TOKEN_FIELDS if k in config_dict}}
-    return config, extras
+    return _transformers_lm_config(config_dict, d_model, ssm_cfg, tie_default=False)
 
 
 def config_to_transformers_mamba2_dict(config, ssm_cfg, vocab_rows, norm_epsilon, dtype, token_ids) -> dict:

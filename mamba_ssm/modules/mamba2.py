@@ -22,6 +22,7 @@ from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
 from mamba_ssm.ops.ssd_chunked import conv_seq_idx, process_dt
 from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated
 from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+from mamba_ssm.utils.inference_params import layer_cache
 
 
 class Mamba2(nn.Module):
@@ -247,16 +248,7 @@ class Mamba2(nn.Module):
         return conv_state, ssm_state
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
-        if self.layer_idx is None:
-            raise ValueError("Mamba2: layer_idx must be set to use inference_params (cached decoding)")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
-        conv_state, ssm_state = cache[self.layer_idx]
-        if conv_state.shape[0] != batch_size:
-            raise ValueError(
-                f"Mamba2 layer {self.layer_idx}: the cache in inference_params holds batch {conv_state.shape[0]}, "
-                f"got {batch_size} sequences; use a new InferenceParams for another batch size")
+        conv_state, ssm_state = layer_cache(self, inference_params, batch_size, "u")
         if initialize_states:
             conv_state.zero_()
             ssm_state.zero_()

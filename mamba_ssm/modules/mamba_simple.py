@@ -24,6 +24,7 @@ from mamba_ssm.ops import selective_scan_interface as _scan
 from mamba_ssm.ops.channel_first import has_hooks, project
 from mamba_ssm.modules import fused_step
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+from mamba_ssm.utils.inference_params import layer_cache
 
 
 class Mamba(nn.Module):
@@ -219,17 +220,7 @@ class Mamba(nn.Module):
         return conv_state, ssm_state
 
     def _get_states_from_cache(self, inference_params, batch_size, initialize_states=False):
-        if self.layer_idx is None:
-            raise ValueError("Mamba: layer_idx must be set to use inference_params (cached decoding)")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
-        conv_state, ssm_state = cache[self.layer_idx]
-        if conv_state.shape[0] != batch_size:
-            raise ValueError(
-                f"Mamba layer {self.layer_idx}: the cache in inference_params holds batch {conv_state.shape[0]}, "
-                f"got hidden_states of batch {batch_size}; use a new InferenceParams for "
-                "another batch size")
+        conv_state, ssm_state = layer_cache(self, inference_params, batch_size, "hidden_states")
         if initialize_states:
             conv_state.zero_()
             ssm_state.zero_()

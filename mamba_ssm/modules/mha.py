@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops.rotary import apply_rotary_emb
+from mamba_ssm.utils.inference_params import layer_cache
 
 
 class MHA(nn.Module):
@@ -77,17 +78,7 @@ class MHA(nn.Module):
         return kv_cache, lengths, torch.zeros(batch_size, self.qkv_dim, self.d_conv, dtype=dtype, device=device)
 
     def _get_cache(self, inference_params, batch_size):
-        if self.layer_idx is None:
-            raise ValueError("MHA: layer_idx must be set to use inference_params (cached decoding)")
-        cache = inference_params.key_value_memory_dict
-        if self.layer_idx not in cache:
-            cache[self.layer_idx] = self.allocate_inference_cache(batch_size, inference_params.max_seqlen)
-        states = cache[self.layer_idx]
-        if states[0].shape[0] != batch_size:
-            raise ValueError(f"MHA layer {self.layer_idx}: the cache in inference_params holds batch "
-                             f"{states[0].shape[0]}, got x of batch {batch_size}; use a new InferenceParams for "
-                             "another batch size")
-        return states
+        return layer_cache(self, inference_params, batch_size, "x")
 
     def _conv(self, qkv, conv_state, step):
         """qkv (B, L, qkv_dim) -> the causal depthwise conv of it; conv_state keeps the last d_conv inputs."""

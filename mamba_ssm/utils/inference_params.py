@@ -33,3 +33,20 @@ class InferenceParams:
         self.seqlen_offset = 0
         if self.lengths_per_sample is not None:
             self.lengths_per_sample.zero_()
+
+
+def layer_cache(layer, inference_params, batch_size: int, input_name: str = "hidden_states") -> tuple:
+    """`layer`'s states in inference_params (allocated by its `allocate_inference_cache` on first use),
+    checked against the batch size of its input `input_name`."""
+    who = type(layer).__name__
+    if layer.layer_idx is None:
+        raise ValueError(f"{who}: layer_idx must be set to use inference_params (cached decoding)")
+    cache = inference_params.key_value_memory_dict
+    if layer.layer_idx not in cache:
+        cache[layer.layer_idx] = layer.allocate_inference_cache(batch_size, inference_params.max_seqlen)
+    states = cache[layer.layer_idx]
+    if states[0].shape[0] != batch_size:
+        raise ValueError(f"{who} layer {layer.layer_idx}: the cache in inference_params holds batch "
+                         f"{states[0].shape[0]}, got {input_name} of batch {batch_size}; use a new InferenceParams "
+                         "for another batch size")
+    return states

@@ -517,14 +517,8 @@ class MambaEvalLM(TemplateLM):
                     total += len(prompts[order[end]])
                     end += 1
                 chunk = order[start:end]
-                try:
-                    session.prefill([prompts[i] for i in chunk], rows=chunk)
-                except Exception as e:  # noqa: BLE001
-                    if _is_oom(e) and budget.shrink(len(chunk), longest):
-                        continue
-                    raise
-                self.stats["forward_rows"] += len(chunk)
-                start = end
+                if self._prefill_chunk(session, prompts, chunk, budget, longest):
+                    start = end
             return
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
@@ -533,14 +527,20 @@ class MambaEvalLM(TemplateLM):
             start = 0
             while start < len(idxs):
                 chunk = idxs[start:start + budget.rows(length)]
-                try:
-                    session.prefill([prompts[i] for i in chunk], rows=chunk)
-                except Exception as e:  # noqa: BLE001
-                    if _is_oom(e) and budget.shrink(len(chunk), length):
-                        continue
-                    raise
-                self.stats["forward_rows"] += len(chunk)
-                start += len(chunk)
+                if self._prefill_chunk(session, prompts, chunk, budget, length):
+                    start += len(chunk)
+
+    def _prefill_chunk(self, session, prompts, chunk, budget, longest) -> bool:
+        """Prefill prompts[chunk] into their rows; False after an out-of-memory error that shrank the
+        budget (the caller retries smaller), which is raised when nothing smaller is left."""
+        try:
+            session.prefill([prompts[i] for i in chunk], rows=chunk)
+        except Exception as e:  # noqa: BLE001
+            if _is_oom(e) and budget.shrink(len(chunk), longest):
+                return False
+            raise
+        self.stats["forward_rows"] += len(chunk)
+        return True
 
     def _stop_strings(self, until):
         """stop(row, tokens) for DecodingSession.generate: True once the text ends in a stop string."""
