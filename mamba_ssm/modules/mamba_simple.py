@@ -22,6 +22,7 @@ from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops import packing
 from mamba_ssm.ops import selective_scan_interface as _scan
 from mamba_ssm.ops.channel_first import has_hooks, project
+from mamba_ssm.ops.recompute import recompute_in_backward
 from mamba_ssm.modules import fused_step
 from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 from mamba_ssm.utils.inference_params import layer_cache
@@ -113,10 +114,10 @@ class Mamba(nn.Module):
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
-        A = -torch.exp(self.A_log.float())
         # in_proj writes xz channel-first, so x and z reach the conv and the scan without copies
         xz = project(self.in_proj, hidden_states.transpose(1, 2))       # (B, 2*d_inner, L)
         if self.use_fast_path and inference_params is None and self.projections_are_plain():
+            A = -torch.exp(self.A_log.float())
             return _scan.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                   self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
                                   None, None, self.D.float(), delta_bias=self.dt_proj.bias.float(),
@@ -124,13 +125,22 @@ class Mamba(nn.Module):
 
         # Adapters (LoRA) around the projections: each is called through `project`, which applies
         # nn.Linear and described adapters (mamba_ssm.ops.adapters) channel-first, any other module as itself.
-        x, z = xz.chunk(2, dim=1)
         if conv_state is not None:
             # Keep the last d_conv inputs (left-padded with zeros) for the next step.
+            x = xz[:, :self.d_inner]
             if packed:
                 conv_state.copy_(self._last_inputs(x, cu_seqlens))
             else:
                 conv_state.copy_(F.pad(x, (self.d_conv - x.shape[-1], 0))[..., -self.d_conv:])
+            y = self._gated_scan(xz, seq_idx, cu_seqlens, ssm_state)
+        else:  # training: the backward recomputes this part instead of saving it (ops/recompute.py)
+            y = recompute_in_backward(self._gated_scan, xz, seq_idx)
+        return project(self.out_proj, y, channels_last_out=True).transpose(1, 2)
+
+    def _gated_scan(self, xz, seq_idx=None, cu_seqlens=None, ssm_state=None):
+        """The path with adapters from xz (B, 2*d_inner, L) to out_proj's input y (B, d_inner, L);
+        with ssm_state, the final states are copied into it."""
+        x, z = xz.chunk(2, dim=1)
         x = self._conv(x, seq_idx)
         x_dbl = project(self.x_proj, x)                                    # (B, dt_rank + 2 N, L)
         dt = x_dbl[:, :self.dt_rank]
@@ -141,13 +151,14 @@ class Mamba(nn.Module):
                         for t in (dt, B, C))
         # the scan adds dt_proj's bias itself, in fp32, before the softplus
         dt = project(self.dt_proj, dt, bias=False)                        # (B, d_inner, L)
+        A = -torch.exp(self.A_log.float())
         y = _scan.selective_scan_fn(x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                     delta_softplus=True, return_last_state=ssm_state is not None,
                                     seq_idx=seq_idx, cu_seqlens=cu_seqlens if ssm_state is not None else None)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        return project(self.out_proj, y, channels_last_out=True).transpose(1, 2)
+        return y
 
     def _rms_kwargs(self, device):
         """mamba_inner_fn's Falcon-Mamba arguments: weightless norms of B, C and dt (before dt_proj)."""

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from mamba_ssm.backend import choose_backend
-from mamba_ssm.ops import packing
+from mamba_ssm.ops import packing, recompute
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.channel_first import channel_first_linear
 from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
@@ -156,10 +156,12 @@ def _interleave_pairs(X):
 
 
 def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, checkpoint_lvl,
                  b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, b_c_dt_rms_eps=1e-6, seq_idx=None,
                  cu_seqlens=None):
-    w, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+    if checkpoint_lvl not in (0, 1):
+        raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    _, dt_rank, dstate = _check_inner_inputs(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                              out_proj_weight, out_proj_bias, A, B, C, B_proj_bias, C_proj_bias)
     dt_norm = _check_rms_weights(b_rms_weight, c_rms_weight, dt_rms_weight, xz.shape[1] // 2, dt_rank, dstate,
                                  B, C)
@@ -168,6 +170,33 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
                          f"got complex A ({A.dtype})")
     seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, xz.shape[0], xz.shape[2], xz.device,
                                           "mamba_inner_fn")
+
+    def gated_scan(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias,
+                   B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight):
+        w = conv1d_weight[:, 0] if conv1d_weight.dim() == 3 else conv1d_weight     # (dim, width)
+        return _inner_scan(scan, xz, w, conv1d_bias, x_proj_weight,
+                           delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                           dt_rank, dstate, dt_norm, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+                           seq_idx)
+
+    def mixer(*args):
+        y = gated_scan(*args[:-2])
+        return channel_first_linear(y, args[-2], args[-1], channels_last_out=True).transpose(1, 2)
+
+    args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias,
+            C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight)
+    if checkpoint_lvl == 0:
+        return mixer(*args, out_proj_weight, out_proj_bias)
+    if recompute.SCOPE == "mixer":
+        return recompute.recompute_in_backward(mixer, *args, out_proj_weight, out_proj_bias, scope="mixer")
+    y = recompute.recompute_in_backward(gated_scan, *args, scope="scan")
+    return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
+
+
+def _inner_scan(scan, xz, w, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias,
+                C_proj_bias, delta_softplus, dt_rank, dstate, dt_norm, b_rms_weight, c_rms_weight, dt_rms_weight,
+                b_c_dt_rms_eps, seq_idx):
+    """mamba_inner_fn up to out_proj: the gated scan output y (batch, dim, seqlen)."""
     x, z = xz.chunk(2, dim=1)
     x = causal_conv1d_fn(x, w, conv1d_bias, seq_idx=seq_idx, activation="silu")  # (batch, dim, seqlen)
     # the projections read and write channel-first tensors: no transposing copies (channel_first.py)
@@ -194,8 +223,7 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
             C = rms_norm_channels(C, c_rms_weight, b_c_dt_rms_eps)
         if A.is_complex():
             C = _interleave_pairs(C)
-    y = scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx=seq_idx)
-    return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
+    return scan(x, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx=seq_idx)
 
 
 def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
@@ -208,9 +236,9 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     conv1d_weight: (dim, 1, width) or (dim, width); x_proj_weight: (dt_rank + 2*dstate, dim);
     delta_proj_weight: (dim, dt_rank) (its bias is ``delta_bias``, added inside the scan);
     out_proj_weight: (d_model, dim). B / C given as arguments replace the projected ones.
-    ``checkpoint_lvl`` (upstream: 1 recomputes the conv output and delta in backward) is accepted;
-    the selective scan on the PyTorch path already keeps only chunk states, and the other pieces
-    are small, so it does not change anything here. Packed sequences: seq_idx / cu_seqlens
+    ``checkpoint_lvl`` 1 (the default, as upstream's) saves only xz and out_proj's input for the
+    backward, which recomputes the conv output, delta and the scan (mamba_ssm/ops/recompute.py);
+    0 saves them all: a faster backward for more memory. Packed sequences: seq_idx / cu_seqlens
     (mamba_ssm/ops/packing.py) reset the conv window and the scan's state where a sequence starts.
 
     Falcon-Mamba's RMS norms (eps b_c_dt_rms_eps; each None = no norm): b_rms_weight and c_rms_weight
@@ -219,12 +247,10 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     dt_rms_weight (dim,) normalises delta after dt_proj (before its bias), which is what upstream's
     mamba_inner_fn does with it (transformers 4.x's CUDA path passed ones of that size).
     """
-    if checkpoint_lvl not in (0, 1):
-        raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
     return _mamba_inner(selective_scan_fn, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps, seq_idx,
-                        cu_seqlens)
+                        delta_softplus, checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+                        seq_idx, cu_seqlens)
 
 
 def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
@@ -234,5 +260,5 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     """Reference of `mamba_inner_fn` (same signature), built on `selective_scan_ref`."""
     return _mamba_inner(selective_scan_ref, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                         out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias,
-                        delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps, seq_idx,
-                        cu_seqlens)
+                        delta_softplus, checkpoint_lvl, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+                        seq_idx, cu_seqlens)
