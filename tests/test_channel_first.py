@@ -270,6 +270,27 @@ def test_lora_adapter_in_another_dtype_keeps_peft_semantics():
     torch.testing.assert_close(out, m(x32.transpose(1, 2)).transpose(1, 2))
 
 
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_adapters_on_a_16bit_base_take_the_fused_path(base_dtype):
+    """PEFT's default setup without autocast (a bf16 model, adapters upcast to fp32): fused, as
+    under autocast, within 16-bit rounding of PEFT's fp32 adapter computation."""
+    m = _lora_module()
+    m.base_layer.to(base_dtype)
+    m.lora_A.to(torch.float32)
+    m.lora_B.to(torch.float32)
+    x = torch.randn(2, 6, 40, dtype=base_dtype, requires_grad=True)
+    out = project(m, x)
+    ref = m(x.transpose(1, 2)).transpose(1, 2)
+    assert out.dtype == ref.dtype == base_dtype
+    assert "ChannelFirstLoRA" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.randn(ref.shape, dtype=base_dtype)
+    for a, r in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=3e-2, atol=3e-2 * (r.abs().max().item() + 1))
+
+
 def test_fused_lora_under_autocast():
     m = _lora_module()
     m.to(torch.float32)

@@ -262,6 +262,15 @@ def _run_as_module(module, x, bias, reason):
     return out.transpose(1, 2)
 
 
+def _fp32_masters(dtypes, update) -> bool:
+    """A 16-bit base with fp32 adapter matrices (PEFT's default, which upcasts adapters): computed
+    as under autocast, the products in the base's dtype and the adapters' gradients summed in fp32,
+    instead of PEFT's fp32 copy of every activation. The update then differs from PEFT's by the
+    rounding of A, B and A x to 16 bits, below the rounding of the 16-bit output it is added to."""
+    return (len(dtypes) == 1 and next(iter(dtypes)) in (torch.bfloat16, torch.float16)
+            and update.a.weight.dtype == update.b.weight.dtype == torch.float32)
+
+
 def project(module, x, channels_last_out=False, bias=True):
     """`module` (nn.Linear, or an adapter around one that `mamba_ssm.ops.adapters` describes)
     applied over the channels of x (batch, in, seqlen).
@@ -288,7 +297,7 @@ def project(module, x, channels_last_out=False, bias=True):
         if autocast is not None:  # the adapter matrices are cast inside (see _ChannelFirstLoRA)
             args = cast_for_autocast(autocast, *args)
         dtypes = {t.dtype for t in args if t is not None}
-        if autocast is None:
+        if autocast is None and not _fp32_masters(dtypes, u):
             dtypes |= {u.a.weight.dtype, u.b.weight.dtype}
         if len(dtypes) == 1:  # else as PEFT: outside autocast an adapter computes in its own dtype
             return _ChannelFirstLoRA.apply(*args, u.a.weight, u.b.weight, float(u.scaling), channels_last_out, p_drop)
