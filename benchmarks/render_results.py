@@ -189,6 +189,35 @@ def training(results_dir: Path) -> _Table:
     return t
 
 
+TRAINING_MODES = {"full": "full model, forward+backward", "lora_plain": "LoRA step, PEFT as written",
+                  "lora_recipe": "LoRA step, the recipe's setup"}
+
+
+def training_vs_upstream(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "training_*.json"):
+        inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
+        card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
+        cfg = f"{inp.get('shape')}, batch {inp.get('batch_size')} x {inp.get('seqlen')}"
+        for vname, v in variants.items():
+            if vname == base_name:
+                continue
+            for mode, run in v.get("runs", {}).items():
+                if run.get("tokens_per_s") is None:
+                    continue
+                base = variants.get(base_name, {}).get("runs", {}).get(mode) or {}
+                version = base.get("mamba_ssm_version")
+                label = (f"upstream {version or ''}".strip() if base_name == "upstream" else base_name) \
+                    if base.get("tokens_per_s") is not None else None
+                what = f"{TRAINING_MODES.get(mode, mode)}, {cfg} ({vname})"
+                rss = "" if str(run.get("peak_memory_kind", "")).startswith("cuda") else " (process max RSS)"
+                t.add(f"{what}, tokens/s", run["tokens_per_s"], base.get("tokens_per_s"), label, True, card, date,
+                      name)
+                t.add(f"{what}, peak memory, GiB{rss}", run.get("peak_memory_gib"), base.get("peak_memory_gib"),
+                      label, False, card, date, name)
+    return t
+
+
 def lm_eval(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "lm_eval_*.json"):
@@ -265,6 +294,12 @@ AREAS = (
                                 "baseline is an earlier tree of ours timed in the same call where named, else, "
                                 "for forward+backward, upstream's full model (an *anchor*: measured by the "
                                 "project on an H200, not in the same job).", training),
+    ("Training against upstream", "benchmarks/benchmark_training.py: random weights, tokens/s of the median "
+                                  "step and peak memory (`max_memory_allocated` over the timed steps), ours and "
+                                  "upstream mamba-ssm in the same run; the full model: fp32 weights under bf16 "
+                                  "autocast, forward + cross-entropy + backward, no optimizer; the LoRA steps "
+                                  "(r 64, AdamW) only ours: upstream's fused path ignores PEFT's adapters. "
+                                  "Peak memory's ratio: baseline / ours.", training_vs_upstream),
     ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
                 "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
                 "requests/s counting the model's calls alone (*model time*) and lm-eval's whole run (*wall time*).", lm_eval),

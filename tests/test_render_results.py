@@ -73,3 +73,20 @@ def test_render_tolerates_partial_and_broken_files(tmp_path):
     (row,) = _rows(text, "Kernels")
     assert row[:6] == ["selective scan forward, ms, (1, 2, 3, 4)", "2.000", "-", "-", "H100", "2027-01-02"]
     assert "## lm-eval" not in text and "## CPU" not in text
+
+
+def test_training_against_upstream_renders(tmp_path):
+    run = {"mode": "full", "tokens_per_s": 30000.0, "peak_memory_gib": 30.0,
+           "peak_memory_kind": "cuda max_memory_allocated"}
+    up = dict(run, tokens_per_s=25000.0, peak_memory_gib=33.0, mamba_ssm_version="2.3.2.post1")
+    (tmp_path / "training_1.4b_h100.json").write_text(json.dumps({
+        "date": "2027-01-02T00:00:00Z", "machine": {"device_name": "NVIDIA H100 80GB HBM3"}, "baseline": "upstream",
+        "inputs": {"shape": "1.4b", "batch_size": 4, "seqlen": 2048},
+        "variants": {"ours": {"runs": {"full": run, "lora_plain": dict(run, mode="lora_plain")}},
+                     "upstream": {"runs": {"full": up, "lora_plain": {"error": "skipped: ..."}}}}}))
+    rows = _rows(rr.render(tmp_path), "Training against upstream")
+    assert rows[0][:6] == ["full model, forward+backward, 1.4b, batch 4 x 2048 (ours), tokens/s", "30,000",
+                           "25,000 (upstream 2.3.2.post1)", "1.20x", "H100", "2027-01-02"]
+    assert rows[1][:4] == ["full model, forward+backward, 1.4b, batch 4 x 2048 (ours), peak memory, GiB", "30.0",
+                           "33.0 (upstream 2.3.2.post1)", "1.10x"]
+    assert rows[2][0].startswith("LoRA step, PEFT as written") and rows[2][2:4] == ["-", "-"] and len(rows) == 4

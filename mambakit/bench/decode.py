@@ -5,8 +5,9 @@ This module is loaded by file path (the script does it), also in the children, s
 imports `mambakit` or a `mamba_ssm` other than the one a child's PYTHONPATH names. Children run
 `benchmark_decode.py --child ...` from a temporary directory with PYTHONPATH = the variant's tree
 (ours: this repository; `PYTHONPATH=DIR` in a variant: that tree alone; upstream: --upstream-path
-alone) and the variant's other variables, and print one line `RESULT {json}`. One process per batch
-size because upstream 2.3.2 crashes when a smaller batch follows a larger one.
+alone) and the variant's other variables, and print one line `RESULT {json}` (the protocol and the
+JSON's frame: mambakit/bench/variants.py). One process per batch size because upstream 2.3.2 crashes
+when a smaller batch follows a larger one.
 
 Per child (random weights of the shape; bf16 on CUDA, fp32 on CPU; greedy; `generate(cg=True)`, a
 CUDA graph on a GPU; each figure the median of `repeats` calls after one warm-up, synchronised):
@@ -25,24 +26,32 @@ the baseline (speedup: baseline time / variant time; tokens/s: variant / baselin
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-# name: (d_model, n_layer); Mamba-1 checkpoints' shapes (d_state 16, expand 2, d_conv 4)
-SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
-          "2.8b": (2560, 64)}
+
+def _load_variants():
+    """mambakit/bench/variants.py by path (the shared child protocol); it loads its siblings itself."""
+    key = "_mamba_bench_variants"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name("variants.py"))
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
+_v = _load_variants()
+SHAPES, MARKER, REPO = _v.SHAPES, _v.MARKER, _v.REPO
+parse_variant, child_env, gpu_tag, gpu_name, git_commit = (_v.parse_variant, _v.child_env, _v.gpu_tag, _v.gpu_name,
+                                                           _v.git_commit)
+_ratio, _f = _v.ratio, _v.col
 VOCAB = 50280
-MARKER = "RESULT "
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "benchmark_decode.py"
 DEFAULT_VARIANTS = ("fused:MAMBA_SSM_FUSED_STEP=1", "eager:MAMBA_SSM_FUSED_STEP=0")
 
@@ -50,15 +59,7 @@ DEFAULT_VARIANTS = ("fused:MAMBA_SSM_FUSED_STEP=1", "eager:MAMBA_SSM_FUSED_STEP=
 # ------------------------------------------------------------------------------------------- child
 def build_model(shape, device, dtype, seed=0):
     """A MambaLMHeadModel of the named shape with random weights (ours or upstream's: same API)."""
-    import torch
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    d_model, n_layer = SHAPES[shape]
-    torch.manual_seed(seed)
-    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=VOCAB, ssm_cfg={}, rms_norm=True,
-                      residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
-    return MambaLMHeadModel(cfg, device=device, dtype=dtype).eval()
+    return _v.build_lm(shape, device, dtype, seed, VOCAB).eval()
 
 
 def _timed(call, repeats, sync):
@@ -182,34 +183,10 @@ def child(args):
         res["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         res["traceback"] = traceback.format_exc()[-3000:]
     res["child_s"] = round(time.perf_counter() - t0, 2)
-    print(MARKER + json.dumps(res), flush=True)
+    _v.emit(res)
 
 
 # ------------------------------------------------------------------------------------------ parent
-def parse_variant(spec: str):
-    """'name:VAR=value,VAR=value' -> (name, {VAR: value}); 'name' alone: no extra environment."""
-    name, _, envs = spec.partition(":")
-    name = name.strip()
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"--variants: expected name:VAR=value,..., got {spec!r}")
-    env = {}
-    for kv in filter(None, (s.strip() for s in envs.split(","))):
-        key, eq, value = kv.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--variants {name}: expected VAR=value, got {kv!r}")
-        env[key] = value
-    return name, env
-
-
-def child_env(env: dict, base=os.environ) -> dict:
-    """The child's environment: PYTHONPATH = the variant's tree (this repository unless it names one)."""
-    out = {k: v for k, v in base.items() if k != "PYTHONPATH"}
-    out.update(env)
-    out["PYTHONPATH"] = env.get("PYTHONPATH") or str(REPO)
-    out["PYTHONUNBUFFERED"] = "1"
-    return out
-
-
 def run_child(env: dict, batch: int, args, kinds) -> dict:
     cmd = [sys.executable, str(SCRIPT), "--child", "--shape", args.shape, "--batch", str(batch),
            "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--gen-prompt", str(args.gen_prompt),
@@ -221,49 +198,7 @@ def run_child(env: dict, batch: int, args, kinds) -> dict:
             cmd += [f"--{flag}", getattr(args, flag)]
     if args.no_cg:
         cmd.append("--no-cg")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cwd:  # neither this repository nor the cwd on the child's path
-        try:
-            proc = subprocess.run(cmd, cwd=cwd, env=child_env(env), capture_output=True, text=True,
-                                  timeout=args.child_timeout)
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            return {"batch": batch, "error": f"timed out after {args.child_timeout} s", "output": out[-2000:]}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARKER):
-            out = json.loads(line[len(MARKER):])
-            out["wall_s"] = round(time.perf_counter() - t0, 2)
-            return out
-    return {"batch": batch, "error": f"child exited {proc.returncode} without a result",
-            "output": (proc.stdout + proc.stderr)[-3000:]}
-
-
-def gpu_tag(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100'; '' -> 'cpu'."""
-    if not device_name:
-        return "cpu"
-    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", device_name)
-    return m.group(1).lower() if m else (re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "gpu")
-
-
-def gpu_name() -> str:
-    """The first GPU's name from nvidia-smi (no CUDA context in this process), else 'gpu'."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout.strip().splitlines()
-        return out[0].strip() if out else "gpu"
-    except (OSError, subprocess.SubprocessError):
-        return "gpu"
-
-
-def git_commit() -> dict:
-    def git(*a):
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except OSError:
-        return {}
+    return _v.run_child(cmd, env, args.child_timeout, {"batch": batch})
 
 
 def add_ratios(result: dict, baseline: str) -> None:
@@ -284,10 +219,6 @@ def add_ratios(result: dict, baseline: str) -> None:
             ratios[b] = r
         v["vs_baseline"] = ratios
     result["baseline"] = baseline
-
-
-def _ratio(a, b):
-    return round(a / b, 4) if a and b else None
 
 
 def table(result: dict) -> str:
@@ -315,60 +246,24 @@ def _path_name(key: str) -> str:
     return "gemv" if m and m.group(1) == "block" else (m.group(2) if m else "?")
 
 
-def _f(x, width, digits):
-    return f"{x:>{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
-
-
 def write(result: dict, dirs) -> list:
-    name = f"decode_{result['inputs']['shape']}_{gpu_tag(result['machine'].get('device_name', ''))}.json"
-    paths = []
-    for d in dirs:
-        d = Path(d)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(d / name)
-        paths.append(d / name)
-    return paths
+    return _v.write(result, "decode", dirs)
 
 
 def run(args, log=print) -> dict:
-    import torch
-
-    variants = [parse_variant(s) for s in (args.variants or DEFAULT_VARIANTS)]
-    if args.upstream_path:
-        variants.append(("upstream", {"PYTHONPATH": str(Path(args.upstream_path).resolve())}))
-    names = [n for n, _ in variants]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--variants: names must differ, got {names}")
-    baseline = args.baseline or ("upstream" if args.upstream_path else names[0])
-    if baseline not in names:
-        raise ValueError(f"--baseline must name a variant ({names}), got {baseline!r}")
+    variants, baseline = _v.resolve_variants(args.variants or DEFAULT_VARIANTS, args.upstream_path, args.baseline)
     decode_b = [] if args.no_decode else list(args.batch)
     gen_b = [] if args.no_generation else list(args.gen_batch)
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        pass
-    result = {"kind": "decode_benchmark", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"host": platform.node(), "platform": platform.platform(), "cpu_count": os.cpu_count()},
-              "versions": versions, "git": git_commit(),
-              "inputs": {k: v for k, v in vars(args).items() if k not in ("child", "env_names")},
-              "variants": {n: {"env": env, "runs": {}} for n, env in variants}}
-    result["inputs"]["shape_dims"] = dict(zip(("d_model", "n_layer"), SHAPES[args.shape]), vocab=VOCAB)
+    result = _v.new_result("decode_benchmark", args, variants,
+                           dict(zip(("d_model", "n_layer"), SHAPES[args.shape]), vocab=VOCAB))
     dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
-    if (args.device or "cuda").startswith("cuda") and torch.cuda.is_available():
-        result["machine"]["device_name"] = gpu_name()  # children report theirs too (torch's name)
     t_start = time.perf_counter()
     # batch-major: a run cut short (a time limit) has every variant at the smaller batches
     for batch in sorted(set(decode_b) | set(gen_b)):
         kinds = [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if batch in bs]
         for name, env in variants:
             if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                result["variants"][name]["runs"][str(batch)] = {"batch": batch, "error": "skipped: --budget-s spent"}
+                result["variants"][name]["runs"][str(batch)] = {"batch": batch, "error": _v.SKIPPED_BUDGET}
                 continue
             r = run_child(env, batch, args, kinds)
             result["variants"][name]["runs"][str(batch)] = r
@@ -391,13 +286,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
-    p.add_argument("--variants", nargs="*", default=None,
-                   help="name:VAR=value,... each in its own children; PYTHONPATH=DIR times another tree "
-                        f"(default: {' '.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--upstream-path", default=None, help="directory holding upstream's built mamba_ssm (a variant "
-                                                         "'upstream' with that directory alone on PYTHONPATH)")
-    p.add_argument("--baseline", default=None, help="variant the ratios refer to (default: upstream if given, "
-                                                    "else the first variant)")
+    _v.add_parent_arguments(p, DEFAULT_VARIANTS)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="decode ms/token batch sizes")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -407,20 +296,11 @@ def build_parser():
     p.add_argument("--no-decode", action="store_true", help="skip the ms/token measurement")
     p.add_argument("--no-generation", action="store_true", help="skip the generation/prefill measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no-cg", action="store_true", help="generate(cg=False)")
-    p.add_argument("--child-timeout", type=float, default=300.0, help="seconds per child process")
-    p.add_argument("--budget-s", type=float, default=0.0, help="start no child after this many seconds (0: no limit); "
-                                                               "the rest are recorded as skipped")
-    p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    p.add_argument("--out-dir", default=None, help="also write the JSON here")
     # child protocol
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--env-names", default="", help=argparse.SUPPRESS)
     return p
 
 
