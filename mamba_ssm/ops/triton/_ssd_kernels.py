@@ -34,6 +34,18 @@ def load_dy(g_ptr, z_ptr, g_off, z_off, mask, HAS_Z: tl.constexpr):
 
 
 @triton.jit
+def mm(a, b, DT: tl.constexpr, DOT_F32: tl.constexpr):
+    # a @ b with the operands rounded to DT; DOT_F32 multiplies the rounded values in fp32 (Triton's
+    # interpreter gets bf16 products wrong)
+    a = a.to(DT)
+    b = b.to(DT)
+    if DOT_F32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def softplus(v):
     # log1p(exp(v)) with F.softplus's threshold 20; log(u) * e / (u - 1) keeps log1p's digits for small e
     e = tl.exp(tl.minimum(v, 20.0))
@@ -73,7 +85,7 @@ def dt_fwd(dt_ptr, bias_ptr, a_ptr, dtp_ptr, cs_ptr, seqlen, H, NC, Q, s_db, s_d
 @triton.jit
 def chunk_state(x_ptr, z_ptr, y_ptr, dt_ptr, cs_ptr, seg_ptr, out_ptr, seqlen, H, P, N, NC, Q, HG,
                 s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_yb, s_yl, s_yg,
-                BWD: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                BWD: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
                 BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # out[p, n] = sum_t w_t X_t[p] Y_t[n] over one chunk:
     #   forward (E_c):  X = x, Y = B, w_t = exp(cs_last - cs_t) dt_t, t in the last position's segment
@@ -116,7 +128,7 @@ def chunk_state(x_ptr, z_ptr, y_ptr, dt_ptr, cs_ptr, seg_ptr, out_ptr, seqlen, H
         w = tl.where(keep, w, 0.0)
         Y = tl.load(y_ptr + b * s_yb + g * s_yg + pos[:, None] * s_yl + nn[None, :],
                     mask=valid[:, None] & nm[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(X.to(DT)), (Y * w[:, None]).to(DT), input_precision="ieee")
+        acc += mm(tl.trans(X.to(DT)), (Y * w[:, None]).to(DT), DT, DOT_F32)
     off = ((b * NC + c) * H + h) * P * N + pp[:, None] * N + nn[None, :]
     tl.store(out_ptr + off, acc, mask=pm[:, None] & nm[None, :])
 
@@ -151,7 +163,7 @@ def state_pass_fwd(st_ptr, cs_ptr, seg_ptr, init_ptr, final_ptr, seqlen, H, PN, 
 def chunk_scan_fwd(x_ptr, z_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr, st_ptr, d_ptr, out_ptr, y_ptr,
                    seqlen, H, P, N, NC, Q, HG,
                    s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg, s_ob, s_ol, s_oh,
-                   HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # y_t = exp(cs_t) C_t S_c + sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + D x_t; out = y silu(z)
     pid = tl.program_id(0).to(tl.int64)
@@ -179,7 +191,7 @@ def chunk_scan_fwd(x_ptr, z_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr, st_ptr, 
         before, last = seg_bounds(seg_ptr, b, c, seqlen, Q)
         seg_t = tl.load(seg_ptr + b * seqlen + pos_t, mask=vt, other=-1)
         scale = tl.where(seg_t == before, scale, 0.0)
-    acc = tl.dot(Ct, tl.trans(S.to(DT)), input_precision="ieee") * scale[:, None]
+    acc = mm(Ct, tl.trans(S.to(DT)), DT, DOT_F32) * scale[:, None]
     for k0 in range(0, tl.minimum((mb + 1) * BM, Q), BK):
         s = k0 + tl.arange(0, BK)
         pos_s = c * Q + s
@@ -195,8 +207,8 @@ def chunk_scan_fwd(x_ptr, z_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr, st_ptr, 
             seg_s = tl.load(seg_ptr + b * seqlen + pos_s, mask=vs, other=-2)
             keep = keep & (seg_s[None, :] == seg_t[:, None])
         decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))
-        CB = tl.dot(Ct, tl.trans(Bs), input_precision="ieee")
-        acc += tl.dot((CB * decay * dt_s[None, :]).to(DT), xs, input_precision="ieee")
+        CB = mm(Ct, tl.trans(Bs), DT, DOT_F32)
+        acc += mm((CB * decay * dt_s[None, :]).to(DT), xs, DT, DOT_F32)
     tm = vt[:, None] & pm[None, :]
     if HAS_D:
         xt = tl.load(x_ptr + b * s_xb + h * s_xh + pos_t[:, None] * s_xl + pp[None, :], mask=tm, other=0.0)
@@ -250,7 +262,7 @@ def chunk_scan_bwd_dx(x_ptr, z_ptr, g_ptr, y_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, 
                       dx_ptr, dz_ptr, db_ptr, ddt_ptr, dcs_ptr, dlast_ptr, dd_ptr,
                       seqlen, H, P, N, NC, Q, HG, NMB,
                       s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_gb, s_gl, s_gh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg,
-                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # Rows s of one chunk (all of p and n): the gradients that x_s and B_s get from
     #   E_c (w_s = exp(cs_last - cs_s) dt_s):  dx_s += w_s B_s dE^T,  dB_s += w_s x_s dE
@@ -288,13 +300,13 @@ def chunk_scan_bwd_dx(x_ptr, z_ptr, g_ptr, y_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, 
         seg_s = tl.load(seg_ptr + b * seqlen + pos_s, mask=vs, other=-1)
         keep_s = keep_s & (seg_s == last)
     w = tl.where(keep_s, tl.exp(cs_last - cs_s), 0.0)
-    BdE = tl.dot(Bs, tl.trans(dE), input_precision="ieee")                        # (BM, BP)
+    BdE = mm(Bs, tl.trans(dE), DT, DOT_F32)                        # (BM, BP)
     dx = BdE * (w * dt_s)[:, None]
     dw = tl.sum(xs.to(tl.float32) * BdE, axis=1)
     ddt = dw * w
     dcs = -dw * w * dt_s
     dlast = tl.sum(dw * w * dt_s, axis=0)
-    dB = tl.dot(xs.to(DT), dE, input_precision="ieee") * (w * dt_s)[:, None]       # (BM, BN)
+    dB = mm(xs.to(DT), dE, DT, DOT_F32) * (w * dt_s)[:, None]       # (BM, BN)
     xs = xs.to(DT)
     for k0 in range(mb * BM, Q, BK):
         t = k0 + tl.arange(0, BK)
@@ -311,13 +323,13 @@ def chunk_scan_bwd_dx(x_ptr, z_ptr, g_ptr, y_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, 
             seg_t = tl.load(seg_ptr + b * seqlen + pos_t, mask=vt, other=-2)
             keep = keep & (seg_t[None, :] == seg_s[:, None])
         decay = tl.exp(tl.where(keep, cs_t[None, :] - cs_s[:, None], float("-inf")))   # (BM, BK) [s, t]
-        Gp = tl.dot(Bs, tl.trans(Ct), input_precision="ieee") * decay
-        dG = tl.dot(xs, tl.trans(dyt), input_precision="ieee")
-        dx += tl.dot((Gp * dt_s[:, None]).to(DT), dyt, input_precision="ieee")
+        Gp = mm(Bs, tl.trans(Ct), DT, DOT_F32) * decay
+        dG = mm(xs, tl.trans(dyt), DT, DOT_F32)
+        dx += mm((Gp * dt_s[:, None]).to(DT), dyt, DT, DOT_F32)
         dGG = tl.sum(dG * Gp, axis=1)
         ddt += dGG
         dcs -= dGG * dt_s
-        dB += tl.dot((dG * decay * dt_s[:, None]).to(DT), Ct, input_precision="ieee")
+        dB += mm((dG * decay * dt_s[:, None]).to(DT), Ct, DT, DOT_F32)
     if HAS_D or HAS_Z:
         g_off = b * s_gb + h * s_gh + pos_s[:, None] * s_gl + pp[None, :]
         z_off = b * s_zb + h * s_zh + pos_s[:, None] * s_zl + pp[None, :]
@@ -349,7 +361,7 @@ def chunk_scan_bwd_dx(x_ptr, z_ptr, g_ptr, y_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, 
 def chunk_scan_bwd_dc(x_ptr, z_ptr, g_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr, st_ptr, dc_ptr, dcs_ptr,
                       seqlen, H, P, N, NC, Q, HG,
                       s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_gb, s_gl, s_gh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg,
-                      HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # Rows t of one chunk: dC_t = exp(cs_t) dy_t S_c + sum_{s<=t} (dy_t.x_s) exp(cs_t - cs_s) dt_s B_s,
     # and d cs_t += y_t.dy_t of the two terms (added to what chunk_scan_bwd_dx stored)
@@ -381,7 +393,7 @@ def chunk_scan_bwd_dc(x_ptr, z_ptr, g_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr
         before, last = seg_bounds(seg_ptr, b, c, seqlen, Q)
         seg_t = tl.load(seg_ptr + b * seqlen + pos_t, mask=vt, other=-1)
         scale = tl.where(seg_t == before, scale, 0.0)
-    dC = tl.dot(dyt, S, input_precision="ieee") * scale[:, None]                  # (BM, BN)
+    dC = mm(dyt, S, DT, DOT_F32) * scale[:, None]                  # (BM, BN)
     dcs = tl.sum(Ct.to(tl.float32) * dC, axis=1)
     for k0 in range(0, tl.minimum((mb + 1) * BM, Q), BK):
         s = k0 + tl.arange(0, BK)
@@ -398,10 +410,10 @@ def chunk_scan_bwd_dc(x_ptr, z_ptr, g_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr
             seg_s = tl.load(seg_ptr + b * seqlen + pos_s, mask=vs, other=-2)
             keep = keep & (seg_s[None, :] == seg_t[:, None])
         decay = tl.exp(tl.where(keep, cs_t[:, None] - cs_s[None, :], float("-inf")))   # (BM, BK) [t, s]
-        dCB = tl.dot(dyt, tl.trans(xs), input_precision="ieee") * decay * dt_s[None, :]
-        CB = tl.dot(Ct, tl.trans(Bs), input_precision="ieee")
+        dCB = mm(dyt, tl.trans(xs), DT, DOT_F32) * decay * dt_s[None, :]
+        CB = mm(Ct, tl.trans(Bs), DT, DOT_F32)
         dcs += tl.sum(dCB * CB, axis=1)
-        dC += tl.dot(dCB.to(DT), Bs, input_precision="ieee")
+        dC += mm(dCB.to(DT), Bs, DT, DOT_F32)
     tl.store(dc_ptr + ((b * seqlen + pos_t[:, None]) * H + h) * N + nn[None, :], dC,
              mask=vt[:, None] & nm[None, :])
     prev = tl.load(dcs_ptr + cbase + t, mask=t < Q, other=0.0)

@@ -78,6 +78,8 @@ class _Plan:
         self.BP = min(64, self.BP_full)
         self.BS = min(1024, _p2(self.p * self.n))
         self.NMB = -(-self.Q // self.BM_bwd)
+        # CPU tensors run in Triton's interpreter, whose bf16 products are wrong: it multiplies in fp32
+        self.dot_f32 = not x.is_cuda and B.dtype == torch.bfloat16
 
 
 def _dt_forward(K, plan, dt, dt_bias, A, dt_softplus, dt_limit):
@@ -101,7 +103,7 @@ def _chunk_state(K, plan, X, Z, Y, dtp, cs, seg, bwd):
     K.chunk_state[grid](X, Zs, Y, dtp, cs, seg if seg is not None else cs, out, plan.l, plan.h, plan.p, plan.n,
                         plan.nc, plan.Q, plan.hg, X.stride(0), X.stride(1), X.stride(2), Zs.stride(0),
                         Zs.stride(1), Zs.stride(2), Y.stride(0), Y.stride(1), Y.stride(2),
-                        BWD=bwd, HAS_Z=Z is not None, HAS_SEQ=seg is not None, BK=plan.BM, BP=BP, BN=BN)
+                        BWD=bwd, HAS_Z=Z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BK=plan.BM, BP=BP, BN=BN)
     return out
 
 
@@ -126,7 +128,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seg, chunk_size, dt_
         l, h, p, n, nc, plan.Q, plan.hg, x.stride(0), x.stride(1), x.stride(2), zs.stride(0), zs.stride(1),
         zs.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         out.stride(0), out.stride(1), out.stride(2), HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seg is not None, BM=plan.BM, BK=plan.BM, BP=plan.BP, BN=plan.BN_full)
+        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=plan.BM, BK=plan.BM, BP=plan.BP, BN=plan.BN_full)
     return out, final, ypre, dtp, cs, states, plan
 
 
@@ -135,7 +137,7 @@ def _backward(ctx_tensors, plan, gout, gfinal, dt_softplus, dt_limit, has_init):
     K = _kernels()
     b, l, h, p, n, nc, Q, g = plan.b, plan.l, plan.h, plan.p, plan.n, plan.nc, plan.Q, plan.g
     dev = x.device
-    gout = _last_unit(gout)
+    gout = torch.zeros(b, l, h, p, device=dev, dtype=x.dtype) if gout is None else _last_unit(gout)
     zs = z if z is not None else x
     segp = seg if seg is not None else cs
     # dS_c from the outputs, then the passing in reverse (in place: ds becomes dE_c)
@@ -164,11 +166,11 @@ def _backward(ctx_tensors, plan, gout, gfinal, dt_softplus, dt_limit, has_init):
         x, zs, gout, ypre if ypre is not None else x, B, C, dtp, cs, segp, ds, D if D is not None else A,
         dx, dz if dz is not None else dx, dB, ddt_part, dcs, dlast, dD_part if dD_part is not None else dlast,
         l, h, p, n, nc, Q, plan.hg, nmb, *strides,
-        HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seg is not None,
+        HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32,
         BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full, num_warps=8)
     K.chunk_scan_bwd_dc[grid](
         x, zs, gout, B, C, dtp, cs, segp, states, dC, dcs, l, h, p, n, nc, Q, plan.hg, *strides,
-        HAS_Z=z is not None, HAS_SEQ=seg is not None, BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full,
+        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full,
         num_warps=8)
     dlast_total = (dlast.sum(-1) + ddl.sum(-1)).contiguous()
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
@@ -202,6 +204,7 @@ class SSDTritonFn(torch.autograd.Function):
         ctx.has_init = initial_states is not None
         ctx.init_dtype = None if initial_states is None else initial_states.dtype
         ctx.mark_non_differentiable(dtp, cs, states)
+        ctx.set_materialize_grads(False)  # no zero tensor for an unused final state
         return out, final, dtp, cs, states  # the last three for return_varlen_states
 
     @staticmethod
