@@ -166,7 +166,8 @@ def test_unsupported_inputs_name_what_they_got():
 
 
 def test_dispatch(monkeypatch):
-    """CUDA tensors go to the kernels when the switch picks Triton; float64, headdim > 128 and varlen
+    """CUDA tensors go to the kernels when the switch picks Triton; float64, headdim > 128, headdim 128 with
+    dstate 256, and varlen
     states that need a gradient stay in PyTorch; MAMBA_SSM_BACKEND=torch keeps PyTorch. A GPU is pretended."""
     from mamba_ssm import backend
     from mamba_ssm.ops.triton import ssd_combined as sc
@@ -179,6 +180,8 @@ def test_dispatch(monkeypatch):
     assert sc._triton_ssd_chosen(x.bfloat16(), B.bfloat16(), False, leaves)
     assert not sc._triton_ssd_chosen(x.double(), B.double(), False, leaves)
     assert not sc._triton_ssd_chosen(torch.zeros(1, 2, 2, 256), B, False, leaves)
+    assert not sc._triton_ssd_chosen(torch.zeros(1, 2, 2, 128), torch.zeros(1, 2, 1, 256), False, leaves)
+    assert sc._triton_ssd_chosen(torch.zeros(1, 2, 2, 128), B, False, leaves)
     needs_grad = (x.clone().requires_grad_(), B)
     assert sc._triton_ssd_chosen(x, B, True, leaves)
     assert not sc._triton_ssd_chosen(x, B, True, needs_grad)
@@ -227,7 +230,7 @@ def test_gpu_large_against_pytorch(dtype, tol_out, tol_grad, packed):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [dict(l=1000, g=8, p=64, n=64), dict(l=77, h=8, g=2, p=128, n=256, b=1),
+@pytest.mark.parametrize("shape", [dict(l=1000, g=8, p=64, n=64), dict(l=77, h=8, g=2, p=128, n=128, b=1),
                                    dict(l=300, h=4, p=32, n=16, g=4)])
 def test_gpu_other_shapes(shape):
     pytest.importorskip("triton")

@@ -8,7 +8,8 @@ Notation, per batch row b, head h and chunk c of Q steps (t, s: positions inside
     S_c: the state before chunk c; E_c: the chunk's own contribution to the state at its end.
 Per-chunk arrays (dt, cs, their gradients) are (b, h, nc, Q) fp32, contiguous; states (b, nc, h, p, n) fp32.
 Packed sequences: seg (b, l) int32 nondecreasing segment numbers; decays between different segments are 0.
-Dots take the operands in B's dtype (fp16/bf16 tensor cores) with fp32 accumulation; fp32 is exact ("ieee").
+Dots take the operands in B's dtype (fp16/bf16 tensor cores) with fp32 accumulation; fp32 operands go
+through tf32x3 (three tensor-core passes, close to fp32 products).
 """
 import triton
 import triton.language as tl
@@ -35,14 +36,14 @@ def load_dy(g_ptr, z_ptr, g_off, z_off, mask, HAS_Z: tl.constexpr):
 
 @triton.jit
 def mm(a, b, DT: tl.constexpr, DOT_F32: tl.constexpr):
-    # a @ b with the operands rounded to DT; DOT_F32 multiplies the rounded values in fp32 (Triton's
+    # a @ b, the operands rounded to DT; DOT_F32 multiplies the rounded values in fp32 (Triton's
     # interpreter gets bf16 products wrong)
     a = a.to(DT)
     b = b.to(DT)
     if DOT_F32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision="tf32x3")
 
 
 @triton.jit

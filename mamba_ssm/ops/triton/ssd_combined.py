@@ -5,8 +5,8 @@ there); `mamba_split_conv1d_scan_combined` is the whole Mamba-2 mixer after in_p
 conv, scan, gated RMSNorm, out_proj), the path `Mamba2.forward` takes with `use_mem_eff_path`.
 On CUDA tensors the scan runs on the Triton kernels of `ssd_triton.py` when the backend switch
 (mamba_ssm/backend.py, op "ssd") picks Triton, else the PyTorch chunked scan, which stays the reference
-(`mamba_chunk_scan_combined_ref`). The PyTorch scan also takes float64, headdim > 128 or dstate > 256, and
-return_varlen_states with gradients, which the kernels do not; importing this module never needs Triton.
+(`mamba_chunk_scan_combined_ref`). The PyTorch scan also takes float64, headdim > 128, dstate > 256 (or 128 with
+256), and return_varlen_states with gradients, which the kernels do not; importing this module never needs Triton.
 """
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ seq_idx, and the states at cu_seqlens' ends (return_varlen_states; without gradi
 
 Differences from the reference: the cumulative sums inside a chunk are fp32 (the reference sums in
 float64), so decays between steps late in a chunk whose sum of dt A is large lose digits (~1e-7 |cs|);
-fp16/bf16 inputs enter the matrix products in their own dtype (fp32 accumulation). float64 is not
-supported here (the dispatcher keeps it in PyTorch).
+fp16/bf16 inputs enter the matrix products in their own dtype (fp32 accumulation), as do the fp32
+states and decay-scaled operands, rounded to it; fp32 inputs multiply in tf32x3. float64 is not supported
+here (the dispatcher keeps it in PyTorch).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from mamba_ssm.ops.ssd_chunked import _segments, check_ssd_inputs
 
 _INF = float("inf")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEADDIM, MAX_DSTATE = 128, 256  # the backward keeps a whole (p, n) state tile per program
+# the backward keeps a whole (p, n) state tile per program: headdim <= 128, dstate <= 256, and
+# p * n (each rounded up to a power of two) <= 128 * 128 (p = 128 with n = 256 overflows shared memory)
+MAX_HEADDIM, MAX_DSTATE, MAX_STATE = 128, 256, 128 * 128
 
 
 def is_available():
@@ -41,9 +44,10 @@ def is_available():
 
 
 def supports(x, B) -> bool:
-    """Inputs these kernels take: 16/32-bit floats, headdim <= 128, dstate <= 256."""
-    return (x.dtype in DTYPES and B.dtype in DTYPES and x.shape[-1] <= MAX_HEADDIM
-            and B.shape[-1] <= MAX_DSTATE)
+    """Inputs these kernels take: 16/32-bit floats, headdim <= 128, dstate <= 256, their product <= 128 * 128."""
+    p, n = x.shape[-1], B.shape[-1]
+    return (x.dtype in DTYPES and B.dtype in DTYPES and p <= MAX_HEADDIM and n <= MAX_DSTATE
+            and _p2(p) * _p2(n) <= MAX_STATE)
 
 
 def _kernels():
@@ -70,12 +74,16 @@ class _Plan:
         self.Q = max(1, min(chunk_size, self.l))
         self.nc = -(-self.l // self.Q)
         self.BQ = _p2(self.Q, 1)
-        self.BH = max(1, min(_p2(self.h, 1), 4096 // self.BQ))
-        self.BM = min(64, _p2(self.Q))
+        self.BH = max(1, min(_p2(self.h, 1), 1024 // self.BQ))
         self.BP_full, self.BN_full = _p2(self.p), _p2(self.n)
-        # the backward's row tiles hold (BM, p) and (BM, n) accumulators
-        self.BM_bwd = 32 if self.BP_full * self.BN_full > 64 * 128 else self.BM
+        wide = B.element_size() >= 4  # fp32 products (tf32x3) hold about three times the registers
+        self.BM = min(32 if wide else 64, _p2(self.Q))
         self.BP = min(64, self.BP_full)
+        # the backward's row tiles hold (BM, p) and (BM, n) accumulators and the whole (p, n) state
+        # (sm_90 compiles: tools/check_ssd_compile.py)
+        state = self.BP_full * self.BN_full * B.element_size()
+        self.BM_bwd = min(64 if state <= 2 * 64 * 64 else 32 if state <= 2 * 64 * 128 else 16, self.BM)
+        self.stages_bwd = 2
         self.BS = min(1024, _p2(self.p * self.n))
         self.NMB = -(-self.Q // self.BM_bwd)
         # CPU tensors run in Triton's interpreter, whose bf16 products are wrong: it multiplies in fp32
@@ -128,7 +136,7 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seg, chunk_size, dt_
         l, h, p, n, nc, plan.Q, plan.hg, x.stride(0), x.stride(1), x.stride(2), zs.stride(0), zs.stride(1),
         zs.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         out.stride(0), out.stride(1), out.stride(2), HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=plan.BM, BK=plan.BM, BP=plan.BP, BN=plan.BN_full)
+        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=plan.BM, BK=plan.BM, BP=plan.BP, BN=plan.BN_full, num_warps=4)
     return out, final, ypre, dtp, cs, states, plan
 
 
@@ -167,11 +175,11 @@ def _backward(ctx_tensors, plan, gout, gfinal, dt_softplus, dt_limit, has_init):
         dx, dz if dz is not None else dx, dB, ddt_part, dcs, dlast, dD_part if dD_part is not None else dlast,
         l, h, p, n, nc, Q, plan.hg, nmb, *strides,
         HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32,
-        BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full, num_warps=8)
+        BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full, num_warps=8, num_stages=plan.stages_bwd)
     K.chunk_scan_bwd_dc[grid](
         x, zs, gout, B, C, dtp, cs, segp, states, dC, dcs, l, h, p, n, nc, Q, plan.hg, *strides,
         HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full,
-        num_warps=8)
+        num_warps=8, num_stages=plan.stages_bwd)
     dlast_total = (dlast.sum(-1) + ddl.sum(-1)).contiguous()
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b, nc, h, device=dev, dtype=torch.float32)
@@ -247,7 +255,8 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
                      return_varlen_states, name="ssd_triton")
     if not supports(x, B):
         raise ValueError(f"ssd_triton: x {tuple(x.shape)} {x.dtype} and B {tuple(B.shape)} {B.dtype} must be "
-                         f"float16/bfloat16/float32 with headdim <= {MAX_HEADDIM} and dstate <= {MAX_DSTATE}")
+                         f"float16/bfloat16/float32 with headdim <= {MAX_HEADDIM}, dstate <= {MAX_DSTATE} and "
+                         f"headdim * dstate (powers of two) <= {MAX_STATE}")
     if seq_idx is None and cu_seqlens is not None:
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
     seg = None if seq_idx is None else _segments(seq_idx).contiguous()
