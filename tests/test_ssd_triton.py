@@ -195,6 +195,8 @@ def test_dispatch(monkeypatch):
 # ---- on a GPU (the lead runs these) ----
 
 def _big(dtype, b=2, l=1024, h=24, p=64, g=1, n=128, seed=0):
+    # tolerances below: in the interpreter (l=200, h=2) bf16 was 4e-3 (out) and <1e-2 (grads) from the
+    # PyTorch scan, fp32 2e-7 and <1e-4
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     t = dict(x=r(b, l, h, p), dt=r(b, l, h) - 2.0, A=-torch.exp(torch.rand(h, generator=gen) * 2.5),
@@ -217,7 +219,7 @@ def _gpu_compare(t, chunk, tol_out, tol_grad, **kw):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol_out,tol_grad", [(torch.bfloat16, 1e-2, 3e-2), (torch.float16, 3e-3, 1e-2),
-                                                    (torch.float32, 1e-5, 1e-4)])
+                                                    (torch.float32, 1e-5, 5e-4)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_gpu_large_against_pytorch(dtype, tol_out, tol_grad, packed):
     pytest.importorskip("triton")

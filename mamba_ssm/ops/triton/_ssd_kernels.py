@@ -164,7 +164,8 @@ def state_pass_fwd(st_ptr, cs_ptr, seg_ptr, init_ptr, final_ptr, seqlen, H, PN, 
 def chunk_scan_fwd(x_ptr, z_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, seg_ptr, st_ptr, d_ptr, out_ptr, y_ptr,
                    seqlen, H, P, N, NC, Q, HG,
                    s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg, s_ob, s_ol, s_oh,
-                   HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
+                   HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   DOT_F32: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # y_t = exp(cs_t) C_t S_c + sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + D x_t; out = y silu(z)
     pid = tl.program_id(0).to(tl.int64)
@@ -263,7 +264,8 @@ def chunk_scan_bwd_dx(x_ptr, z_ptr, g_ptr, y_ptr, b_ptr, c_ptr, dt_ptr, cs_ptr, 
                       dx_ptr, dz_ptr, db_ptr, ddt_ptr, dcs_ptr, dlast_ptr, dd_ptr,
                       seqlen, H, P, N, NC, Q, HG, NMB,
                       s_xb, s_xl, s_xh, s_zb, s_zl, s_zh, s_gb, s_gl, s_gh, s_bb, s_bl, s_bg, s_cb, s_cl, s_cg,
-                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_F32: tl.constexpr,
+                      HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   DOT_F32: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     # Rows s of one chunk (all of p and n): the gradients that x_s and B_s get from
     #   E_c (w_s = exp(cs_last - cs_s) dt_s):  dx_s += w_s B_s dE^T,  dB_s += w_s x_s dE

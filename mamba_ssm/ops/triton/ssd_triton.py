@@ -44,9 +44,10 @@ def is_available():
 
 
 def supports(x, B) -> bool:
-    """Inputs these kernels take: 16/32-bit floats, headdim <= 128, dstate <= 256, their product <= 128 * 128."""
+    """Inputs these kernels take: 16/32-bit floats, seqlen >= 1, headdim <= 128, dstate <= 256 (product
+    <= 128 * 128)."""
     p, n = x.shape[-1], B.shape[-1]
-    return (x.dtype in DTYPES and B.dtype in DTYPES and p <= MAX_HEADDIM and n <= MAX_DSTATE
+    return (x.shape[1] > 0 and x.dtype in DTYPES and B.dtype in DTYPES and p <= MAX_HEADDIM and n <= MAX_DSTATE
             and _p2(p) * _p2(n) <= MAX_STATE)
 
 
@@ -111,7 +112,8 @@ def _chunk_state(K, plan, X, Z, Y, dtp, cs, seg, bwd):
     K.chunk_state[grid](X, Zs, Y, dtp, cs, seg if seg is not None else cs, out, plan.l, plan.h, plan.p, plan.n,
                         plan.nc, plan.Q, plan.hg, X.stride(0), X.stride(1), X.stride(2), Zs.stride(0),
                         Zs.stride(1), Zs.stride(2), Y.stride(0), Y.stride(1), Y.stride(2),
-                        BWD=bwd, HAS_Z=Z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BK=plan.BM, BP=BP, BN=BN)
+                        BWD=bwd, HAS_Z=Z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BK=plan.BM,
+                        BP=BP, BN=BN)
     return out
 
 
@@ -136,7 +138,8 @@ def _forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seg, chunk_size, dt_
         l, h, p, n, nc, plan.Q, plan.hg, x.stride(0), x.stride(1), x.stride(2), zs.stride(0), zs.stride(1),
         zs.stride(2), B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         out.stride(0), out.stride(1), out.stride(2), HAS_D=D is not None, D_HP=D is not None and D.dim() == 2,
-        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=plan.BM, BK=plan.BM, BP=plan.BP, BN=plan.BN_full, num_warps=4)
+        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=plan.BM, BK=plan.BM, BP=plan.BP,
+        BN=plan.BN_full, num_warps=4)
     return out, final, ypre, dtp, cs, states, plan
 
 
@@ -174,12 +177,13 @@ def _backward(ctx_tensors, plan, gout, gfinal, dt_softplus, dt_limit, has_init):
         x, zs, gout, ypre if ypre is not None else x, B, C, dtp, cs, segp, ds, D if D is not None else A,
         dx, dz if dz is not None else dx, dB, ddt_part, dcs, dlast, dD_part if dD_part is not None else dlast,
         l, h, p, n, nc, Q, plan.hg, nmb, *strides,
-        HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32,
-        BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full, num_warps=8, num_stages=plan.stages_bwd)
+        HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None, HAS_SEQ=seg is not None,
+        DOT_F32=plan.dot_f32, BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full, num_warps=8,
+        num_stages=plan.stages_bwd)
     K.chunk_scan_bwd_dc[grid](
         x, zs, gout, B, C, dtp, cs, segp, states, dC, dcs, l, h, p, n, nc, Q, plan.hg, *strides,
-        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=BM, BK=BM, BP=plan.BP_full, BN=plan.BN_full,
-        num_warps=8, num_stages=plan.stages_bwd)
+        HAS_Z=z is not None, HAS_SEQ=seg is not None, DOT_F32=plan.dot_f32, BM=BM, BK=BM, BP=plan.BP_full,
+        BN=plan.BN_full, num_warps=8, num_stages=plan.stages_bwd)
     dlast_total = (dlast.sum(-1) + ddl.sum(-1)).contiguous()
     ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
     dA_part = torch.empty(b, nc, h, device=dev, dtype=torch.float32)
@@ -255,7 +259,7 @@ def ssd_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
                      return_varlen_states, name="ssd_triton")
     if not supports(x, B):
         raise ValueError(f"ssd_triton: x {tuple(x.shape)} {x.dtype} and B {tuple(B.shape)} {B.dtype} must be "
-                         f"float16/bfloat16/float32 with headdim <= {MAX_HEADDIM}, dstate <= {MAX_DSTATE} and "
+                         f"float16/bfloat16/float32, seqlen >= 1, headdim <= {MAX_HEADDIM}, dstate <= {MAX_DSTATE} and "
                          f"headdim * dstate (powers of two) <= {MAX_STATE}")
     if seq_idx is None and cu_seqlens is not None:
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
