@@ -75,13 +75,14 @@ def small(**kw):
     return make(**base)
 
 
-# (inputs, chunk, keywords): lengths off and on the chunk grid, one short chunk, a chunk size that is not a
-# power of two, groups of 1, 2 and 4 heads, D (h,) / (h, p) / none, z or none, bias, softplus, dt_limit
+# (inputs, chunk, keywords): lengths off and on the chunk grid, one short chunk, chunk sizes 1 and 12 (not a
+# power of two), groups of 1, 2 and 4 heads, D (h,) / (h, p) / none, z or none, bias, softplus, dt_limit
 CASES = {
     "base": (dict(), 16, dict(dt_softplus=True)),
     "exact_chunks_one_group": (dict(l=32, g=1), 16, dict(dt_softplus=True)),
     "short_sequence": (dict(l=5, h=2, g=2), 16, dict(dt_softplus=True)),
     "chunk_12": (dict(l=30, h=2, p=5, g=1, n=3), 12, dict(dt_softplus=True)),
+    "chunk_1": (dict(l=5, h=2, p=3, g=1, n=2), 1, dict(dt_softplus=True)),
     "D_hp_no_z_no_bias_no_init": (dict(D_shape="hp", z=False, bias=False, init=False), 16, dict()),
     "no_D_with_z": (dict(D_shape=None, l=20, p=16, n=16), 16, dict(dt_softplus=True)),
     "dt_limit": (dict(l=24), 16, dict(dt_softplus=True, dt_limit=(0.2, 0.9))),
