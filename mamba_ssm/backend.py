@@ -35,6 +35,7 @@ _TRITON_PROVIDERS = {
     "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
     "causal_conv1d": "mamba_ssm.ops.triton.causal_conv1d",  # MAMBA_SSM_TRITON_CONV=0 turns it off
     "layer_norm": "mamba_ssm.ops.triton.layer_norm",  # the residual add + LayerNorm/RMSNorm
+    "ssd": "mamba_ssm.ops.triton.ssd_triton",  # Mamba-2's chunked scan (mamba_chunk_scan_combined)
 }
 _PROVIDERS = {"cuda": _CUDA_PROVIDERS, "triton": _TRITON_PROVIDERS}
 

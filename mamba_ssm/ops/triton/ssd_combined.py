@@ -3,16 +3,20 @@
 `mamba_chunk_scan_combined` is the scan of `mamba_ssm.ops.ssd_chunked` (shapes and the recurrence
 there); `mamba_split_conv1d_scan_combined` is the whole Mamba-2 mixer after in_proj (split, causal
 conv, scan, gated RMSNorm, out_proj), the path `Mamba2.forward` takes with `use_mem_eff_path`.
-Both run the PyTorch chunked scan on every device for now (no Triton SSD kernel yet); importing
-this module never needs Triton.
+On CUDA tensors the scan runs on the Triton kernels of `ssd_triton.py` when the backend switch
+(mamba_ssm/backend.py, op "ssd") picks Triton, else the PyTorch chunked scan, which stays the reference
+(`mamba_chunk_scan_combined_ref`). The PyTorch scan also takes float64, headdim > 128, dstate > 256 (or 128 with
+256), and return_varlen_states with gradients, which the kernels do not; importing this module never needs Triton.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from mamba_ssm.backend import choose_backend, use_backend
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.ssd_chunked import check_ssd_inputs, conv_seq_idx, ssd_chunked, ssd_minimal_discrete  # noqa: F401
+from mamba_ssm.ops.triton import ssd_triton as _ssd_triton
 from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
 
 __all__ = ["mamba_chunk_scan_combined", "mamba_chunk_scan_combined_ref", "mamba_split_conv1d_scan_combined",
@@ -30,12 +34,29 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     Differentiable in every tensor input, initial_states included. With cu_seqlens and no seq_idx,
     the sequence numbers come from cu_seqlens (each packed sequence starts from a zero state).
     """
+    if isinstance(x, torch.Tensor) and x.is_cuda and _triton_ssd_chosen(
+            x, B, return_varlen_states, (x, dt, A, B, C, D, z, dt_bias, initial_states)):
+        return _ssd_triton.ssd_triton(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+            cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            return_final_states=return_final_states, return_varlen_states=return_varlen_states)
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                        seq_idx=seq_idx, cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
                        return_final_states=return_final_states, return_varlen_states=return_varlen_states)
 
 
-# the reference of the (future) fast path: the PyTorch chunked scan itself
+def _triton_ssd_chosen(x, B, return_varlen_states, tensors) -> bool:
+    # what the kernels cannot take stays in PyTorch: float64, large heads or states, and varlen states
+    # that need a gradient (the kernels return them without one)
+    if not isinstance(B, torch.Tensor) or x.dim() != 4 or B.dim() != 4 or not _ssd_triton.supports(x, B):
+        return False
+    if return_varlen_states and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return False
+    return choose_backend("ssd", True) == "triton"
+
+
+# the reference of the fast path: the PyTorch chunked scan itself
 mamba_chunk_scan_combined_ref = ssd_chunked
 
 
@@ -99,4 +120,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     return (out, final_states) if return_final_states else out
 
 
-mamba_split_conv1d_scan_ref = mamba_split_conv1d_scan_combined
+def mamba_split_conv1d_scan_ref(*args, **kwargs):
+    """mamba_split_conv1d_scan_combined on the PyTorch ops only (the reference of the kernel path)."""
+    with use_backend("torch"):
+        return mamba_split_conv1d_scan_combined(*args, **kwargs)
