@@ -24,9 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# name: (d_model, n_layer); Mamba-1 checkpoints' shapes (d_state 16, expand 2, d_conv 4)
+# name: (d_model, n_layer); Mamba-1 checkpoints' shapes (d_state 16, expand 2, d_conv 4), and
+# mamba2-*: upstream's state-spaces/mamba2-* (Mamba2 layers: d_state 128, headdim 64, expand 2)
 SHAPES = {"tiny": (64, 2), "130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48),
-          "2.8b": (2560, 64)}
+          "2.8b": (2560, 64), "mamba2-tiny": (64, 2), "mamba2-130m": (768, 24), "mamba2-370m": (1024, 48),
+          "mamba2-780m": (1536, 48), "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
 MARKER = "RESULT "
 REPO = Path(__file__).resolve().parents[2]
 SKIPPED_BUDGET = "skipped: --budget-s spent"
@@ -55,7 +57,8 @@ def build_lm(shape, device, dtype, seed=0, vocab=50280):
         raise ValueError(f"--shape: expected one of {sorted(SHAPES)}, got {shape!r}")
     d_model, n_layer = SHAPES[shape]
     torch.manual_seed(seed)
-    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg={}, rms_norm=True,
+    ssm_cfg = {"layer": "Mamba2"} if shape.startswith("mamba2-") else {}
+    cfg = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg=ssm_cfg, rms_norm=True,
                       residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
     return MambaLMHeadModel(cfg, device=device, dtype=dtype)
 
