@@ -120,6 +120,29 @@ def kernels(results_dir: Path) -> _Table:
     return t
 
 
+def ssd(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "ssd_*.json"):
+        variants, base_name = d.get("variants", {}), d.get("baseline")
+        card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
+        chunk = d.get("inputs", {}).get("chunk_size")
+        base_runs = variants.get(base_name, {}).get("runs", {})
+        for key in d.get("shapes", []):
+            for vname, v in variants.items():
+                run = v.get("runs", {}).get(key) or {}
+                if vname == base_name or run.get("fwd_ms") is None:
+                    continue
+                base = base_runs.get(key) or {}
+                label = None
+                if base.get("fwd_ms") is not None:
+                    version = base.get("mamba_ssm_version")
+                    label = f"upstream {version or ''}".strip() if base_name == "upstream" else base_name
+                for what, metric in (("forward", "fwd_ms"), ("forward+backward", "fwdbwd_ms")):
+                    t.add(f"SSD scan {what}, ms, ({key}), chunk {chunk} ({vname})", run[metric], base.get(metric),
+                          label, False, card, date, name)
+    return t
+
+
 def generation(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "generation_*.json"):
@@ -284,6 +307,11 @@ def cpu(results_dir: Path) -> _Table:
 AREAS = (
     ("Kernels", "The selective scan against upstream mamba-ssm's CUDA kernel, built and timed in the same "
                 "job; the causal conv + SiLU (Triton) against PyTorch's conv. bf16, median ms.", kernels),
+    ("SSD scan against upstream", "benchmarks/benchmark_ssd.py: Mamba-2's `mamba_chunk_scan_combined` as Mamba2 "
+                                  "calls it (bf16 x, dt, B, C; fp32 A, D, dt_bias; softplus; no z), shapes "
+                                  "(batch, seqlen, heads, headdim, dstate, groups), ours and upstream mamba-ssm in "
+                                  "the same run; median ms (triton do_bench); forward+backward: gradients of "
+                                  "x, dt, A, B, C, D and dt_bias.", ssd),
     ("Generation", "Mamba against a same-size GPT-NeoX transformer (transformers; its shape in the baseline "
                    "column), random weights unless a checkpoint is named, greedy; "
                    "tokens/s = batch x new tokens / (prefill + decode).", generation),

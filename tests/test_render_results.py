@@ -90,3 +90,21 @@ def test_training_against_upstream_renders(tmp_path):
     assert rows[1][:4] == ["full model, forward+backward, 1.4b, batch 4 x 2048 (ours), peak memory, GiB", "30.0",
                            "33.0 (upstream 2.3.2.post1)", "1.10x"]
     assert rows[2][0].startswith("LoRA step, PEFT as written") and rows[2][2:4] == ["-", "-"] and len(rows) == 4
+
+
+def test_ssd_against_upstream_renders(tmp_path):
+    a, b = "8,2048,64,64,128,1", "1,16384,64,64,128,1"
+    up = {"fwd_ms": 3.0, "fwdbwd_ms": 12.0, "mamba_ssm_version": "2.3.2.post1"}
+    (tmp_path / "ssd_h100.json").write_text(json.dumps({
+        "date": "2027-01-02T00:00:00Z", "machine": {"device_name": "NVIDIA H100 80GB HBM3"}, "baseline": "upstream",
+        "inputs": {"chunk_size": 256}, "shapes": [a, b],
+        "variants": {"ours": {"runs": {a: {"fwd_ms": 2.0, "fwdbwd_ms": 8.0}, b: {"error": "timed out after 180 s"}}},
+                     "torch": {"runs": {a: {"fwd_ms": 30.0, "fwdbwd_ms": 90.0}}},
+                     "upstream": {"runs": {a: up, b: up}}}}))
+    rows = _rows(rr.render(tmp_path), "SSD scan against upstream")
+    assert [r[:6] for r in rows[:2]] == [
+        [f"SSD scan forward, ms, ({a}), chunk 256 (ours)", "2.000", "3.000 (upstream 2.3.2.post1)", "1.50x", "H100",
+         "2027-01-02"],
+        [f"SSD scan forward+backward, ms, ({a}), chunk 256 (ours)", "8.000", "12.0 (upstream 2.3.2.post1)", "1.50x",
+         "H100", "2027-01-02"]]
+    assert rows[3][0].endswith("(torch)") and rows[3][3] == "0.13x" and len(rows) == 4  # the error: no row

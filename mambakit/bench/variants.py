@@ -1,5 +1,5 @@
 """What the benchmarks against upstream share: variants of ours (environments, other trees) and upstream
-mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py).
+mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py, ssd.py).
 
 Upstream's package has our import name (`mamba_ssm`), so a process holds one of them: each child runs
 the benchmark's script with `--child` from a temporary directory, PYTHONPATH = the variant's tree alone
@@ -183,12 +183,13 @@ def new_result(kind: str, args, variants, shape_dims: dict) -> dict:
 
 
 def write(result: dict, prefix: str, dirs) -> list:
-    """<dir>/<prefix>_<shape>_<card>.json in each of dirs (written whole, then renamed)."""
+    """<dir>/<prefix>_<shape>_<card>.json in each of dirs (written whole, then renamed); without an
+    inputs["shape"] (a benchmark of several shapes): <dir>/<prefix>_<card>.json."""
     results = load_sibling("results")
     card = gpu_tag(result["machine"].get("device_name", ""))
     paths = []
     for d in dirs:
-        path = results.results_path(prefix, result["inputs"]["shape"], card, results_dir=d)
+        path = results.results_path(prefix, result["inputs"].get("shape"), card, results_dir=d)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
