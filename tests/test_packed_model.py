@@ -128,7 +128,7 @@ def test_packed_errors():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_model_on_gpu(dtype):
-    """On the GPU's kernels (the Triton conv with seq_idx, the CUDA scan one sequence per row): LoRA
+    """On the GPU's kernels (the Triton conv and the CUDA scan, both with seq_idx): LoRA
     logits and gradients of a packed row equal each sequence alone, and a packed prefill equals one
     forward per prompt; 70 sequences in the row."""
     import warnings

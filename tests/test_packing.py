@@ -2,7 +2,6 @@
 inner block: a packed row gives what each of its sequences gives run alone (outputs, final states,
 every gradient), checked against a float64 recurrence and a float64 conv written here."""
 import importlib.util
-import warnings
 
 import pytest
 import torch
@@ -89,11 +88,6 @@ SCANS = {
     "ref": selective_scan_ref,
     "fn": selective_scan_fn,
     "chunked4": lambda *a, **k: selective_scan_chunked(*a, chunk_size=4, **k),
-    # the GPU's route (one sequence per row, left-padded), here around the chunked scan
-    "by_sequences": lambda *a, seq_idx=None, cu_seqlens=None, **k: packing.scan_by_sequences(
-        selective_scan_chunked, *a, **k, seq_idx=packing.resolve(seq_idx, cu_seqlens, a[0].shape[0],
-                                                                 a[0].shape[2], a[0].device)[0],
-        cu_seqlens=cu_seqlens),
 }
 
 
@@ -134,7 +128,7 @@ def test_more_than_64_sequences_in_a_row():
     cu = _cu(lengths)
     segs = [(0, int(cu[i]), int(cu[i + 1])) for i in range(len(lengths))]
     _compare(SCANS["fn"], leaves, segs, 1e-5, cu_seqlens=cu)
-    _compare(SCANS["by_sequences"], leaves, segs, 1e-5, cu_seqlens=cu)
+    _compare(SCANS["chunked4"], leaves, segs, 1e-5, cu_seqlens=cu)
 
 
 def test_one_sequence_and_no_packing_agree():
@@ -335,18 +329,17 @@ def test_inner_packed_equals_each_sequence_alone(inner):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_packed_scan_on_gpu_equals_unpacked_kernel(dtype):
-    """selective_scan_fn on CUDA with cu_seqlens against the unpacked kernel on each sequence alone:
-    outputs, per-sequence final states and every gradient; 70 sequences, lengths 1 to 300."""
+    """selective_scan_fn on CUDA with cu_seqlens (the packed kernels) against the unpacked kernels on
+    each sequence alone: outputs, per-sequence final states and every gradient; 73 sequences,
+    lengths 1 to 300."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 40, (70,), generator=g).tolist() + [1, 300, 1]
     L, dim, dstate = sum(lengths), 64, 16
     leaves = [t.to("cuda", F64) for t in _scan_inputs(1, dim, dstate, L, seed=9)]
     leaves = [(t.to(dtype) if i not in (2, 5, 7) else t.float()).detach().requires_grad_() for i, t in enumerate(leaves)]
     cu = _cu(lengths).cuda()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out, last = selective_scan_fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, return_last_state=True,
-                                      cu_seqlens=cu)
+    out, last = selective_scan_fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, return_last_state=True,
+                                  cu_seqlens=cu)
     outs, lasts = [], []
     u, delta, A, B, C, D, z, bias = leaves
     for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -365,18 +358,232 @@ def test_packed_scan_on_gpu_equals_unpacked_kernel(dtype):
         torch.testing.assert_close(a.float(), r.float(), rtol=tol, atol=tol * (r.abs().max().item() + 1))
 
 
+# The CUDA kernels with seq_idx, checked as tests/test_selective_scan_cuda.py checks them: against a
+# float64 recurrence run on the same low-precision values, the packed kernels' error within a small
+# multiple of the unpacked kernels' error on each sequence alone (or under a per-dtype floor), and the
+# two kernels' results within that floor of each other. Outputs are poisoned with NaN before each
+# launch, so an element (a final state) that no kernel writes shows up.
+CUDA_FLOOR = {torch.float32: 6e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+CUDA_MULT = 4.0
+CUDA_NAMES = ("out", "last_state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+
+
+def _scan64_packed(u, delta, A, B, C, D, z, bias, seq_idx, ends=None):
+    """The packed recurrence in float64 on the inputs' device, differentiable: the decay is 0 where
+    seq_idx changes. B, C (batch, dstate, L) or (batch, groups, dstate, L). Returns out and the
+    states at the steps `ends` of row 0 (cu_seqlens), or each row's last state."""
+    batch, dim, L = u.shape
+    dt = F.softplus(delta + bias[:, None])
+
+    def expand(X):
+        if X.dim() == 4:
+            return X.repeat_interleave(dim // X.shape[1], dim=1)
+        return X[:, None].expand(batch, dim, *X.shape[1:])
+
+    Bx, Cx = expand(B), expand(C)                                          # (b, dim, n, L)
+    decay = torch.exp(dt[..., None] * A[None, :, None, :]) * packing.keep_mask(seq_idx, u.dtype)[:, None, :, None]
+    inp = (dt * u)[..., None] * Bx.permute(0, 1, 3, 2)                    # (b, dim, L, n)
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys, finals, ends = [], [], set(ends or ())
+    for t in range(L):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append((h * Cx[..., t]).sum(-1))
+        if t in ends:
+            finals.append(h[0])
+    y = (torch.stack(ys, -1) + D[:, None] * u) * F.silu(z)
+    return y, (torch.stack(finals) if ends else h)
+
+
+def _alone_cuda(x, segs, per_sequence):
+    """Each (row, start, end) through the unpacked CUDA kernels alone, laid back into rows; the final
+    states of every sequence (per_sequence) or of each row's last one."""
+    from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+
+    u, delta, A, B, C, D, z, bias = x
+    rows, lasts, last_of_row = [[] for _ in range(u.shape[0])], [], {}
+    for i, (r, a, e) in enumerate(segs):
+        u_s, delta_s, B_s, C_s, z_s = (t[r:r + 1, ..., a:e] for t in (u, delta, B, C, z))
+        o, h = selective_scan_cuda(u_s, delta_s, A, B_s, C_s, D, z_s, bias, True, True)
+        rows[r].append(o)
+        lasts.append(h[0])
+        last_of_row[r] = i
+    out = torch.cat([torch.cat(p, -1) for p in rows])
+    return out, torch.stack(lasts if per_sequence else [lasts[last_of_row[r]] for r in range(u.shape[0])])
+
+
+def _check_packed_cuda(dtype, dim, dstate, seed, kernel, seq_idx=None, lengths=None, groups=None, **settings):
+    """The packed kernels (selective_scan_fn, seq_idx or cu_seqlens from `lengths`, batch 1) against
+    each sequence alone through the unpacked kernels and against float64: outputs, final states (per
+    sequence with cu_seqlens, per row with seq_idx) and the gradients of every input. kernel: "fwd2"
+    or "fwd_tp", the forward asserted through forward_plan; settings: override_settings' fields."""
+    from mamba_ssm.backend import use_backend
+    from mamba_ssm.ops import selective_scan_cuda as ssc
+    from mamba_ssm.ops.selective_scan_settings import override_settings
+
+    if ssc._ext is None:
+        pytest.fail(f"CUDA is available but mamba_ssm._selective_scan_cuda did not load: {ssc.import_error()}")
+    cu = _cu(lengths).cuda() if lengths is not None else None
+    if cu is not None:
+        seq_idx = packing.seq_idx_from_cu_seqlens(cu, int(cu[-1]))
+    seq_idx = seq_idx.cuda()
+    batch, L = seq_idx.shape
+    g = torch.Generator().manual_seed(seed)
+    u, delta, z = (torch.randn(batch, dim, L, generator=g) for _ in range(3))
+    delta = delta - 1.0
+    bc_shape = (batch, dstate, L) if groups is None else (batch, groups, dstate, L)
+    B, C = (torch.randn(*bc_shape, generator=g) for _ in range(2))
+    A = -(0.2 + torch.rand(dim, dstate, generator=g) * 1.5)
+    D, bias = torch.randn(dim, generator=g), torch.rand(dim, generator=g) * 0.5
+    # the low-precision values, then three leaf copies: packed, alone, float64
+    base = [t.to("cuda", dtype if i not in (2, 5, 7) else torch.float32)
+            for i, t in enumerate((u, delta, A, B, C, D, z, bias))]
+    x_packed, x_alone, x_64 = ([t.detach().clone().to(dt or t.dtype).requires_grad_() for t in base]
+                               for dt in (None, None, F64))
+    segs = packing.segments(seq_idx)
+    if cu is not None:
+        assert len(segs) == len(lengths)
+    with use_backend("cuda"), override_settings(poison=True, fwd_tp=kernel == "fwd_tp", **settings):
+        assert ssc.forward_plan(*base[:7], base[7], True)["kernel"] == kernel
+        packed = selective_scan_fn(*x_packed[:7], delta_bias=x_packed[7], delta_softplus=True, return_last_state=True,
+                                   **({"cu_seqlens": cu} if cu is not None else {"seq_idx": seq_idx}))
+        alone = _alone_cuda(x_alone, segs, per_sequence=cu is not None)
+    ref = _scan64_packed(*x_64, seq_idx, packing.sequence_ends(cu) if cu is not None else None)
+    assert packed[0].dtype == dtype and packed[0].shape == (batch, dim, L)
+    assert packed[1].dtype == torch.float32 and packed[1].shape == ref[1].shape
+    g2 = torch.Generator().manual_seed(seed + 1)
+    gout = torch.randn(batch, dim, L, generator=g2, dtype=F64).cuda()
+    glast = torch.randn(ref[1].shape, generator=g2, dtype=F64).cuda()
+    results = []
+    for (out, last), leaves in ((packed, x_packed), (alone, x_alone), (ref, x_64)):
+        grads = torch.autograd.grad((out.to(F64) * gout).sum() + (last.to(F64) * glast).sum(), leaves)
+        results.append([out, last, *grads])
+    floor, failures = CUDA_FLOOR[dtype], []
+    for name, o, a, r in zip(CUDA_NAMES, *results):
+        assert o.dtype == a.dtype and o.shape == a.shape, name
+        if not torch.isfinite(o).all():
+            failures.append(f"{name}: non-finite values (unwritten or overflow)")
+            continue
+        o, a, r = o.double(), a.double(), r.double()
+        norm, scale = r.norm().clamp_min(1e-30).item(), r.abs().max().item()
+        e_o, e_a, e_oa = (o - r).norm().item() / norm, (a - r).norm().item() / norm, (o - a).norm().item() / norm
+        m_o, m_a = (o - r).abs().max().item(), (a - r).abs().max().item()
+        if e_o > max(CUDA_MULT * e_a, floor):
+            failures.append(f"{name}: rel err {e_o:.3e} vs the kernels alone's {e_a:.3e} (floor {floor})")
+        if m_o > max(CUDA_MULT * m_a, floor * scale) + 1e-30:
+            failures.append(f"{name}: max abs err {m_o:.3e} vs the kernels alone's {m_a:.3e} (scale {scale:.3e})")
+        if e_oa > floor:
+            failures.append(f"{name}: packed against alone, rel diff {e_oa:.3e} (floor {floor})")
+    assert not failures, "; ".join(failures)
+
+
+def _two_sequences_per_row(L):
+    """L - 1 rows of length L, row p - 1 holding sequences [0, p) and [p, L): a start at every offset."""
+    p = torch.arange(1, L)[:, None]
+    return (torch.arange(L)[None, :] >= p).to(torch.int32) + 3 * p.to(torch.int32)  # (ids need not start at 0)
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fwd2", "fwd_tp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L, split, segment", [(96, 1, 16), (100, None, 16), (100, 4, 48), (96, 3, 32)])
+def test_cuda_kernels_start_at_every_offset(kernel, dtype, L, split, segment):
+    """A sequence start at every offset 1..L-1 (one row each: multiples of 16, fwd_tp's 8-step slices
+    and 32-step sub-chunks, segment starts, the split's group edges included), both forwards, 96 steps
+    (the instantiations without bounds checks) and 100, unsplit, auto-split and split, segments of 16,
+    32 and 48 steps; final states per row."""
+    _check_packed_cuda(dtype, 16, 16, seed=L + 7 * (split or 0) + segment, kernel=kernel,
+                       seq_idx=_two_sequences_per_row(L), split=split, segment=segment)
+
+
+def _lengths(seed, n, longest):
+    """n sequence lengths 1..longest, with sequences of length 1 first and last (starts at 1 and at
+    seqlen - 1) and lengths 16 and 32 among them."""
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(1, longest + 1, (n,), generator=g).tolist() + [16, 32, 1, 1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fwd2", "fwd_tp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split, segment", [(None, 16), (1, 32), (5, 16)])
+def test_cuda_kernels_per_sequence_final_states(kernel, dtype, split, segment):
+    """cu_seqlens with return_last_state: each of 75 sequences' final state (and its gradient) from the
+    packed kernels, several starts in one 16-step sub-chunk or 8-step slice, lengths 1 to 40."""
+    _check_packed_cuda(dtype, 16, 16, seed=11 + (split or 0) + segment, kernel=kernel, lengths=_lengths(3, 70, 40),
+                       split=split, segment=segment)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fwd2", "fwd_tp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_every_sequence_of_length_1(kernel, dtype):
+    """A start at every step: 100 sequences of length 1 in one row (final states per sequence), and
+    rows where seq_idx changes at every step."""
+    _check_packed_cuda(dtype, 16, 16, seed=5, kernel=kernel, lengths=[1] * 100)
+    every_step = torch.arange(3 * 77, dtype=torch.int32).view(3, 77)
+    _check_packed_cuda(dtype, 16, 16, seed=6, kernel=kernel, seq_idx=every_step)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["fwd2", "fwd_tp"])
+def test_cuda_kernels_long_sequences(kernel):
+    """Sequences of hundreds of steps next to short ones, in a row of 1500 steps split into groups:
+    starts and no starts inside a group (the split's composition), per-sequence final states."""
+    lengths = [700, 3, 1, 96, 300, 1, 399]
+    _check_packed_cuda(torch.bfloat16, 16, 16, seed=8, kernel=kernel, lengths=lengths, split=6)
+    _check_packed_cuda(torch.float32, 16, 16, seed=9, kernel=kernel, lengths=lengths, segment=64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dim, dstate, groups, kernel, dtype, save_y", [
+    (16, 20, None, "fwd2", torch.bfloat16, True),   # 2 state slots, the second partly past dstate
+    (32, 64, 2, "fwd2", torch.float32, True),       # 4 slots, grouped B / C
+    (16, 7, 2, "fwd_tp", torch.float16, False),     # dstate below a lane's 4 states; y recomputed
+    (12, 16, 3, "fwd_tp", torch.bfloat16, True),    # blocks of 4 channels
+    (6, 16, None, "fwd2", torch.float32, False),    # 2 channels per block: the per-channel dB/dC sum
+    (16, 16, None, "fwd2", torch.float16, False),   # the lane-permuted dB/dC sum, y recomputed
+])
+def test_cuda_kernels_shapes(dim, dstate, groups, kernel, dtype, save_y):
+    """The packed kernels' other layouts and instantiations (state slots, groups, the backward's
+    reduction modes, y saved or recomputed): per-sequence final states and per-row ones (two rows with
+    ids that need not be consecutive)."""
+    _check_packed_cuda(dtype, dim, dstate, seed=dim + dstate, kernel=kernel, lengths=_lengths(4, 30, 20), groups=groups,
+                       save_y=save_y)
+    rows = torch.tensor([[0] * 5 + [1] * 40 + [2] * 16 + [3] + [4] * 38, [7] * 64 + [9] * 35 + [12]], dtype=torch.int32)
+    _check_packed_cuda(dtype, dim, dstate, seed=dim + dstate + 1, kernel=kernel, seq_idx=rows, groups=groups,
+                       save_y=save_y, split=2)
+
+
+@pytest.mark.cuda
+def test_cuda_scan_packing_arguments():
+    """selective_scan_cuda takes seq_idx / cu_seqlens as selective_scan_ref does, with selective_scan_fn's
+    bits; given both, seq_idx's ids need not number the sequences (the per-sequence final states follow
+    cu_seqlens); a bad seq_idx is named."""
+    from mamba_ssm.backend import use_backend
+    from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+
+    lengths = [5, 1, 40, 17, 1]
+    L, cu = sum(lengths), _cu(lengths).cuda()
+    x = [t.detach().float().cuda() for t in _scan_inputs(1, 16, 16, L, seed=12)]
+    ids = packing.seq_idx_from_cu_seqlens(cu, L) * 3 + 2  # the same starts, other ids
+    a = selective_scan_cuda(*x[:7], x[7], True, True, cu_seqlens=cu)
+    b = selective_scan_cuda(*x[:7], x[7], True, True, ids, cu)
+    with use_backend("cuda"):
+        c = selective_scan_fn(*x[:7], delta_bias=x[7], delta_softplus=True, return_last_state=True, cu_seqlens=cu)
+    assert a[1].shape == (len(lengths), 16, 16)
+    for p, q, r in zip(a, b, c):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    with pytest.raises(ValueError, match="selective_scan_cuda: seq_idx must be non-decreasing along each row"):
+        selective_scan_cuda(*x[:7], x[7], True, seq_idx=torch.flip(ids, [1]).contiguous())
+
+
 @pytest.mark.cuda
 def test_packed_triton_conv_on_gpu():
     pytest.importorskip("triton")
     _check_conv(_triton_conv, _long_layout(300, 0).cuda(), 4, dtype=torch.float32, tol=1e-5)
-
-
-def test_repack_maps_are_shared_until_seq_idx_changes():
-    seq_idx = torch.tensor([[0, 0, 1, 1, 1, 2]], dtype=torch.int32)
-    rp = packing._repack_of(seq_idx)
-    assert packing._repack_of(seq_idx) is rp and (rp.num_seqs, rp.max_len) == (3, 3)
-    seq_idx[0, 5] = 1
-    assert packing._repack_of(seq_idx).num_seqs == 2
 
 
 def test_grouped_B_C_packed():

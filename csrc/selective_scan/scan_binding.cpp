@@ -1,9 +1,11 @@
 // Torch binding of the selective scan kernels: module mamba_ssm._selective_scan_cuda.
 //
 //   fwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, save_ckpt, save_y,
-//       fwd_tp, cpb, tp_cpb, nsplit, gseg, exact_softplus, poison) -> [out, last_state, ckpt, y]
+//       fwd_tp, cpb, tp_cpb, nsplit, gseg, exact_softplus, poison, seq_idx?, nseq)
+//       -> [out, last_state, ckpt, y]
 //   bwd(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R, ckpt, dout, dlast?, y?,
-//       cpb, nsplit, gseg, exact_softplus, poison) -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
+//       cpb, nsplit, gseg, exact_softplus, poison, seq_idx?, dseq_last?)
+//       -> [du, ddelta, dA, dB, dC, dD?, dz?, ddelta_bias?]
 //   fwd_instantiation(u, delta, A, B, C, D?, z?, delta_bias?, softplus, R,
 //       fwd_tp, cpb, tp_cpb, nsplit, gseg, exact_softplus) -> {full, d16}
 //
@@ -14,6 +16,10 @@
 // either is fp32 both are read as fp32); A, D, delta_bias fp32. Any strides are accepted: tensors
 // whose last stride is not 1 are copied. poison: every output is filled with NaN before the launch
 // (tests use it to prove that the kernels write every element).
+// Packed sequences (mamba_ssm/ops/packing.py): seq_idx (batch, seqlen) int32, the state reset where
+// it changes. nseq > 0 (batch 1, seq_idx numbering the sequences 0..nseq-1, as packing derives it
+// from cu_seqlens): last_state is each sequence's final state (nseq, dim, dstate), and the
+// backward's dlast is the last sequence's gradient, dseq_last (nseq, dim, dstate) all of them.
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -54,6 +60,12 @@ Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opt, bool poison)
 }
 
 Tensor last_contig(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::string shape_of(const Tensor& t) {
+  std::string s = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
 
 ssm::DType dtype_code(at::ScalarType st) {
   switch (st) {
@@ -115,7 +127,7 @@ void set_fwd_plan(ssm::ScanParams& p, bool fwd_tp, int64_t cpb, int64_t tp_cpb, 
 }
 
 struct Prepared {
-  Tensor u, delta, z, B, C, A, D, bias;
+  Tensor u, delta, z, B, C, A, D, bias, seq_idx;
   bool w_f32 = false;
   bool grouped_B = false, grouped_C = false;
   ssm::ScanParams p;
@@ -186,6 +198,28 @@ Prepared prepare(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in,
   return q;
 }
 
+// Packed sequences: seq_idx checked and set (rows made contiguous).
+void set_seq_idx(Prepared& q, const std::optional<Tensor>& seq_idx) {
+  if (!seq_idx.has_value()) return;
+  const Tensor& s = *seq_idx;
+  auto& p = q.p;
+  SCAN_CHECK(s.scalar_type() == at::kInt, "selective_scan_cuda: seq_idx must be int32, got ", c10::toString(s.scalar_type()));
+  SCAN_CHECK(s.dim() == 2 && s.size(0) == p.batch && s.size(1) == p.seqlen,
+             "selective_scan_cuda: seq_idx must be (batch, seqlen) = (", p.batch, ", ", p.seqlen, "), got ", shape_of(s));
+  SCAN_CHECK(s.device() == q.u.device(), "selective_scan_cuda: seq_idx must be on u's device ", q.u.device().str(),
+             ", got ", s.device().str());
+  q.seq_idx = last_contig(s);
+  p.seq_idx = q.seq_idx.data_ptr<int>();
+  p.si_b = q.seq_idx.stride(0);
+}
+
+// Per-sequence final states (nseq of them, or their gradients) need seq_idx and a single row.
+void check_seq_last(const char* what, int64_t nseq, const ssm::ScanParams& p, bool has_seq_idx) {
+  SCAN_CHECK(has_seq_idx && p.batch == 1 && nseq >= 1 && nseq <= std::max(p.seqlen, 1), "selective_scan_cuda: ", what,
+             " (per-sequence final states) need seq_idx, batch 1 and 1 <= nseq <= seqlen; got nseq=", nseq, ", batch ",
+             p.batch, ", seqlen ", p.seqlen, has_seq_idx ? "" : ", no seq_idx");
+}
+
 void launch_fwd(ssm::ScanParams& p, at::ScalarType st, bool w_f32, cudaStream_t s) {
   switch (dtype_code(st)) {
     case ssm::DType::kF32: ssm::scan_fwd_f32(p, w_f32, s); break;
@@ -224,11 +258,13 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
                         const std::optional<Tensor>& D, const std::optional<Tensor>& z,
                         const std::optional<Tensor>& delta_bias, bool softplus, int64_t R, bool save_ckpt,
                         bool save_y, bool fwd_tp, int64_t cpb, int64_t tp_cpb, int64_t nsplit, int64_t gseg,
-                        bool exact_softplus, bool poison) {
+                        bool exact_softplus, bool poison, const std::optional<Tensor>& seq_idx, int64_t nseq) {
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R, exact_softplus);
   auto& p = q.p;
   set_fwd_plan(p, fwd_tp, cpb, tp_cpb, nsplit, gseg);
+  set_seq_idx(q, seq_idx);
+  if (nseq != 0) check_seq_last("nseq", nseq, p, seq_idx.has_value());
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = new_out({p.batch, p.dim, p.seqlen}, u.options(), poison);
   Tensor last = new_out({p.batch, p.dim, p.dstate}, f32, poison);
@@ -248,10 +284,21 @@ std::vector<Tensor> fwd(const Tensor& u, const Tensor& delta, const Tensor& A, c
   p.last = last.data_ptr<float>();
   p.ckpt = save_ckpt ? ckpt.data_ptr<float>() : nullptr;
   p.y = y.defined() ? y.data_ptr() : nullptr;
+  // every sequence's final state but the last, written where the next one starts
+  Tensor seq_last;
+  if (nseq > 0) {
+    seq_last = new_out({nseq, p.dim, p.dstate}, f32, poison);
+    p.seq_last = seq_last.data_ptr<float>();
+    p.nseq = (int)nseq;
+  }
   if (p.batch > 0 && p.dim > 0 && p.seqlen > 0)
     launch_fwd(p, u.scalar_type(), q.w_f32, c10::cuda::getCurrentCUDAStream().stream());
   else
     last.zero_();
+  if (nseq > 0) {
+    seq_last[nseq - 1].copy_(last[0]);
+    last = seq_last;
+  }
   return {out, last, ckpt, y};
 }
 
@@ -260,10 +307,22 @@ std::vector<std::optional<Tensor>> bwd(const Tensor& u, const Tensor& delta, con
                                        const std::optional<Tensor>& z, const std::optional<Tensor>& delta_bias,
                                        bool softplus, int64_t R, const Tensor& ckpt, const Tensor& dout_in,
                                        const std::optional<Tensor>& dlast_in, const std::optional<Tensor>& y_in,
-                                       int64_t cpb, int64_t nsplit, int64_t gseg, bool exact_softplus, bool poison) {
+                                       int64_t cpb, int64_t nsplit, int64_t gseg, bool exact_softplus, bool poison,
+                                       const std::optional<Tensor>& seq_idx, const std::optional<Tensor>& dseq_last_in) {
   const c10::cuda::CUDAGuard guard(u.device());
   Prepared q = prepare(u, delta, A, B, C, D, z, delta_bias, softplus, R, exact_softplus);
   auto& p = q.p;
+  set_seq_idx(q, seq_idx);
+  Tensor dseq_last;
+  if (dseq_last_in.has_value()) {
+    const Tensor& t = *dseq_last_in;
+    SCAN_CHECK(t.dim() == 3 && t.size(1) == p.dim && t.size(2) == p.dstate, "selective_scan_cuda: dseq_last must be ",
+               "(nseq, dim, dstate) = (nseq, ", p.dim, ", ", p.dstate, "), got ", shape_of(t));
+    check_seq_last("dseq_last", t.size(0), p, seq_idx.has_value());
+    dseq_last = t.to(at::kFloat).contiguous();
+    p.dseq_last = dseq_last.data_ptr<float>();
+    p.nseq = (int)t.size(0);
+  }
   check_cpb("cpb", cpb, 32, p);
   p.cpb = (int)cpb;
   const int P = p.dim / p.groups / p.cpb;
@@ -340,11 +399,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
         py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("softplus"), py::arg("R"), py::arg("save_ckpt"),
         py::arg("save_y"), py::arg("fwd_tp"), py::arg("cpb"), py::arg("tp_cpb"), py::arg("nsplit"), py::arg("gseg"),
-        py::arg("exact_softplus"), py::arg("poison"));
+        py::arg("exact_softplus"), py::arg("poison"), py::arg("seq_idx") = py::none(), py::arg("nseq") = 0);
   m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("softplus"), py::arg("R"),
         py::arg("ckpt"), py::arg("dout"), py::arg("dlast"), py::arg("y"), py::arg("cpb"), py::arg("nsplit"),
-        py::arg("gseg"), py::arg("exact_softplus"), py::arg("poison"));
+        py::arg("gseg"), py::arg("exact_softplus"), py::arg("poison"), py::arg("seq_idx") = py::none(),
+        py::arg("dseq_last") = py::none());
   m.def("fwd_instantiation", &fwd_instantiation, "the forward's kernel instantiation for these inputs and plan (full, d16)",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("softplus"), py::arg("R"), py::arg("fwd_tp"), py::arg("cpb"), py::arg("tp_cpb"),

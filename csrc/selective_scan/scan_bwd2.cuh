@@ -20,14 +20,19 @@
 // (reduce8_perm); only the loads from and stores to global memory see the permutation.
 // kRecY: y (for dz) is recomputed here, as C h summed over states; otherwise it is read from the
 // forward's saved p.y (or not needed: no z).
+// kSeq (scan_common.cuh), packed sequences: where a sequence starts (step t), a_t = 0 in the
+// recomputed states and in the reverse recurrence, so no gradient reaches h_{t-1} from t (nor
+// d(dt_t) from a_t); kSeqLast: g_{t-1} starts from the gradient of the previous sequence's final
+// state (dseq_last) instead.
 #pragma once
 
 #include "scan_common.cuh"
 
 namespace ssm {
 
-template <typename T, typename TW, int kRed, bool kRecY>
+template <typename T, typename TW, int kRed, bool kRecY, int kSeq>
 __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const ScanParams p) {
+  constexpr bool kPacked = kSeq != kSeqOff, kLast = kSeq == kSeqLast;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int nthr = blockDim.x;
@@ -84,6 +89,13 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
   const float* ckp = p.ckpt_in + row * p.nseg * N;
   float* dBp = p.dBpart + (((int64_t)pidx * p.batch + b) * p.groups + g) * (int64_t)L * N;
   float* dCp = p.dCpart + (((int64_t)pidx * p.batch + b) * p.groups + g) * (int64_t)L * N;
+  const int* sip = kPacked ? p.seq_idx + b * p.si_b : nullptr;
+  // kPacked: the sequence starts of the 16-step sub-chunk at t - 4l, in every lane (bit i: step i)
+  auto seq_starts_at = [&](int t) {
+    SeqRun<4> sq;
+    load_seq(sq, sip, t, L);
+    return seq_starts16(seq_starts(sq, t, L), l, mask);
+  };
 
   // 4 states of slot k from a (.., N) row in this lane's order, 0 past N
   auto load4f = [&](const float* src, int k) {
@@ -144,6 +156,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
       for (int zz = p.nsplit - 1; zz > zg; --zz) {
         const float sdt = p.carry_sdt[zz * bd + row];
         const float4 w = load4f(p.carry_w + (zz * bd + row) * N, k);
+        if (kPacked && seq_start_in_group(p, sip, zz)) g = make_float4(0.f, 0.f, 0.f, 0.f);
         g.x = fmaf(fast_exp2(sdt * A2.x), g.x, w.x);
         g.y = fmaf(fast_exp2(sdt * A2.y), g.y, w.y);
         g.z = fmaf(fast_exp2(sdt * A2.z), g.z, w.z);
@@ -170,6 +183,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
       const int t = (ch << 4) + 4 * l;
       __syncthreads();
       stage_bc(ch, false);
+      const unsigned bnd = kPacked ? seq_starts_at(t) : 0u;
       {
         RawN<T, 4> u4, d4;
         load_n(u4, up, t, L, true, p.vec_x);
@@ -203,10 +217,11 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
           for (int e = 0; e < 4; ++e) {
             const int i = 4 * q + e;
             const float4 Bv = *reinterpret_cast<const float4*>(bcm + i * BW + s0);
-            h.x = fmaf(fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
-            h.y = fmaf(fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
-            h.z = fmaf(fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
-            h.w = fmaf(fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
+            const bool rs = kPacked && ((bnd >> i) & 1u);
+            h.x = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
+            h.y = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
+            h.z = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
+            h.w = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
           }
         }
         sHS[((r + 1) * spl + k) * nthr + tid] = h;
@@ -229,6 +244,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
       load_n(o4, dop, t, L, true, p.vec_x);
       if (zp) load_n(z4, zp, t, L, true, p.vec_x);
       if (ysp) load_n(y4, ysp, t, L, true, p.vec_o);
+      const unsigned bnd = kPacked ? seq_starts_at(t) : 0u;
       {
         float dtv[4], du[4], dyv[4];
 #pragma unroll
@@ -289,10 +305,11 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
             const int i = 4 * q + e;
             const float4 Bv = *reinterpret_cast<const float4*>(bcm + i * BW + s0);
             hp[i * hps] = h;
-            h.x = fmaf(fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
-            h.y = fmaf(fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
-            h.z = fmaf(fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
-            h.w = fmaf(fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
+            const bool rs = kPacked && ((bnd >> i) & 1u);
+            h.x = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.x), h.x, dus[e] * Bv.x);
+            h.y = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.y), h.y, dus[e] * Bv.y);
+            h.z = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.z), h.z, dus[e] * Bv.z);
+            h.w = fmaf(rs ? 0.f : fast_exp2(dts[e] * A2.w), h.w, dus[e] * Bv.w);
             if constexpr (kRecY) {
               const float4 Cv = *reinterpret_cast<const float4*>(bcm + (16 + i) * BW + s0);
               yacc[i] = fma4(Cv, h, yacc[i]);
@@ -341,16 +358,21 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
               *reinterpret_cast<float4*>(redC + i * BW) = make_float4(dyv_ * hn.x, dyv_ * hn.y, dyv_ * hn.z, dyv_ * hn.w);
             }
             const float4 hpv = hp[i * hps];
-            gc.x = fast_exp2(dtv_ * A2.x) * gt.x;
-            gc.y = fast_exp2(dtv_ * A2.y) * gt.y;
-            gc.z = fast_exp2(dtv_ * A2.z) * gt.z;
-            gc.w = fast_exp2(dtv_ * A2.w) * gt.w;
+            const bool starts = kPacked && ((bnd >> i) & 1u);
+            gc.x = (starts ? 0.f : fast_exp2(dtv_ * A2.x)) * gt.x;
+            gc.y = (starts ? 0.f : fast_exp2(dtv_ * A2.y)) * gt.y;
+            gc.z = (starts ? 0.f : fast_exp2(dtv_ * A2.z)) * gt.z;
+            gc.w = (starts ? 0.f : fast_exp2(dtv_ * A2.w)) * gt.w;
             const float4 q = make_float4(gc.x * hpv.x, gc.y * hpv.y, gc.z * hpv.z, gc.w * hpv.w);
             s2[i] = fma4(q, Av, s2[i]);
             dA.x = fmaf(q.x, dtv_, dA.x);
             dA.y = fmaf(q.y, dtv_, dA.y);
             dA.z = fmaf(q.z, dtv_, dA.z);
             dA.w = fmaf(q.w, dtv_, dA.w);
+            if (kLast && starts) {  // h_{t-1} is the final state of the sequence before
+              const int seq = __ldg(sip + t0 + i - 1);
+              if ((unsigned)seq < (unsigned)p.nseq) gc = load4f(p.dseq_last + ((int64_t)seq * p.dim + d) * N, k);
+            }
             hn = hpv;
           }
         }
@@ -422,7 +444,7 @@ __global__ void __launch_bounds__(128, kBwd2MinBlocks) scan_bwd2_kernel(const Sc
 // First pass of the sequence-split backward: for group z = blockIdx.z + 1, run the reverse
 // recurrence g <- exp(dt A) (g + C dy) over the group's steps from g = 0, and sum dt. Same
 // thread layout as above; only C, dt and dy are needed.
-template <typename T, typename TW>
+template <typename T, typename TW, bool kPacked>
 __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
@@ -449,6 +471,7 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
   const int64_t row = (int64_t)b * p.dim + d;
   const float* Ap = p.A + (int64_t)d * N;
   const float bias = p.bias ? p.bias[d] : 0.f;
+  const int* sip = kPacked ? p.seq_idx + b * p.si_b : nullptr;
 
   for (int k = 0; k < spl; ++k) sW[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
   float sdt = 0.f;
@@ -459,6 +482,12 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
   for (int ch = ch_hi - 1; ch >= ch_lo; --ch) {
     const int t0 = ch << 4;
     const int t = t0 + 4 * l;
+    unsigned bnd = 0;  // kPacked: the sub-chunk's sequence starts
+    if constexpr (kPacked) {
+      SeqRun<4> sq;
+      load_seq(sq, sip, t, L);
+      bnd = seq_starts16(seq_starts(sq, t, L), l, mask);
+    }
     __syncthreads();
     for (int e = tid; e < 2 * N16; e += nthr) {
       const int n = e >> 1, half = e & 1;
@@ -503,6 +532,13 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
         gc.y = fast_exp2(dtv * A2.y) * fmaf(Cv.y, dyv, gc.y);
         gc.z = fast_exp2(dtv * A2.z) * fmaf(Cv.z, dyv, gc.z);
         gc.w = fast_exp2(dtv * A2.w) * fmaf(Cv.w, dyv, gc.w);
+        if (kPacked && ((bnd >> i) & 1u)) {  // as in the kernel above
+          gc = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (p.dseq_last) {
+            const int seq = __ldg(sip + t0 + i - 1);
+            if ((unsigned)seq < (unsigned)p.nseq) gc = load4f_(p.dseq_last + ((int64_t)seq * p.dim + d) * N, s0, N);
+          }
+        }
       }
       sW[k * nthr + tid] = gc;
     }
@@ -510,29 +546,34 @@ __global__ void __launch_bounds__(128) scan_bwd2_carry_kernel(const ScanParams p
   write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
-template <typename T, typename TW>
-void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
+template <typename T, typename TW, int kSeq>
+void launch_scan_bwd2_as(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
   if (p.nsplit > 1) {
     const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
-    auto carry = scan_bwd2_carry_kernel<T, TW>;
+    auto carry = scan_bwd2_carry_kernel<T, TW, kSeq != kSeqOff>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), nthr, smem, stream>>>(p);
   }
   const int smem = scan_bwd2_smem_floats(p) * (int)sizeof(float);
   const int mode = scan_bwd2_red_mode(p);
-  auto kern = scan_bwd2_kernel<T, TW, 0, true>;
+  auto kern = scan_bwd2_kernel<T, TW, 0, true, kSeq>;
   if (p.z != nullptr && p.y == nullptr) {  // y recomputed for dz
-    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, true>;
-    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, true>;
+    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, true, kSeq>;
+    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, true, kSeq>;
   } else {
-    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, false>;
-    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, false>;
-    else kern = scan_bwd2_kernel<T, TW, 0, false>;
+    if (mode == 2) kern = scan_bwd2_kernel<T, TW, 2, false, kSeq>;
+    else if (mode == 1) kern = scan_bwd2_kernel<T, TW, 1, false, kSeq>;
+    else kern = scan_bwd2_kernel<T, TW, 0, false, kSeq>;
   }
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);
+}
+
+template <typename T, typename TW>
+void launch_scan_bwd2(ScanParams& p, cudaStream_t stream) {
+  with_seq_mode(p, [&](auto seq) { launch_scan_bwd2_as<T, TW, decltype(seq)::value>(p, stream); });
 }
 
 }  // namespace ssm

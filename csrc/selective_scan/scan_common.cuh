@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "scan_params.h"
 
 namespace ssm {
@@ -180,6 +182,66 @@ __device__ __forceinline__ void write_carry(const ScanParams& p, int zg, int64_t
   sdt += __shfl_xor_sync(mask, sdt, 2);
   sdt += __shfl_xor_sync(mask, sdt, 1);
   if (l == 0) p.carry_sdt[zg * bd + row] = sdt;
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed sequences (ScanParams::seq_idx): a sequence starts at step t >= 1 where seq_idx[t] !=
+// seq_idx[t - 1]; there the decay of the carried state is 0.
+// The kernels' kSeq: kSeqOff (seq_idx null: the unpacked code, unchanged), kSeqIdx, kSeqLast
+// (also per-sequence final states: seq_last, dseq_last; a separate instantiation because their
+// stores and loads inside the unrolled steps made fwd_tp and bwd2 spill).
+constexpr int kSeqOff = 0, kSeqIdx = 1, kSeqLast = 2;
+
+// f(std::integral_constant<int, kSeq>{}) for the launch's kSeq.
+template <typename F>
+void with_seq_mode(const ScanParams& p, F&& f) {
+  if (p.seq_idx == nullptr) f(std::integral_constant<int, kSeqOff>{});
+  else if (p.seq_last != nullptr || p.dseq_last != nullptr) f(std::integral_constant<int, kSeqLast>{});
+  else f(std::integral_constant<int, kSeqIdx>{});
+}
+
+// seq_idx at steps t - 1 .. t + K - 1 of a row, 0 outside [0, lim).
+template <int K> struct SeqRun { int v[K + 1]; };
+
+template <int K>
+__device__ __forceinline__ void load_seq(SeqRun<K>& s, const int* row, int t, int lim) {
+#pragma unroll
+  for (int j = 0; j <= K; ++j) s.v[j] = (t - 1 + j >= 0 && t - 1 + j < lim) ? __ldg(row + t - 1 + j) : 0;
+}
+
+// Bit j (j < K) set where a sequence starts at step t + j, 1 <= t + j < lim.
+template <int K>
+__device__ __forceinline__ unsigned seq_starts(const SeqRun<K>& s, int t, int lim) {
+  unsigned bits = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j)
+    if (t + j >= 1 && t + j < lim && s.v[j + 1] != s.v[j]) bits |= 1u << j;
+  return bits;
+}
+
+// The starts among the 16 steps of a fwd2 / bwd2 sub-chunk (bit i: step t0 + i) in every lane,
+// from lane l's 4 (steps t0 + 4l ..): the 4 lanes of a channel (lane bits 0, 1) combine theirs.
+__device__ __forceinline__ unsigned seq_starts16(unsigned bits4, int l, unsigned mask) {
+  unsigned bits = bits4 << (4 * l);
+  bits |= __shfl_xor_sync(mask, bits, 1);
+  bits |= __shfl_xor_sync(mask, bits, 2);
+  return bits;
+}
+
+// Whether a sequence starts among the steps [t_lo, t_hi) of sequence group zz >= 1 of a split
+// (ScanParams::nsplit): then nothing carries across the group.
+__device__ __forceinline__ bool seq_start_in_group(const ScanParams& p, const int* row, int zz) {
+  const int span = p.gseg * p.R * 16;
+  const int t_lo = zz * span, t_hi = min(p.seqlen, t_lo + span);
+  return __ldg(row + t_hi - 1) != __ldg(row + t_lo - 1);
+}
+
+// With per-sequence final states (ScanParams::seq_last): h, the states s0..s0+3 of channel d at
+// step t - 1, where a sequence starts at t, is the final state of the one before.
+__device__ __forceinline__ void store_seq_last(const ScanParams& p, const int* row, int t, int d, int N, int s0,
+                                               float4 h) {
+  const int seq = __ldg(row + t - 1);
+  if ((unsigned)seq < (unsigned)p.nseq) store4f_(p.seq_last + ((int64_t)seq * p.dim + d) * N, s0, N, h);
 }
 
 // Transposing butterfly over the 4 lanes of a channel, l = 0..3 (bit 0 of l is lane bit kXor0,

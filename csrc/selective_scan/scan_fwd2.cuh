@@ -16,6 +16,9 @@
 // kD16 (fwd2_d16), Mamba's shape on top of kFull: dstate 16 and 16-channel blocks, so the state
 // slot count, shared-memory layout and block size are constants and the state stays in registers
 // between sub-chunks.
+// kSeq (scan_common.cuh), packed sequences: lane l also loads seq_idx at steps 4l-1..4l+3 of the
+// next sub-chunk; its starts (one 16-bit mask per block: one batch row) zero the state before
+// those steps' updates (kSeqLast: after storing it as the previous sequence's final state).
 #pragma once
 
 #include "scan_common.cuh"
@@ -27,11 +30,13 @@ struct Fwd2Stage {
   static constexpr int kPre = 1;  // B/C units per thread held in registers (prefetched)
   RawN<TW, 8> bc[kPre];
   RawN<T, 4> u4, d4, z4;
+  SeqRun<4> sq;  // (packed sequences only)
 };
 
-template <typename T, typename TW, bool kFull, bool kD16>
+template <typename T, typename TW, bool kFull, bool kD16, int kSeq>
 __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const ScanParams p) {
   static_assert(kFull || !kD16, "kD16 specializes kFull");
+  constexpr bool kPacked = kSeq != kSeqOff, kLast = kSeq == kSeqLast;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int nthr = kD16 ? 64 : blockDim.x;
@@ -62,6 +67,8 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
   const float Dv = p.D ? p.D[d] : 0.f;
   float* ckp = p.ckpt ? p.ckpt + ((int64_t)b * p.dim + d) * p.nseg * N : nullptr;
   const int nunits = 4 * N16;  // (B|C) x state x half of the 16 steps, 8 elements each
+  const int* sip = kPacked ? p.seq_idx + b * p.si_b : nullptr;
+  unsigned bnd = 0;  // kPacked: the sequence starts of the sub-chunk committed last (bit i: step i)
 
   auto loadA2 = [&](int k) {
     const int s0 = 16 * k + 4 * l;
@@ -94,6 +101,7 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
     load_n<kFull>(st.u4, up, t, L, true, p.vec_x);
     load_n<kFull>(st.d4, dp, t, L, true, p.vec_x);
     if (kFull || zp) load_n<kFull>(st.z4, zp, t, L, true, p.vec_x);
+    if constexpr (kPacked) load_seq(st.sq, sip, t, L);
   };
   float u_cur[4], z_cur[4];
   auto commit = [&](const Fwd2Stage<T, TW>& st, int ch, int buf) {
@@ -133,6 +141,7 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
     float* dtrow = sDT + ((buf * cpb + c) * 2) * 20;
     reinterpret_cast<float4*>(dtrow)[l] = make_float4(dt[0], dt[1], dt[2], dt[3]);
     reinterpret_cast<float4*>(dtrow + 20)[l] = make_float4(du[0], du[1], du[2], du[3]);
+    if constexpr (kPacked) bnd = seq_starts16(seq_starts(st.sq, t, L), l, mask);
   };
 
   // Sequence group of this block (p.nsplit > 1: see ScanParams) and its start state, composed
@@ -147,6 +156,7 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
       for (int zz = 0; zz < zg; ++zz) {
         const float sdt = p.carry_sdt[zz * bd + row];
         const float4 w = load4f_(p.carry_w + (zz * bd + row) * N, 16 * k + 4 * l, N);
+        if (kPacked && zz > 0 && seq_start_in_group(p, sip, zz)) h = make_float4(0.f, 0.f, 0.f, 0.f);
         h.x = fmaf(fast_exp2(sdt * A2.x), h.x, w.x);
         h.y = fmaf(fast_exp2(sdt * A2.y), h.y, w.y);
         h.z = fmaf(fast_exp2(sdt * A2.z), h.z, w.z);
@@ -212,10 +222,12 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
           const float4 Bv = *reinterpret_cast<const float4*>(bB + i * BW + s0);
           const float4 Cv = *reinterpret_cast<const float4*>(bC + i * BW + s0);
           const float dtv = dts[e], duv = dus[e];
-          h.x = fmaf(fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
-          h.y = fmaf(fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
-          h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
-          h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
+          const bool rs = kPacked && ((bnd >> i) & 1u);
+          if (kLast && rs) store_seq_last(p, sip, t0 + i, d, N, s0, h);
+          h.x = fmaf(rs ? 0.f : fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
+          h.y = fmaf(rs ? 0.f : fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
+          h.z = fmaf(rs ? 0.f : fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
+          h.w = fmaf(rs ? 0.f : fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
           acc[i] = fma4(Cv, h, acc[i]);
         }
       }
@@ -250,7 +262,7 @@ __global__ void __launch_bounds__(64, kFwd2MinBlocks) scan_fwd2_kernel(const Sca
 // First pass of the sequence-split forward: for group z = blockIdx.z (all but the last), the
 // end state of its steps from a zero start, and its sum of dt. Same thread layout as above.
 // kD16: fwd2_d16's conditions (constant layout, no bounds checks, the state in registers).
-template <typename T, typename TW, bool kD16>
+template <typename T, typename TW, bool kD16, bool kPacked>
 __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p) {
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
@@ -277,6 +289,7 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
   const int64_t row = (int64_t)b * p.dim + d;
   const float* Ap = p.A + (int64_t)d * N;
   const float bias = p.bias ? p.bias[d] : 0.f;
+  const int* sip = kPacked ? p.seq_idx + b * p.si_b : nullptr;
 
   for (int k = 0; k < spl; ++k) sW[k * nthr + tid] = make_float4(0.f, 0.f, 0.f, 0.f);
   float4 w_d16 = make_float4(0.f, 0.f, 0.f, 0.f);  // kD16: the state, instead of sW
@@ -293,6 +306,12 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
   for (int ch = ch_lo; ch < ch_end; ++ch) {
     const int t0 = ch << 4;
     const int t = t0 + 4 * l;
+    unsigned bnd = 0;  // kPacked: the sub-chunk's sequence starts
+    if constexpr (kPacked) {
+      SeqRun<4> sq;
+      load_seq(sq, sip, t, L);
+      bnd = seq_starts16(seq_starts(sq, t, L), l, mask);
+    }
     __syncthreads();
     for (int e = tid; e < 2 * N16; e += nthr) {
       const int n = e >> 1, half = e & 1;
@@ -333,10 +352,11 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
       for (int i = 0; i < 16; ++i) {
         const float4 Bv = *reinterpret_cast<const float4*>(sB + i * BW + s0);
         const float dtv = dts[i], duv = dus[i];
-        h.x = fmaf(fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
-        h.y = fmaf(fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
-        h.z = fmaf(fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
-        h.w = fmaf(fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
+        const bool rs = kPacked && ((bnd >> i) & 1u);
+        h.x = fmaf(rs ? 0.f : fast_exp2(dtv * A2.x), h.x, duv * Bv.x);
+        h.y = fmaf(rs ? 0.f : fast_exp2(dtv * A2.y), h.y, duv * Bv.y);
+        h.z = fmaf(rs ? 0.f : fast_exp2(dtv * A2.z), h.z, duv * Bv.z);
+        h.w = fmaf(rs ? 0.f : fast_exp2(dtv * A2.w), h.w, duv * Bv.w);
       }
       if (kD16) w_d16 = h;
       else sW[k * nthr + tid] = h;
@@ -346,25 +366,32 @@ __global__ void __launch_bounds__(128) scan_fwd2_carry_kernel(const ScanParams p
   write_carry(p, zg, row, sW, spl, N, nthr, tid, l, sdt, mask);
 }
 
-// The carry pass of a sequence split (p.nsplit > 1), in fwd2's layout (p.cpb channels per block).
-template <typename T, typename TW>
-void launch_scan_fwd2_carry(ScanParams& p, cudaStream_t stream) {
+// The carry pass of a sequence split (p.nsplit > 1), in fwd2's layout (p.cpb channels per block);
+// also fwd_tp's.
+template <typename T, typename TW, bool kPacked>
+void launch_scan_fwd2_carry_as(ScanParams& p, cudaStream_t stream) {
   const int smem = scan2_carry_smem_floats(p) * (int)sizeof(float);
-  auto carry = fwd2_d16(p) ? scan_fwd2_carry_kernel<T, TW, true> : scan_fwd2_carry_kernel<T, TW, false>;
+  auto carry = fwd2_d16(p) ? scan_fwd2_carry_kernel<T, TW, true, kPacked> : scan_fwd2_carry_kernel<T, TW, false, kPacked>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(carry, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   carry<<<dim3(p.dim / p.cpb, p.batch, p.nsplit - 1), scan_threads(p), smem, stream>>>(p);
 }
 
-template <typename T, typename TW>
-void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
+template <typename T, typename TW, int kSeq>
+void launch_scan_fwd2_as(ScanParams& p, cudaStream_t stream) {
   const int nthr = scan_threads(p);
-  if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
+  if (p.nsplit > 1) launch_scan_fwd2_carry_as<T, TW, kSeq != kSeqOff>(p, stream);
   const int smem = scan_fwd2_smem_floats(p) * (int)sizeof(float);
-  auto kern = fwd2_d16(p) ? scan_fwd2_kernel<T, TW, true, true>
-              : fwd2_full(p) ? scan_fwd2_kernel<T, TW, true, false> : scan_fwd2_kernel<T, TW, false, false>;
+  auto kern = fwd2_d16(p) ? scan_fwd2_kernel<T, TW, true, true, kSeq>
+              : fwd2_full(p) ? scan_fwd2_kernel<T, TW, true, false, kSeq>
+                             : scan_fwd2_kernel<T, TW, false, false, kSeq>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   dim3 grid(p.dim / p.cpb, p.batch, p.nsplit);
   kern<<<grid, nthr, smem, stream>>>(p);
+}
+
+template <typename T, typename TW>
+void launch_scan_fwd2(ScanParams& p, cudaStream_t stream) {
+  with_seq_mode(p, [&](auto seq) { launch_scan_fwd2_as<T, TW, decltype(seq)::value>(p, stream); });
 }
 
 }  // namespace ssm

@@ -24,6 +24,9 @@
 // kCpb channels, double buffered as in fwd2. Blocks of 16 kCpb threads, 32 / kCpb per SM (16 warps, 128 registers).
 // kFull: as fwd2_full, plus dstate == 16, whole 32-step sub-chunks and a checkpoint at every
 // 16-step chunk (R == 1, the default).
+// kSeq (scan_common.cuh), packed sequences: where a sequence starts, a slice's decay (so its P) and
+// state are zeroed; the slice scan then carries nothing across. The 32 steps' starts are one mask
+// per block (one batch row), gathered by two ballots over the lanes' steps 2m, 2m + 1.
 #pragma once
 
 #include <type_traits>
@@ -59,6 +62,7 @@ template <typename T, typename TW, int kUnit, int kUnits>
 struct TpStage {
   RawN<TW, kUnit> bc[kUnits];  // staging unit tid + r nthreads (see the kernel): kUnit steps of a B or C row
   RawN<T, 2> u2, d2, z2;
+  SeqRun<2> sq;  // (packed sequences only)
 };
 
 // x, opaque to the compiler: a value it must keep (in a register) rather than recompute. The
@@ -84,9 +88,17 @@ __device__ __forceinline__ float4 shfl_up4(float4 v, int delta, unsigned mask) {
 constexpr int kDtSwizzle = 20;
 __host__ __device__ constexpr int tp_dt(int c, int t) { return 2 * kTpSteps * c + (t ^ (c & 1 ? kDtSwizzle : 0)); }
 
-template <typename T, typename TW, bool kFull, int kCpb>
+// Packed sequences: the starts among a sub-chunk's 32 steps (bit s: step s) in every lane, from
+// each lane's starts at its steps 2m, 2m + 1 (bits 0, 1); lane 2m + c' (c' = 0, 1: one batch row).
+__device__ __forceinline__ unsigned tp_starts32(unsigned bits2) {
+  const unsigned even = __ballot_sync(0xffffffffu, bits2 & 1u), odd = __ballot_sync(0xffffffffu, bits2 & 2u);
+  return (even & 0x55555555u) | (odd & 0xaaaaaaaau);
+}
+
+template <typename T, typename TW, bool kFull, int kCpb, int kSeq>
 __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_tp_kernel(const ScanParams p) {
   using Lay = TpLayout<kCpb>;
+  constexpr bool kPacked = kSeq != kSeqOff, kLast = kSeq == kSeqLast;
   constexpr int kUnit = Lay::kUnit, kUnits = Lay::kUnits;
   using Stage = TpStage<T, TW, kUnit, kUnits>;
   // One double-buffered staging array: per buffer B, C (kTpBuf each, tp_at layout), then
@@ -98,6 +110,9 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   constexpr int kStage = kCarryOff + 4 * Lay::kThreads;
   static_assert(kStage % 32 == 0, "both staging buffers must map onto the banks alike");
   __shared__ __align__(16) float sbuf[2 * kStage];
+  // kLast: the state and decay product of this thread's slice before its first sequence start
+  // (that start's predecessor's final state, which still lacks P h_in; in registers they spilled)
+  __shared__ float4 sfirst[kLast ? 2 * Lay::kThreads : 1];
   const unsigned mask = 0xffffffffu;
   const int tid = threadIdx.x;
   const int l = (tid >> 1) & 3;
@@ -163,6 +178,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   const float Dv = p.D ? p.D[d] : 0.f;
   float4 A2 = load4f_(p.A + (int64_t)d * N, 4 * l, N);
   A2.x *= kLog2e; A2.y *= kLog2e; A2.z *= kLog2e; A2.w *= kLog2e;
+  const int* sip = kPacked ? p.seq_idx + b * p.si_b : nullptr;
+  unsigned bnd = 0;  // kPacked: the sequence starts of the sub-chunk committed last (bit s: step s)
 
   // Loads the sub-chunk tr steps past t_lo.
   auto prefetch = [&](Stage& st, int tr) {
@@ -172,6 +189,8 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     load_n<kFull>(st.u2, up, tr, L - t_lo - m2, true, p.vec_x);
     load_n<kFull>(st.d2, dp, tr, L - t_lo - m2, true, p.vec_x);
     if (kFull || zp) load_n<kFull>(st.z2, zp, tr, L - t_lo - m2, true, p.vec_x);
+    // (starts at or past the group's end are not this block's)
+    if constexpr (kPacked) load_seq(st.sq, sip, t_lo + tr + m2, t_hi);
   };
   float u_cur[2], z_cur[2];
   // (the thread's dt and dt*u of steps 2m, 2m + 1, bytes)
@@ -195,6 +214,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     }
     *reinterpret_cast<float2*>(buf + wr_dt) = make_float2(dt[0], dt[1]);
     *reinterpret_cast<float2*>(buf + wr_dt + 4 * kTpSteps) = make_float2(du[0], du[1]);
+    if constexpr (kPacked) bnd = tp_starts32(seq_starts(st.sq, t, t_hi));
   };
 
   // Start state of the group (slice 0 only): composed from the zero-start end states of the
@@ -205,6 +225,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     for (int zz = 0; zz < zg; ++zz) {
       const float sdt = p.carry_sdt[zz * bd + row];
       const float4 w = load4f_(p.carry_w + (zz * bd + row) * N, 4 * l, N);
+      if (kPacked && zz > 0 && seq_start_in_group(p, sip, zz)) h = make_float4(0.f, 0.f, 0.f, 0.f);
       h.x = fmaf(fast_exp2(sdt * A2.x), h.x, w.x);
       h.y = fmaf(fast_exp2(sdt * A2.y), h.y, w.y);
       h.z = fmaf(fast_exp2(sdt * A2.z), h.z, w.z);
@@ -282,6 +303,7 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     float4 P = make_float4(1.f, 1.f, 1.f, 1.f);
     float4 q[8];
     float yacc[8];
+    const unsigned sst = kPacked ? bnd >> (8 * k) : 0u;  // the starts among this slice's steps: bits 0-7
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const float4 dt4 = *reinterpret_cast<const float4*>(dtp[hh]);
@@ -299,6 +321,17 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
         a.y = fast_exp2(dtv * A2.y);
         a.z = fast_exp2(dtv * A2.z);
         a.w = fast_exp2(dtv * A2.w);
+        if (kPacked && ((sst >> e) & 1u)) {
+          if (kLast) {
+            if ((sst & ((1u << e) - 1u)) == 0u) {
+              sfirst[2 * tid] = h;
+              sfirst[2 * tid + 1] = P;
+            } else {  // (from a start in this slice: exact)
+              store_seq_last(p, sip, t0 + 8 * k + e, d, N, 4 * l, h);
+            }
+          }
+          a = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
         h.x = fmaf(a.x, h.x, duv * Bv.x);
         h.y = fmaf(a.y, h.y, duv * Bv.y);
         h.z = fmaf(a.z, h.z, duv * Bv.z);
@@ -325,6 +358,12 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) yacc[e] = fma4(q[e], hin, yacc[e]);
+    if (kLast && (sst & 0xffu)) {
+      const float4 hf = sfirst[2 * tid], pf = sfirst[2 * tid + 1];
+      store_seq_last(p, sip, t0 + 8 * k + __ffs(sst & 0xffu) - 1, d, N, 4 * l,
+                     make_float4(fmaf(pf.x, hin.x, hf.x), fmaf(pf.y, hin.y, hf.y), fmaf(pf.z, hin.z, hf.z),
+                                 fmaf(pf.w, hin.w, hf.w)));
+    }
     if (kFull) {
       if (has_ckpt && k == 2) ck[4] = hin;
     } else {
@@ -363,18 +402,23 @@ __global__ void __launch_bounds__(TpLayout<kCpb>::kThreads, 32 / kCpb) scan_fwd_
   store4f_(p.last + row * N, 4 * l, N, h);
 }
 
-template <typename T, typename TW>
-void launch_scan_fwd_tp(ScanParams& p, cudaStream_t stream) {
-  if (p.nsplit > 1) launch_scan_fwd2_carry<T, TW>(p, stream);
+template <typename T, typename TW, int kSeq>
+void launch_scan_fwd_tp_as(ScanParams& p, cudaStream_t stream) {
+  if (p.nsplit > 1) launch_scan_fwd2_carry_as<T, TW, kSeq != kSeqOff>(p, stream);
   const bool full = fwd_tp_full(p);
   auto launch = [&](auto cpb_tag) {
     constexpr int kCpb = decltype(cpb_tag)::value;
-    auto kern = full ? scan_fwd_tp_kernel<T, TW, true, kCpb> : scan_fwd_tp_kernel<T, TW, false, kCpb>;
+    auto kern = full ? scan_fwd_tp_kernel<T, TW, true, kCpb, kSeq> : scan_fwd_tp_kernel<T, TW, false, kCpb, kSeq>;
     kern<<<dim3(p.dim / kCpb, p.batch, p.nsplit), TpLayout<kCpb>::kThreads, 0, stream>>>(p);
   };
   if (p.tp_cpb == 16) launch(std::integral_constant<int, 16>{});
   else if (p.tp_cpb == 8) launch(std::integral_constant<int, 8>{});
   else launch(std::integral_constant<int, 4>{});
+}
+
+template <typename T, typename TW>
+void launch_scan_fwd_tp(ScanParams& p, cudaStream_t stream) {
+  with_seq_mode(p, [&](auto seq) { launch_scan_fwd_tp_as<T, TW, decltype(seq)::value>(p, stream); });
 }
 
 }  // namespace ssm

@@ -67,6 +67,18 @@ struct ScanParams {
   int nsplit = 1, gseg = 1;
   float* carry_w = nullptr;     // (nsplit, batch, dim, dstate)
   float* carry_sdt = nullptr;   // (nsplit, batch, dim)
+
+  // Packed sequences (mamba_ssm/ops/packing.py), or null: seq_idx (batch, seqlen) int32, last
+  // stride 1. Where it changes along a row the decay of the carried state is 0 (a zero state; no
+  // gradient flows back across). Null runs the unpacked instantiations (kSeq, scan_common.cuh).
+  const int* seq_idx = nullptr;  int64_t si_b = 0;
+  // Each sequence's final state (cu_seqlens: batch 1, seq_idx numbering the sequences 0, 1, ...):
+  // the forward writes, at each start t, the state at t - 1 to seq_last[seq_idx[t - 1]] (nseq,
+  // dim, dstate); the backward adds dseq_last there to the gradient entering h_{t-1}. The last
+  // sequence's is the row's (last, dlast). Null: none.
+  float* seq_last = nullptr;
+  const float* dseq_last = nullptr;
+  int nseq = 0;
 };
 static_assert(offsetof(ScanParams, u) == 64, "the kernels were tuned with this layout (see unused_)");
 

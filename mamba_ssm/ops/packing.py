@@ -7,9 +7,10 @@ Two ways to say where sequences start (upstream Mamba-2's names and meanings):
     cu_seqlens (num_seqs + 1,) int32 or int64: cumulative lengths [0, l_0, l_0 + l_1, ..., seqlen]
                of the sequences packed in a single row (batch 1).
 
-The scan resets its state and the causal conv its window at every start. With ``cu_seqlens``,
-``return_last_state`` gives each sequence's final state, (num_seqs, dim, dstate); with ``seq_idx``
-only, each row's final state, (batch, dim, dstate), as without packing.
+The scan resets its state and the causal conv its window at every start, on every backend (the
+CUDA scan kernels take seq_idx themselves). With ``cu_seqlens``, ``return_last_state`` gives each
+sequence's final state, (num_seqs, dim, dstate); with ``seq_idx`` only, each row's final state,
+(batch, dim, dstate), as without packing.
 
 Checking a ``seq_idx`` on a GPU costs a device sync; the last tensor checked is remembered (by
 identity and version), so the layers of one model forward check it once (inference tensors, which
@@ -17,7 +18,6 @@ have no version, are checked every time).
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
@@ -148,74 +148,3 @@ def segments(seq_idx) -> list:
 def sequence_ends(cu_seqlens) -> list:
     """End positions (last index of each sequence) of checked cu_seqlens."""
     return [c - 1 for c in cu_seqlens.tolist()[1:]]
-
-
-class _Repack:
-    """Index maps between packed rows (batch, ·, seqlen) and one sequence per row, left-padded to
-    the longest, (num_seqs, ·, max_len). Left padding keeps a scan exact: with u = 0 there the state
-    stays zero until the sequence starts, and the state at the row's end is the sequence's final one."""
-
-    def __init__(self, seq_idx):
-        batch, seqlen = seq_idx.shape
-        segs = segments(seq_idx)
-        dev = seq_idx.device
-        rows = torch.tensor([r for r, _, _ in segs], device=dev)
-        first = torch.tensor([a for _, a, _ in segs], device=dev)
-        lens = torch.tensor([b - a for _, a, b in segs], device=dev)
-        self.num_seqs, self.max_len, self.batch, self.seqlen = len(segs), int(lens.max()), batch, seqlen
-        pad = self.max_len - lens                                        # (S,)
-        j = torch.arange(self.max_len, device=dev)
-        src = (rows * seqlen + first - pad)[:, None] + j                 # (S, max_len)
-        self.gather = torch.where(j >= pad[:, None], src, batch * seqlen).flatten()
-        s_of = torch.repeat_interleave(torch.arange(len(segs), device=dev), lens)
-        t_in = torch.arange(batch * seqlen, device=dev) - (rows * seqlen + first)[s_of]
-        self.scatter = s_of * self.max_len + pad[s_of] + t_in            # (batch*seqlen,)
-        last_of_row = {}
-        for i, (r, _, _) in enumerate(segs):
-            last_of_row[r] = i
-        self.row_last = torch.tensor([last_of_row[r] for r in range(batch)], device=dev)
-
-    def to_rows(self, X):
-        """(batch, c, seqlen) or (batch, g, n, seqlen) -> (num_seqs, ..., max_len), zeros on the left."""
-        lead = X.shape[1:-1]
-        c = math.prod(lead)
-        flat = X.reshape(self.batch, c, self.seqlen).permute(1, 0, 2).reshape(c, self.batch * self.seqlen)
-        flat = torch.cat([flat, flat.new_zeros((c, 1))], dim=1)
-        out = flat[:, self.gather].view(c, self.num_seqs, self.max_len).permute(1, 0, 2)
-        return out.reshape(self.num_seqs, *lead, self.max_len).contiguous()
-
-    def to_packed(self, Y):
-        """(num_seqs, c, max_len) -> (batch, c, seqlen)."""
-        c = Y.shape[1]
-        flat = Y.permute(1, 0, 2).reshape(c, self.num_seqs * self.max_len)[:, self.scatter]
-        return flat.view(c, self.batch, self.seqlen).permute(1, 0, 2)
-
-
-_last_repack: tuple | None = None  # (weakref to seq_idx, its _version, its _Repack)
-
-
-def _repack_of(seq_idx) -> _Repack:
-    """The index maps of seq_idx, remembered for the last tensor (building them syncs with the device;
-    the layers of one model forward share them)."""
-    global _last_repack
-    version = None if seq_idx.is_inference() else seq_idx._version
-    memo = _last_repack
-    if version is not None and memo is not None and memo[0]() is seq_idx and memo[1] == version:
-        return memo[2]
-    rp = _Repack(seq_idx)
-    if version is not None:
-        _last_repack = (weakref.ref(seq_idx), version, rp)
-    return rp
-
-
-def scan_by_sequences(scan, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, seq_idx=None, cu_seqlens=None):
-    """A packed selective scan computed by an unpacked ``scan`` (selective_scan_ref's signature):
-    every sequence on a row of its own, left-padded to the longest. Checked seq_idx required."""
-    rp = _repack_of(seq_idx)
-    out = scan(rp.to_rows(u), rp.to_rows(delta), A, rp.to_rows(B), rp.to_rows(C), D,
-               rp.to_rows(z) if z is not None else None, delta_bias, delta_softplus, return_last_state)
-    if not return_last_state:
-        return rp.to_packed(out)
-    out, last = out
-    return rp.to_packed(out), (last if cu_seqlens is not None else last[rp.row_last])

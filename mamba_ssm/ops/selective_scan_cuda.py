@@ -16,6 +16,13 @@ dz from it instead of recomputing y; ``save_y=False`` recomputes it and saves th
 are keyword arguments of ``selective_scan_cuda`` and settings (``MAMBA_SSM_SCAN_SEGMENT``,
 ``MAMBA_SSM_SCAN_SAVE_Y``; selective_scan_settings.py lists every setting).
 
+Packed sequences (``seq_idx`` / ``cu_seqlens``, mamba_ssm/ops/packing.py) run in the kernels
+themselves: where a sequence starts, the decay of the carried state is 0 (forward, checkpoints,
+sequence splits and backward alike; docs/selective_scan.md). With ``cu_seqlens`` and
+``return_last_state`` the forward also writes each sequence's final state where the next one
+starts, (num_seqs, dim, dstate), and the backward takes their gradients there. Without packing the
+kernels are those of before (the same PTX).
+
 Per call: the settings in force (read once at import; ``override_settings`` changes them), a
 launch plan from selective_scan_plan.py (cached per shape), then the binding.
 """
@@ -26,6 +33,7 @@ import functools
 
 import torch
 
+from mamba_ssm.ops import packing
 from mamba_ssm.ops.selective_scan_plan import BackwardPlan, ForwardPlan, plan_backward, plan_forward
 from mamba_ssm.ops.selective_scan_settings import ScanSettings, current_settings, override_settings
 
@@ -84,32 +92,42 @@ def _settings(segment, save_y) -> ScanSettings:
 
 
 class SelectiveScanCudaFn(torch.autograd.Function):
+    """seq_idx: checked (batch, seqlen) int32 or None; nseq > 0: last_state is each of the nseq
+    sequences' final state, seq_idx numbering them 0..nseq-1 (batch 1)."""
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, settings):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, settings, seq_idx, nseq):
         plan = plan_forward(*_shape_args(u, A, B, C), settings)
         save = any(ctx.needs_input_grad)
         out, last_state, ckpt, y = _ext.fwd(
             u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), plan.R, save, save and settings.save_y,
-            exact_softplus=settings.exact_softplus, poison=settings.poison, **_plan_args(plan)
+            exact_softplus=settings.exact_softplus, poison=settings.poison, seq_idx=seq_idx, nseq=nseq,
+            **_plan_args(plan)
         )
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, y)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, y, seq_idx)
             ctx.delta_softplus = bool(delta_softplus)
             ctx.settings = settings  # the backward plans with the forward's settings (R above all)
+            ctx.nseq = nseq
         return out, last_state
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, ckpt, y = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, ckpt, y, seq_idx = ctx.saved_tensors
         s = ctx.settings
         if dout is None:
             dout = torch.zeros_like(u)
+        dseq_last = None
+        if ctx.nseq and dlast is not None:
+            # every sequence's final-state gradient; the last sequence's is the row's
+            dseq_last, dlast = dlast, dlast[ctx.nseq - 1:]
         plan = plan_backward(*_shape_args(u, A, B, C), s)
         du, ddelta, dA, dB, dC, dD, dz, dbias = _ext.bwd(
             u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, plan.R, ckpt, dout, dlast, y,
-            cpb=plan.cpb, nsplit=plan.nsplit, gseg=plan.gseg, exact_softplus=s.exact_softplus, poison=s.poison
+            cpb=plan.cpb, nsplit=plan.nsplit, gseg=plan.gseg, exact_softplus=s.exact_softplus, poison=s.poison,
+            seq_idx=seq_idx, dseq_last=dseq_last
         )
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None
 
 
 def _require_ext(what: str):
@@ -139,13 +157,34 @@ def backward_plan(u, A, B, C, segment=None) -> BackwardPlan:
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        return_last_state=False, *, segment=None, save_y=None):
-    """Selective scan on our CUDA kernels; same contract as ``selective_scan_ref``.
+                        return_last_state=False, seq_idx=None, cu_seqlens=None, *, segment=None, save_y=None):
+    """Selective scan on our CUDA kernels; same contract as ``selective_scan_ref``, packed
+    sequences (seq_idx / cu_seqlens) included.
 
     segment: time steps between the states saved for the backward (1..1024, rounded up to a
     multiple of 16; default: the settings', 16). save_y: with z, save the output before the gate
     for the backward (default: the settings', True). Other settings: ``override_settings``."""
     _require_ext("use the torch backend")
     settings = _settings(segment, save_y)
-    out, last_state = SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, settings)
+    if seq_idx is not None or cu_seqlens is not None:
+        if not isinstance(u, torch.Tensor) or u.dim() != 3:
+            raise ValueError("selective_scan_cuda: u must be a (batch, dim, seqlen) tensor, got "
+                             f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+        seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device,
+                                              "selective_scan_cuda")
+    return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, seq_idx,
+                                cu_seqlens, settings)
+
+
+def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, seq_idx,
+                         cu_seqlens, settings=None):
+    """selective_scan_cuda with seq_idx / cu_seqlens already through ``packing.resolve``
+    (selective_scan_fn's route: no second check, which would sync with the device)."""
+    nseq = 0
+    if cu_seqlens is not None and return_last_state:
+        # the kernels write sequence i's final state at seq_last[i]: seq_idx must number them 0, 1, ...
+        nseq = cu_seqlens.shape[0] - 1
+        seq_idx = packing.seq_idx_from_cu_seqlens(cu_seqlens, u.shape[2], u.device)
+    out, last_state = SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                settings or current_settings(), seq_idx, nseq)
     return (out, last_state) if return_last_state else out

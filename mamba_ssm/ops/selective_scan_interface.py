@@ -5,8 +5,6 @@ Shapes and the recurrence: `selective_scan_ref` (ops/selective_scan_ref.py).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from mamba_ssm.backend import choose_backend
@@ -20,25 +18,14 @@ __all__ = ["selective_scan_fn", "selective_scan_ref", "mamba_inner_fn", "mamba_i
            "check_selective_scan_inputs"]
 
 
-_warned_packed_cuda = False
-
-
-def _packed_cuda_notice():
-    global _warned_packed_cuda
-    if not _warned_packed_cuda:
-        _warned_packed_cuda = True
-        warnings.warn("mamba_ssm: the CUDA scan kernel has no seq_idx yet; packed sequences run through it one "
-                      "sequence per row, left-padded to the longest (exact, but the scan pays for the padding)",
-                      RuntimeWarning, stacklevel=3)
-
-
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, seq_idx=None, cu_seqlens=None):
     """Selective scan on the fastest available backend (see mamba_ssm.backend).
 
     Same signature, shapes and results as `selective_scan_ref`; differentiable in every tensor input.
     The ``torch`` backend (any device) is the chunked scan of `selective_scan_chunked`, with a
-    hand-written backward. Packed sequences: seq_idx / cu_seqlens (mamba_ssm/ops/packing.py).
+    hand-written backward; the ``cuda`` backend our kernels (`selective_scan_cuda`). Packed
+    sequences: seq_idx / cu_seqlens (mamba_ssm/ops/packing.py), on both.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
@@ -50,13 +37,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             raise NotImplementedError(
                 f"selective_scan_fn: {lacking} is not supported by this package's CUDA kernel; run the call on the "
                 "PyTorch path: `with mamba_ssm.backend.use_backend('torch'):` (or MAMBA_SSM_BACKEND=torch)")
-        from mamba_ssm.ops.selective_scan_cuda import selective_scan_cuda
+        from mamba_ssm.ops.selective_scan_cuda import _selective_scan_cuda
 
-        if seq_idx is not None:
-            _packed_cuda_notice()
-            return packing.scan_by_sequences(selective_scan_cuda, u, delta, A, B, C, D, z, delta_bias,
-                                             delta_softplus, return_last_state, seq_idx, cu_seqlens)
-        return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                    seq_idx, cu_seqlens)
     if A.is_complex():  # the reference loop is the one complex implementation (autograd for the backward)
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   seq_idx=seq_idx, cu_seqlens=cu_seqlens)
