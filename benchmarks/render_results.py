@@ -232,7 +232,8 @@ def training_vs_upstream(results_dir: Path) -> _Table:
                 version = base.get("mamba_ssm_version")
                 label = (f"upstream {version or ''}".strip() if base_name == "upstream" else base_name) \
                     if base.get("tokens_per_s") is not None else None
-                what = f"{TRAINING_MODES.get(mode, mode)}, {cfg} ({vname})"
+                env = ", ".join(f"{k}={val}" for k, val in (v.get("env") or {}).items())
+                what = f"{TRAINING_MODES.get(mode, mode)}, {cfg} ({vname}{': ' + env if env else ''})"
                 rss = "" if str(run.get("peak_memory_kind", "")).startswith("cuda") else " (process max RSS)"
                 t.add(f"{what}, tokens/s", run["tokens_per_s"], base.get("tokens_per_s"), label, True, card, date,
                       name)

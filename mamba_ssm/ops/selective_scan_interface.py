@@ -163,17 +163,9 @@ def _mamba_inner(scan, xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj
                            dt_rank, dstate, dt_norm, b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
                            seq_idx)
 
-    def mixer(*args):
-        y = gated_scan(*args[:-2])
-        return channel_first_linear(y, args[-2], args[-1], channels_last_out=True).transpose(1, 2)
-
     args = (xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, B, C, D, delta_bias, B_proj_bias,
             C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight)
-    if checkpoint_lvl == 0:
-        return mixer(*args, out_proj_weight, out_proj_bias)
-    if recompute.SCOPE == "mixer":
-        return recompute.recompute_in_backward(mixer, *args, out_proj_weight, out_proj_bias, scope="mixer")
-    y = recompute.recompute_in_backward(gated_scan, *args, scope="scan")
+    y = recompute.recompute_in_backward(gated_scan, *args) if checkpoint_lvl == 1 else gated_scan(*args)
     return channel_first_linear(y, out_proj_weight, out_proj_bias, channels_last_out=True).transpose(1, 2)
 
 
@@ -221,8 +213,9 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     delta_proj_weight: (dim, dt_rank) (its bias is ``delta_bias``, added inside the scan);
     out_proj_weight: (d_model, dim). B / C given as arguments replace the projected ones.
     ``checkpoint_lvl`` 1 (the default, as upstream's) saves only xz and out_proj's input for the
-    backward, which recomputes the conv output, delta and the scan (mamba_ssm/ops/recompute.py);
-    0 saves them all: a faster backward for more memory. Packed sequences: seq_idx / cu_seqlens
+    backward, which recomputes the conv output, delta and the scan (mamba_ssm/ops/recompute.py;
+    MAMBA_SSM_RECOMPUTE=0 turns that off everywhere); 0 saves them all: a faster backward for more
+    memory. Packed sequences: seq_idx / cu_seqlens
     (mamba_ssm/ops/packing.py) reset the conv window and the scan's state where a sequence starts.
 
     Falcon-Mamba's RMS norms (eps b_c_dt_rms_eps; each None = no norm): b_rms_weight and c_rms_weight
