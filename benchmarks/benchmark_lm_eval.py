@@ -187,7 +187,8 @@ def graph_self_check(lm, n: int = 4, max_gen_toks: int = 32) -> bool:
     return with_graph == eager
 
 
-def agreement(ours_out: dict, hf_out: dict, tokenizer) -> dict:
+def agreement(ours_out: dict, hf_out: dict, tokenizer, names=("ours", "hf")) -> dict:
+    """How far two models' outputs agree (names: the two models, for the keys of the token counts)."""
     out = {}
     a = {json.dumps(k, default=str): v for k, v in ours_out.get("loglikelihood", [])}
     b = {json.dumps(k, default=str): v for k, v in hf_out.get("loglikelihood", [])}
@@ -202,8 +203,8 @@ def agreement(ours_out: dict, hf_out: dict, tokenizer) -> dict:
     common = sorted(set(a) & set(b))
     if common:
         out["generate_until"] = {"requests": len(common), "identical": sum(a[k] == b[k] for k in common) / len(common),
-                                 "ours_mean_tokens": sum(len(tokenizer.encode(a[k])) for k in common) / len(common),
-                                 "hf_mean_tokens": sum(len(tokenizer.encode(b[k])) for k in common) / len(common)}
+                                 f"{names[0]}_mean_tokens": sum(len(tokenizer.encode(a[k])) for k in common) / len(common),
+                                 f"{names[1]}_mean_tokens": sum(len(tokenizer.encode(b[k])) for k in common) / len(common)}
     return out
 
 
@@ -221,7 +222,8 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None,
                    help="directory or tokenizer.json of GPT-NeoX-20B (default: the hub's EleutherAI/gpt-neox-20b)")
     p.add_argument("--gsm8k_dir", default=None)
-    p.add_argument("--models", default="ours,hf", help="comma-separated subset of ours,hf")
+    p.add_argument("--models", default="ours,ours_unpacked,hf",
+                   help="comma-separated subset of ours (packed prefill, the default), ours_unpacked (packed=false), hf")
     p.add_argument("--no_warmup", action="store_true")
     p.add_argument("--no_cuda_graph", action="store_true", help="ours: eager decoding steps on CUDA")
     p.add_argument("--hf_kernels", choices=("torch", "mamba_ssm"), default="torch",
@@ -279,10 +281,11 @@ def main(argv=None):
         res["n_params"] = build_checkpoint(args.shape, dtype, str(device), ckpt, tokenizer_dir, args.seed)
         tokenizer = load_tokenizer(ckpt)
         for name in models:
-            if name == "ours":
+            if name in ("ours", "ours_unpacked"):
                 lm = MambaEvalLM(pretrained=str(ckpt), device=str(device), dtype=dtype_name,
                                  batch_size=args.ours_batch_size or bs, max_length=2048,
-                                 max_gen_toks=args.max_gen_toks, cuda_graph=not args.no_cuda_graph)
+                                 max_gen_toks=args.max_gen_toks, cuda_graph=not args.no_cuda_graph,
+                                 packed=name == "ours")
             elif name == "hf":
                 from lm_eval.models.huggingface import HFLM
 
@@ -290,7 +293,7 @@ def main(argv=None):
                           batch_size=bs, max_length=2048)
                 res["hf_model_class"] = type(lm.model).__name__
             else:
-                raise SystemExit(f"unknown model {name!r}: use ours and/or hf")
+                raise SystemExit(f"unknown model {name!r}: use ours, ours_unpacked and/or hf")
             if name == "ours" and device.type == "cuda" and lm._cuda_graph:
                 res["ours_cuda_graph_equals_eager"] = graph_self_check(lm)
                 if not res["ours_cuda_graph_equals_eager"]:
@@ -312,11 +315,18 @@ def main(argv=None):
             task: round(res["models"]["ours"][task]["requests_per_s"] / res["models"]["hf"][task]["requests_per_s"], 3)
             for task, _ in tasks_limits}
         res["agreement"] = agreement(outputs["ours"], outputs["hf"], tokenizer)
+    if "ours" in res["models"] and "ours_unpacked" in res["models"]:  # packed prefill against padded (issue 21)
+        res["speedup_packed_over_unpacked"] = {
+            task: round(res["models"]["ours"][task]["requests_per_s"]
+                        / res["models"]["ours_unpacked"][task]["requests_per_s"], 3) for task, _ in tasks_limits}
+        res["agreement_packed_unpacked"] = agreement(outputs["ours"], outputs["ours_unpacked"], tokenizer,
+                                                     ("packed", "unpacked"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path("lm_eval", args.shape, card_tag(device), results_dir=out_dir)
     path.write_text(json.dumps(res, indent=1, default=str))
-    print(json.dumps({k: res.get(k) for k in ("speedup_ours_over_hf", "agreement")}, indent=1, default=str))
+    print(json.dumps({k: res.get(k) for k in ("speedup_ours_over_hf", "agreement", "speedup_packed_over_unpacked",
+                                             "agreement_packed_unpacked")}, indent=1, default=str))
     print(f"wrote {path}")
     return res
 

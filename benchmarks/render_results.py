@@ -260,6 +260,10 @@ def lm_eval(results_dir: Path) -> _Table:
             n = r.get("requests")
             if n and r.get("total_s") and base.get("total_s"):  # lm-eval's whole call: tokenising, tasks, scoring
                 t.add(what + ", wall time", n / r["total_s"], n / base["total_s"], hf_label, True, card, _date(d), name)
+            unpacked = models.get("ours_unpacked", {}).get(task, {})
+            if unpacked.get("requests_per_s"):  # packed prefill (the default) against packed=false
+                t.add(what + ", model time, packed prefill", r.get("requests_per_s"), unpacked["requests_per_s"],
+                      "ours, packed=false", True, card, _date(d), name)
     return t
 
 
