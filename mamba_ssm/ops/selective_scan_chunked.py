@@ -11,9 +11,10 @@ of T steps, and all K chunks advance together: the Python loops run over the T s
 and over the K chunks (T + K ~ 2 sqrt(L) iterations), each iteration a few whole-tensor ops.
 
 Forward (``_forward_streaming``), with no (b, d, L, n) tensor at all:
-1. Δ and Δu are transposed once to time-major (T, b, K, d), so a step's slice is contiguous.
+1. Δ and Δu are transposed once to time-major rows (b, K, T, d) (one 2-D transpose per batch row),
+   so a step's slice is K contiguous rows of d.
 2. Chunk-local sweep: every chunk starts from a zero state; per step the decay
-   ``exp(Δ_t ⊗ A)`` and the input ``Δ_t u_t ⊗ B_t`` are built in a (b, K, n, d) buffer that
+   ``exp(Δ_t ⊗ A)`` (taken as ``exp2(Δ_t ⊗ A log2 e)``, much faster on CPU) and the input ``Δ_t u_t ⊗ B_t`` are built in a (b, K, n, d) buffer that
    stays in cache, and ``h = decay * h + input``. This gives each chunk's local end state.
 3. A loop over chunks turns them into true start states ``hs[k+1] = exp(A ΣΔ_k) hs[k] + end_k``.
 4. Full sweep from the true start states, the same per-step ops plus ``y_t = C_t h_t``.
@@ -58,6 +59,7 @@ EXP_FLOOR = -80.0
 MIN_CHUNK = 8
 # Elements of one step's (b, K, n, d) slice in the streaming forward: small enough to stay in cache.
 STEP_ELEMS = 3 << 16
+LOG2E = math.log2(math.e)
 
 
 def chunk_length(seqlen: int, state_elems: int = 1) -> int:
@@ -84,33 +86,30 @@ def _from_time_major(x, L):
     return x.permute(1, 3, 2, 0).reshape(b, c, K * T)[:, :, :L]
 
 
-TRANSPOSE_BLOCK = 256  # channels per copy in _to_time_major_blocked (measured on a 2-core Xeon)
+def _to_rows(x, K, T):
+    """(b, c, L) -> (b, K*T, c), time-major per batch row, zero rows past L.
 
-
-def _to_time_major_blocked(x, K, T):
-    """(b, c, K*T) -> (T, b, K, c), copied in blocks of channels (a far faster transpose on CPU)."""
-    b, c, _ = x.shape
-    out = x.new_empty((T, b, K, c))
-    xv = x.view(b, c, K, T)
-    for c0 in range(0, c, TRANSPOSE_BLOCK):
-        out[..., c0:c0 + TRANSPOSE_BLOCK] = xv[:, c0:c0 + TRANSPOSE_BLOCK].permute(3, 0, 2, 1)
+    One 2-D transpose per batch row: ATen copies a transposed contiguous matrix in cache blocks,
+    ~5x faster on CPU than a permuted copy of 3 or more dims (measured on a 2-core EPYC).
+    """
+    b, c, L = x.shape
+    out = x.new_empty((b, K * T, c))
+    if K * T != L:
+        out[:, L:].zero_()
+    for i in range(b):
+        out[i, :L].copy_(x[i].t())
     return out
 
 
-def _from_time_major_blocked(x, L, out=None):
-    """(T, b, K, c) -> (b, c, L), copied in blocks of steps (measured: 3x faster than one copy).
-
-    out: an optional (b, c, L) destination with a contiguous last dim (a channel slice of the
-    whole result, which saves concatenating the parts afterwards).
-    """
-    T, b, K, c = x.shape
-    if out is not None and K * T != L:  # padded: the (K, T) view of out does not exist
-        out.copy_(_from_time_major_blocked(x, L))
-        return out
-    dest = x.new_empty((b, c, K, T)) if out is None else out.view(b, c, K, T)
-    for t0 in range(0, T, 32):
-        dest[..., t0:t0 + 32] = x[t0:t0 + 32].permute(1, 3, 2, 0)
-    return dest.view(b, c, K * T)[:, :, :L] if out is None else out
+def _from_rows(x, L, out=None):
+    """(b, K*T, c) -> (b, c, L), written into out if given (a channel slice of the whole result,
+    which saves concatenating the parts afterwards)."""
+    b, _, c = x.shape
+    if out is None:
+        out = x.new_empty((b, c, L))
+    for i in range(b):
+        out[i].copy_(x[i, :L].t())
+    return out
 
 
 def _bc_time_major(X, K, T):
@@ -220,30 +219,31 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None, keep=None
     batch, dim, L = dt.shape
     n = Af.shape[1]
     dg = dim // G
-    if K * T != L:
-        dt = F.pad(dt, (0, K * T - L))
-        x = F.pad(x, (0, K * T - L))
-    DTs = _to_time_major_blocked(dt, K, T).view(T, batch, K, G, 1, dg)
-    Xs = _to_time_major_blocked(x, K, T).view(T, batch, K, G, 1, dg)
+    # time-major rows (b, K, T, c): step t of every chunk is the slice [:, :, t]
+    DTs = _to_rows(dt, K, T).view(batch, K, T, G, 1, dg).unbind(2)
+    Xs = _to_rows(x, K, T).view(batch, K, T, G, 1, dg).unbind(2)
     AtG = Af.reshape(G, dg, n).transpose(1, 2).contiguous()  # (G, n, dg)
+    # exp(Δ A) is taken as exp2(Δ (A log2 e)): torch's exp2 is ~3x faster than its exp on CPU (exp goes
+    # through MKL's vector math, slow on AMD CPUs); the extra rounding of A log2 e is one fp32 ulp.
+    At2 = AtG * LOG2E
     gidx = torch.arange(G, device=dt.device)
     BtG = _bc_time_major(B4, K, T)[:, :, :, gidx // rB].unsqueeze(-1)  # (T, b, K, G, n, 1)
     CtG = _bc_time_major(C4, K, T)[:, :, :, gidx // rC].unsqueeze(-2)  # (T, b, K, G, 1, n)
     DA = dt.new_empty((batch, K, G, n, dg))
     h = torch.empty_like(DA)
     keeps = keep.view(T, batch, K, 1, 1, 1).unbind(0) if keep is not None else None
-    # chunk-local sweep from zero states; the step slices are gathered once into time-major copies
+    # chunk-local sweep from zero states
     for t in range(T):
         if t == 0:
             torch.mul(Xs[0], BtG[0], out=h)
             continue
-        torch.mul(DTs[t], AtG, out=DA)
-        DA.exp_()
+        torch.mul(DTs[t], At2, out=DA)
+        DA.exp2_()
         if keeps is not None:
             DA.mul_(keeps[t])
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
     # chunk start states
-    decay = (DTs.sum(0) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
+    decay = (sum(DTs) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
     if chunk_keep is not None:
         decay.mul_(chunk_keep.view(batch, K, 1, 1, 1))
     hs = torch.empty_like(h)
@@ -252,18 +252,21 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None, keep=None
         torch.addcmul(h[:, k - 1], decay[:, k - 1], hs[:, k - 1], out=hs[:, k])
     # full sweep from the true start states; y_t = C_t h_t
     h.copy_(hs)
-    Y = dt.new_empty((T, batch, K, G, 1, dg))
+    Y = dt.new_empty((batch, K, T, G, 1, dg))
+    Ys = Y.unbind(2)
+    y_t = dt.new_empty((batch, K, G, 1, dg))
     finals = h.new_empty((sum(len(i) for i, _ in ends.values()), G, n, dg)) if ends is not None else None
     for t in range(T):
-        torch.mul(DTs[t], AtG, out=DA)
-        DA.exp_()
+        torch.mul(DTs[t], At2, out=DA)
+        DA.exp2_()
         if keeps is not None:
             DA.mul_(keeps[t])
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
-        torch.matmul(CtG[t], h, out=Y[t])
+        torch.matmul(CtG[t], h, out=y_t)
+        Ys[t].copy_(y_t)
         if ends is not None and t in ends:
             finals[ends[t][0]] = h[0, ends[t][1]]
-    y = _from_time_major_blocked(Y.view(T, batch, K, dim), L, out=y_out)
+    y = _from_rows(Y.view(batch, K * T, dim), L, out=y_out)
     HS = hs.permute(0, 1, 3, 2, 4).reshape(batch, K, n, dim)
     if finals is not None:
         return y, HS, finals.transpose(-1, -2).reshape(finals.shape[0], dim, n)
