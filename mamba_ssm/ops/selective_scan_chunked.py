@@ -170,13 +170,18 @@ class _Workspace:
         return [f[: math.prod(s)].view(s) for f, s in zip(self.flat, shapes)]
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
-    """fp32 copies and the step size Δ (after bias and softplus); B, C as (b, G, n, L)."""
-    uf = u.float()
+def _step_size(delta, delta_bias, delta_softplus):
+    """fp32 (Δ before softplus, Δ)."""
     dt_raw = delta.float()
     if delta_bias is not None:
         dt_raw = dt_raw + delta_bias.float().unsqueeze(-1)
-    dt = F.softplus(dt_raw) if delta_softplus else dt_raw
+    return dt_raw, (F.softplus(dt_raw) if delta_softplus else dt_raw)
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """fp32 copies and the step size Δ (after bias and softplus); B, C as (b, G, n, L)."""
+    uf = u.float()
+    dt_raw, dt = _step_size(delta, delta_bias, delta_softplus)
     Af = A.float()
     B4 = (B.unsqueeze(1) if B.dim() == 3 else B).float()
     C4 = (C.unsqueeze(1) if C.dim() == 3 else C).float()
@@ -327,28 +332,38 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
                 block_elems, seq_idx, cu_seqlens):
         batch, dim, L = u.shape
         n = A.shape[1]
-        uf, dt_raw, dt, Af, B4, C4 = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        uf, Af = u.float(), A.float()
+        B4 = (B.unsqueeze(1) if B.dim() == 3 else B).float()
+        C4 = (C.unsqueeze(1) if C.dim() == 3 else C).float()
         G, rB, rC = _groups(dim, B4.shape[1], C4.shape[1])
         parts = _channel_parts(uf, G, n)
         part_dim = max(c1 - c0 for c0, c1 in parts)
         T = max(1, min(chunk_size or chunk_length(L, batch * part_dim * n), L))
         K = -(-L // T)
-        x = dt * uf
         keep, chunk_keep, ends = _packing_layout(seq_idx, cu_seqlens, L, K, T, u.device)
-        # each part writes its channels of y in place (no concatenation of the parts' outputs)
+        Df = D.float().unsqueeze(-1) if D is not None else None
+        # each part computes its channels from Δ to the gated output, written in place (no concatenation)
         y = uf.new_empty((batch, dim, L))
-        res = _run_parts(lambda c0, c1: _forward_streaming(dt[:, c0:c1], x[:, c0:c1], Af[c0:c1], B4, C4,
-                                                           G, rB, rC, T, K, y_out=y[:, c0:c1], keep=keep,
-                                                           chunk_keep=chunk_keep, ends=ends), parts)
+        # y is kept for backward when gated: the gate is applied into a new tensor
+        out = y if z is None else torch.empty_like(y)
+
+        def part(c0, c1):
+            _, dt = _step_size(delta[:, c0:c1], None if delta_bias is None else delta_bias[c0:c1], delta_softplus)
+            ub, yb = uf[:, c0:c1], y[:, c0:c1]
+            r = _forward_streaming(dt, dt * ub, Af[c0:c1], B4, C4, G, rB, rC, T, K, y_out=yb, keep=keep,
+                                   chunk_keep=chunk_keep, ends=ends)
+            if Df is not None:
+                yb.addcmul_(ub, Df[c0:c1])
+            if z is not None:
+                torch.mul(F.silu(z[:, c0:c1].float()), yb, out=out[:, c0:c1])
+            return r
+
+        res = _run_parts(part, parts)
         if len(res) == 1:
             _, HS, last = res[0]
         else:
             HS = torch.cat([r[1] for r in res], dim=-1)
             last = torch.cat([r[2] for r in res], dim=1)
-        if D is not None:
-            y.addcmul_(uf, D.float().unsqueeze(-1))
-        # y is kept for backward when gated: the gate is applied to a new tensor, in place there
-        out = y if z is None else F.silu(z.float()).mul_(y)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, HS, y if z is not None else None)
         ctx.delta_softplus = delta_softplus
         ctx.T = T
