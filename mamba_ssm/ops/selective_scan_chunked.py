@@ -236,7 +236,8 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None, keep=None
     n = Af.shape[1]
     dg = dim // G
     # time-major rows (b, K, T, c): step t of every chunk is the slice [:, :, t]
-    DTs = _to_rows(dt, K, T).view(batch, K, T, G, 1, dg).unbind(2)
+    DTr = _to_rows(dt, K, T).view(batch, K, T, G, 1, dg)
+    DTs = DTr.unbind(2)
     Xs = _to_rows(x, K, T).view(batch, K, T, G, 1, dg).unbind(2)
     AtG = Af.reshape(G, dg, n).transpose(1, 2).contiguous()  # (G, n, dg)
     # exp(Δ A) is taken as exp2(Δ (A log2 e)): torch's exp2 is ~3x faster than its exp on this CPU (2-core
@@ -259,7 +260,7 @@ def _forward_streaming(dt, x, Af, B4, C4, G, rB, rC, T, K, y_out=None, keep=None
             DA.mul_(keeps[t])
         h.mul_(DA).addcmul_(Xs[t], BtG[t])
     # chunk start states
-    decay = (sum(DTs) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
+    decay = (DTr.sum(2) * AtG).clamp_min_(EXP_FLOOR).exp_()  # (b, K, G, n, dg)
     if chunk_keep is not None:
         decay.mul_(chunk_keep.view(batch, K, 1, 1, 1))
     hs = torch.empty_like(h)
