@@ -145,6 +145,50 @@ def test_channel_parts_on_worker_threads(monkeypatch):
     assert torch.get_num_threads() == threads
 
 
+def test_time_major_rows_round_trip():
+    """_to_rows / _from_rows: zero rows past L, batch rows, a channel slice of a bigger tensor in and out."""
+    import mamba_ssm.ops.selective_scan_chunked as ssc
+
+    x = torch.randn(3, 10, 23)[:, 2:9]  # (3, 7, 23), rows not contiguous across the batch
+    rows = ssc._to_rows(x, 4, 6)
+    assert rows.shape == (3, 24, 7)
+    torch.testing.assert_close(rows[:, :23], x.transpose(1, 2), rtol=0, atol=0)
+    assert (rows[:, 23:] == 0).all()
+    out = torch.full((3, 10, 23), 7.0)
+    ssc._from_rows(rows, 23, out=out[:, 2:9])
+    torch.testing.assert_close(out[:, 2:9], x, rtol=0, atol=0)
+    assert (out[:, :2] == 7).all() and (out[:, 9:] == 7).all()
+    torch.testing.assert_close(ssc._from_rows(rows, 23), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [True, False])
+def test_channel_parts_with_strided_inputs(monkeypatch, options):
+    """Worker-thread parts (each computing its own softplus, Δu, D skip and gate) on u, delta, z that are
+    channel slices of one (batch, 3*dim, L) tensor, as Mamba's in_proj output is; seqlen not a multiple of
+    the chunk length."""
+    import mamba_ssm.ops.selective_scan_chunked as ssc
+
+    monkeypatch.setattr(ssc, "PARALLEL_MIN_WORK", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ins = make_inputs(2, 6, 37, 4, None, D=options, z=options, delta_bias=options, seed=21)
+        big = torch.randn(2, 18, 37)
+        for i, k in enumerate(("u", "delta", "z")):
+            if ins[k] is not None:
+                big[:, 6 * i:6 * (i + 1)] = ins[k].detach()
+        leaf = big.requires_grad_()
+        ins.update(u=leaf[:, :6], delta=leaf[:, 6:12], z=leaf[:, 12:] if options else None)
+        assert not ins["u"].is_contiguous()
+
+        def fn(*args, **kw):
+            return selective_scan_chunked(*args, **kw, chunk_size=8)
+
+        check_against_recurrence(fn, ins, options, 2e-5, 5e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_output_only_gradient_and_no_last_state():
     ins = make_inputs(1, 4, 33, 4, None, seed=5)
     tensors = [ins[k] for k in NAMES]
