@@ -146,7 +146,7 @@ def child(args):
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-        import mamba_ssm
+        mamba_ssm = _v.import_variant_mamba_ssm()
 
         res.update(mamba_ssm_file=str(Path(mamba_ssm.__file__).parent), mamba_ssm_version=getattr(
             mamba_ssm, "__version__", None), torch=torch.__version__, device=device, dtype=str(dtype)[6:])

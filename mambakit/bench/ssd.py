@@ -240,7 +240,7 @@ def child(args):
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         cuda = device.startswith("cuda")
-        import mamba_ssm
+        mamba_ssm = _v.import_variant_mamba_ssm()
 
         res.update(mamba_ssm_file=str(Path(mamba_ssm.__file__).parent), mamba_ssm_version=getattr(
             mamba_ssm, "__version__", None), torch=torch.__version__, device=device,

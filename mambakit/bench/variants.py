@@ -63,6 +63,20 @@ def build_lm(shape, device, dtype, seed=0, vocab=50280):
     return MambaLMHeadModel(cfg, device=device, dtype=dtype)
 
 
+def import_variant_mamba_ssm():
+    """The child's `mamba_ssm`, which must come from its variant's tree (the first PYTHONPATH entry):
+    an installed package found instead (an editable install of this repository, say) would be
+    measured under the variant's name."""
+    import mamba_ssm
+
+    tree = Path(os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or ".").resolve()
+    found = Path(mamba_ssm.__file__).resolve().parent
+    if tree not in found.parents:
+        raise ModuleNotFoundError(f"no mamba_ssm in the variant's tree {tree} (PYTHONPATH); "
+                                  f"Python imported {found} instead", name="mamba_ssm")
+    return mamba_ssm
+
+
 def emit(result: dict) -> None:
     """The child's answer to the parent: one line on stdout."""
     print(MARKER + json.dumps(result), flush=True)
