@@ -92,12 +92,20 @@ def test_packed_same_gradients(monkeypatch):
     _same(g, g0)
 
 
-def test_no_grad_runs_plainly(monkeypatch):
+def test_no_grad_or_disabled_runs_plainly(monkeypatch):
+    """Without autograd recording (or when turned off) fn runs as itself, never through checkpoint."""
+    def no_checkpoint(*a, **k):
+        raise AssertionError("checkpoint used")
+
+    monkeypatch.setattr(recompute, "checkpoint", no_checkpoint)
     monkeypatch.setattr(recompute, "ENABLED", True)
-    calls = []
     with torch.no_grad():
-        recompute.recompute_in_backward(lambda x: calls.append(x) or x, torch.ones(2))
-    assert len(calls) == 1
+        assert recompute.recompute_in_backward(torch.neg, torch.ones(2)).tolist() == [-1.0, -1.0]
+    monkeypatch.setattr(recompute, "ENABLED", False)
+    assert recompute.recompute_in_backward(torch.neg, torch.ones(2, requires_grad=True)).requires_grad
+    monkeypatch.setattr(recompute, "ENABLED", True)
+    with pytest.raises(AssertionError, match="checkpoint used"):
+        recompute.recompute_in_backward(torch.neg, torch.ones(2, requires_grad=True))
 
 
 def test_bad_setting_named():
