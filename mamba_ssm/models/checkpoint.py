@@ -74,6 +74,20 @@ class CheckpointError(ValueError):
 # config.json <-> MambaConfig
 # ----------------------------------------------------------------------------------------------------
 
+
+def _merge_ssm_cfg(ssm: dict, ssm_cfg: dict, known: set) -> None:
+    """ssm (transformers' defaults) updated from ssm_cfg's fields it has; a field outside `known` is an error."""
+    unknown = sorted(set(ssm_cfg) - known)
+    if unknown:
+        raise CheckpointError(f"ssm_cfg field(s) {', '.join(unknown)} have no transformers equivalent")
+    ssm.update({k: v for k, v in ssm_cfg.items() if k in ssm})
+
+
+def _integer_expand(expand, config_name: str) -> int:
+    if float(expand) != int(expand):
+        raise CheckpointError(f"transformers' {config_name} needs an integer expand, got {expand!r}")
+    return int(expand)
+
 def detect_layout(config_dict: dict, source: str = "config.json") -> str:
     """'mamba_ssm' for upstream's config (d_model, n_layer, ...), 'transformers' for MambaForCausalLM's."""
     if not isinstance(config_dict, dict):
@@ -244,14 +258,9 @@ def config_to_transformers_mamba2_dict(config, ssm_cfg, vocab_rows, norm_epsilon
         if name in ssm_cfg and ssm_cfg[name] != only:
             raise CheckpointError(f"transformers' Mamba2ForCausalLM cannot hold ssm_cfg {name}={ssm_cfg[name]!r} "
                                   f"(it has {name}={only!r})")
-    unknown = sorted(set(ssm_cfg) - holdable - set(cannot))
-    if unknown:
-        raise CheckpointError(f"ssm_cfg field(s) {', '.join(unknown)} have no transformers equivalent")
-    ssm.update({k: v for k, v in ssm_cfg.items() if k in ssm})
-    expand = ssm["expand"]
-    if float(expand) != int(expand):
-        raise CheckpointError(f"transformers' Mamba2Config needs an integer expand, got {expand!r}")
-    d_inner = int(expand) * config.d_model
+    _merge_ssm_cfg(ssm, ssm_cfg, holdable | set(cannot))
+    expand = _integer_expand(ssm["expand"], "Mamba2Config")
+    d_inner = expand * config.d_model
     lo, hi = (float(v) for v in ssm["dt_limit"])
     out = {
         "architectures": ["Mamba2ForCausalLM"],
@@ -263,7 +272,7 @@ def config_to_transformers_mamba2_dict(config, ssm_cfg, vocab_rows, norm_epsilon
         "head_dim": ssm["headdim"],
         "n_groups": ssm["ngroups"],
         "state_size": ssm["d_state"],
-        "expand": int(expand),
+        "expand": expand,
         "conv_kernel": ssm["d_conv"],
         "chunk_size": ssm["chunk_size"],
         "time_step_limit": [lo, hi],
@@ -334,14 +343,8 @@ def config_to_transformers_dict(config, vocab_rows=None, norm_epsilon=_DEFAULT_N
     if layer != "Mamba1":
         raise CheckpointError(f"ssm_cfg layer {layer!r} cannot be written as transformers' MambaForCausalLM")
     mixer_rms_eps = ssm_cfg.pop("b_c_dt_rms_eps", None)   # set: FalconMambaForCausalLM
-    unknown = sorted(set(ssm_cfg) - set(ssm) - {"use_fast_path"})
-    if unknown:
-        raise CheckpointError(f"ssm_cfg field(s) {', '.join(unknown)} have no transformers equivalent")
-    ssm.update({k: v for k, v in ssm_cfg.items() if k in ssm})
-    expand = ssm["expand"]
-    if float(expand) != int(expand):
-        raise CheckpointError(f"transformers' MambaConfig needs an integer expand, got {expand!r}")
-    expand = int(expand)
+    _merge_ssm_cfg(ssm, ssm_cfg, set(ssm) | {"use_fast_path"})
+    expand = _integer_expand(ssm["expand"], "MambaConfig")
     dt_rank = math.ceil(config.d_model / 16) if ssm["dt_rank"] == "auto" else int(ssm["dt_rank"])
     out = {
         "architectures": ["MambaForCausalLM"],
