@@ -27,7 +27,8 @@ setup(
     description="Mamba (selective state-space) language models: upstream-compatible mamba_ssm that runs "
                 "everywhere, LoRA fine-tuning, lm-eval evaluation and benchmarks for math reasoning",
     packages=find_packages(include=["mamba_ssm", "mamba_ssm.*", "mambakit", "mambakit.*"]),
-    package_data={"mambakit": ["assets/*", "assets/**/*"]},
+    # the CPU scan's C source, compiled on first use (mamba_ssm/ops/selective_scan_cpu.py)
+    package_data={"mambakit": ["assets/*", "assets/**/*"], "mamba_ssm": ["ops/*.c"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",  # bring your own build (CUDA on clusters, CPU on a laptop)

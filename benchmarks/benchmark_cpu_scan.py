@@ -1,5 +1,8 @@
 """CPU benchmark: selective_scan_fn (PyTorch backend, chunked scan) against selective_scan_ref (a loop per step).
 
+The chunked scan's forward runs in C where it builds (mamba_ssm/ops/selective_scan_cpu.py); its
+PyTorch forward (MAMBA_SSM_CPU_KERNEL=0) is timed too, alternating with it, as chunked_torch_fwd.
+
 Shape (batch, dim, seqlen, dstate) = (1, 1536, 1024, 16) by default, fp32, with z, D, delta_bias and
 softplus, inputs drawn as in a freshly initialised Mamba layer. Times the forward (no grad) and the
 forward + backward (torch.autograd.grad of <out, cotangent> for all eight inputs), reports medians and
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mamba_ssm.backend import use_backend  # noqa: E402
+from mamba_ssm.ops import selective_scan_cpu  # noqa: E402
 from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref  # noqa: E402
 from mambakit.bench.results import results_path  # noqa: E402
 
@@ -99,11 +103,22 @@ def main(argv=None):
     with use_backend("torch"):
         fwd(selective_scan_fn)()  # warm up
         fwd_bwd(selective_scan_fn)()
-        t, out_fast = timed(fwd(selective_scan_fn), args.repeats)
-        results["chunked_fwd"] = summary(t)
+        c_built = selective_scan_cpu.library() is not None
+        t_c, t_torch = [], []
+        for _ in range(args.repeats):   # the C forward and the PyTorch one alternate
+            t, out_fast = timed(fwd(selective_scan_fn), 1)
+            t_c += t
+            selective_scan_cpu.set_enabled(False)
+            try:
+                t_torch += timed(fwd(selective_scan_fn), 1)[0]
+            finally:
+                selective_scan_cpu.set_enabled(True)
+        results["chunked_fwd"] = summary(t_c)
+        results["chunked_torch_fwd"] = summary(t_torch)
         t, g_fast = timed(fwd_bwd(selective_scan_fn), args.repeats)
         results["chunked_fwd_bwd"] = summary(t)
-        print(f"chunked: fwd {results['chunked_fwd']['median_s'] * 1e3:.1f} ms, "
+        print(f"chunked: fwd {results['chunked_fwd']['median_s'] * 1e3:.1f} ms (C: {c_built}), "
+              f"PyTorch fwd {results['chunked_torch_fwd']['median_s'] * 1e3:.1f} ms, "
               f"fwd+bwd {results['chunked_fwd_bwd']['median_s'] * 1e3:.1f} ms", flush=True)
     t, out_ref = timed(fwd(selective_scan_ref), args.ref_fwd_repeats)
     results["ref_fwd"] = summary(t)
@@ -120,6 +135,7 @@ def main(argv=None):
     check.update({f"grad_{k}": rel_err(a, b) for k, a, b in zip(NAMES, g_fast, g_ref)})
     speedup = {
         "fwd": results["ref_fwd"]["median_s"] / results["chunked_fwd"]["median_s"],
+        "c_fwd_vs_torch_fwd": results["chunked_torch_fwd"]["median_s"] / results["chunked_fwd"]["median_s"],
         "fwd_bwd": results["ref_fwd_bwd"]["median_s"] / results["chunked_fwd_bwd"]["median_s"],
     }
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -143,6 +159,7 @@ def main(argv=None):
             "init": "A = -(1..dstate); delta ~ 0.5 N(0,1); delta_bias = softplus^-1(log-uniform[1e-3, 0.1]); "
                     "u, B, C, z ~ N(0,1); D = 1",
             "backward": "torch.autograd.grad(out, all 8 inputs, random cotangent)",
+            "c_forward_built": c_built,
         },
         "repeats": {"chunked": args.repeats, "ref_fwd": args.ref_fwd_repeats, "ref_fwd_bwd": args.ref_bwd_repeats},
         "results": results,
