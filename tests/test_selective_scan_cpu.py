@@ -1,5 +1,6 @@
-"""The C forward of the CPU scan (mamba_ssm/ops/selective_scan_cpu.py) against its reference,
-_forward_streaming, and against a float64 recurrence; its build, cache and fall-back."""
+"""The C forward and backward of the CPU scan (mamba_ssm/ops/selective_scan_cpu.py) against their
+references (_forward_streaming, the PyTorch backward) and a float64 recurrence; the build, cache
+and fall-back."""
 import math
 import warnings
 
@@ -9,7 +10,8 @@ import torch
 from mamba_ssm.ops import selective_scan_chunked as chunked
 from mamba_ssm.ops import selective_scan_cpu as cpu
 from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
-from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
+from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref
 
 needs_lib = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the C scan cannot be built here")
 
@@ -143,6 +145,76 @@ def test_selective_scan_fn_on_the_cpu_runs_the_c_forward_and_keeps_its_gradients
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def scan_inputs(batch, dim, L, n, GB, GC, seed):
+    """selective_scan_fn's inputs (u, delta, A, B, C, D, z, delta_bias), B and C grouped (b, G, n, L)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, L, generator=g), torch.randn(batch, dim, L, generator=g) - 1.0,
+            -torch.rand(dim, n, generator=g) * 2 - 0.1, torch.randn(batch, GB, n, L, generator=g),
+            torch.randn(batch, GC, n, L, generator=g), torch.randn(dim, generator=g),
+            torch.randn(batch, dim, L, generator=g), torch.randn(dim, generator=g) * 0.5]
+
+
+def grads_of(fn, ins, with_last, seed=9, **kw):
+    ins = [t.clone().requires_grad_() for t in ins]
+    res = fn(*ins[:7], delta_bias=ins[7], delta_softplus=True, return_last_state=with_last, **kw)
+    out, last = res if with_last else (res, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g)).sum()
+    if last is not None:
+        loss = loss + (last * torch.randn(last.shape, generator=g)).sum()
+    return [out] + ([last] if with_last else []) + list(torch.autograd.grad(loss, ins))
+
+
+BWD_CASES = [  # batch, dim, L, n, GB, GC, chunk
+    (1, 48, 100, 16, 1, 1, 16),
+    (2, 37, 64, 16, 1, 1, 8),
+    (1, 40, 33, 5, 1, 1, 11),
+    (2, 24, 50, 16, 2, 4, 10),
+    (1, 20, 1, 16, 1, 1, 1),
+    (1, 16, 70, 64, 1, 1, 70),
+]
+
+
+@needs_lib
+@pytest.mark.parametrize("batch,dim,L,n,GB,GC,chunk", BWD_CASES)
+@pytest.mark.parametrize("with_last", [False, True])
+def test_c_backward_matches_the_pytorch_backward_and_float64(batch, dim, L, n, GB, GC, chunk, with_last):
+    ins = scan_inputs(batch, dim, L, n, GB, GC, seed=dim + L + n)
+    got = grads_of(selective_scan_chunked, ins, with_last, chunk_size=chunk)
+    cpu.set_enabled(False)
+    try:
+        expected = grads_of(selective_scan_chunked, ins, with_last, chunk_size=chunk)
+    finally:
+        cpu.set_enabled(True)
+    oracle = grads_of(selective_scan_ref, [t.double() for t in ins], with_last)
+    for a, b, o in zip(got, expected, oracle):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.double(), o.double(), rtol=1e-4, atol=1e-4)
+
+
+@needs_lib
+@pytest.mark.parametrize("lengths,chunk", [([1, 7, 30, 2, 24], 8), ([5] * 70 + [3], 32)])
+def test_c_backward_packed_with_each_sequences_final_state(lengths, chunk):
+    L = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    ins = scan_inputs(1, 24, L, 16, 1, 1, seed=len(lengths))
+    got = grads_of(selective_scan_chunked, ins, True, chunk_size=chunk, cu_seqlens=cu)
+    cpu.set_enabled(False)
+    try:
+        expected = grads_of(selective_scan_chunked, ins, True, chunk_size=chunk, cu_seqlens=cu)
+    finally:
+        cpu.set_enabled(True)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # each sequence alone, from a zero state
+    for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        alone = [t[..., s:e] if t.dim() >= 3 else t for t in ins]
+        out, last = selective_scan_ref(*[t.double() for t in alone[:7]], delta_bias=alone[7].double(),
+                                       delta_softplus=True, return_last_state=True)
+        torch.testing.assert_close(got[0][..., s:e].double(), out, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1][i:i + 1].double(), last.double(), rtol=1e-4, atol=1e-4)
+
+
 def test_without_a_compiler_it_warns_once_and_the_pytorch_scan_runs(monkeypatch):
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_failed", None)
@@ -180,7 +252,7 @@ def test_the_build_is_cached_under_a_key_and_a_failed_native_flag_is_retried_wit
     monkeypatch.setenv("MAMBA_SSM_CACHE_DIR", str(tmp_path / "other"))
     portable = cpu._build(cc)
     assert portable.exists() and portable.name != path.name
-    fn = cpu._load(portable)
+    fn = cpu._load(portable).forward
     dt, x, A, B4, C4 = inputs(1, 16, 12, 16)
     y = torch.empty(1, 16, 12)
     assert fn(1, 16, 12, 16, dt.data_ptr(), x.data_ptr(), (A * cpu.LOG2E).data_ptr(),

@@ -24,9 +24,9 @@ large decays underflow to 0 instead of overflowing; chunk decays are floored at 
 the CPU off its slow denormal path. The step slice size (``STEP_ELEMS``) sets K: few chunks so
 that a step's buffers stay in cache, at most ~sqrt(L) so that both loops stay short.
 
-On the CPU, the forward of each part runs in C where a C compiler exists (``selective_scan_cpu.py``:
-the same recurrence one step after another per channel, ~4x faster than the steps above on 2 cores);
-``_forward_streaming`` is its reference and the fall-back.
+On the CPU, the forward and backward of each part run in C where a C compiler exists
+(``selective_scan_cpu.py``: the same recurrence one step after another per channel);
+``_forward_streaming`` and the PyTorch backward below are their references and the fall-back.
 
 On the CPU, big calls are split over channels into one part per intra-op thread, each run on a
 worker thread with one intra-op thread (``PARALLEL_MIN_WORK``): the scan is many small ops, and a
@@ -501,14 +501,22 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
                 gu[:, d0:d1] += _from_time_major(gxb.mul_(dtb), L)
             return gBt, gCt
 
-        sums = _run_parts(run_blocks, _channel_parts(uf, G, n))
-        gBt = sum(r[0] for r in sums)
-        gCt = sum(r[1] for r in sums)
+        parts = _channel_parts(uf, G, n)
+        if uf.device.type == "cpu" and selective_scan_cpu.usable(n):
+            # the C backward (selective_scan_cpu.py); run_blocks is its reference
+            gA = torch.zeros(Af.shape, dtype=torch.float32)
+            gu = gu.contiguous()   # gy * D keeps gy's layout, which may be channel-first
+            c_bwd = selective_scan_cpu.Backward(dt, x, uf, gy, Af, B4, C4, T, K, HS, keep, ends, glast_f, gdt, gu, gA)
+            sums = _run_parts(c_bwd.part, parts)
+            gB4 = sum(r[0] for r in sums).transpose(-1, -2)
+            gC4 = sum(r[1] for r in sums).transpose(-1, -2)
+        else:
+            sums = _run_parts(run_blocks, parts)
+            gB4 = _bc_from_time_major(sum(r[0] for r in sums), L)
+            gC4 = _bc_from_time_major(sum(r[1] for r in sums), L)
         if ctx.delta_softplus:
             gdt.mul_(torch.sigmoid(dt_raw))
         gdelta_bias = gdt.sum((0, 2)) if delta_bias is not None else None
-        gB4 = _bc_from_time_major(gBt, L)
-        gC4 = _bc_from_time_major(gCt, L)
         gB = gB4.squeeze(1) if B.dim() == 3 else gB4
         gC = gC4.squeeze(1) if C.dim() == 3 else gC4
 

@@ -15,6 +15,7 @@
  * the products are flushed to zero during the call as well).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -167,5 +168,161 @@ int selective_scan_fwd_f32(
 #if defined(__x86_64__) || defined(__i386__)
     _mm_setcsr(csr);
 #endif
+    return 0;
+}
+
+static inline __attribute__((always_inline)) float hsum(vf v)
+{
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+}
+
+/* The backward of one block of channels [0, cw) (cw <= W) of one batch row, chunk by chunk from the
+ * end: each chunk's states are rebuilt from its start state in hs (hs[k * hs_sk + j * hs_sn + c]),
+ * then the state gradient runs back through it, g_t = C_t gy_t + exp(dt_{t+1} A) g_{t+1}.
+ * Rows of dt, x, u, gy, gdt, gu have stride L; gdt is written, gu added to. ga (N, W) receives
+ * sum_t dt_t M_t; gB, gC (L, N) receive sum_c g_t x_t and sum_c gy_t h_t. glast: (cw, N) added to
+ * g at step L-1, or NULL; ends / gfin: the states at positions ends[e] get gfin[e * fin_s + c * N + j]. */
+static inline __attribute__((always_inline)) void scan_block_bwd(
+    const int64_t N, const int64_t cw, const int64_t L, const float *dt, const float *x, const float *u,
+    const float *gy, const float *A2, const float *A, const float *Bt, const float *Ct, const float *keep,
+    const int64_t T, const int64_t K, const float *hs, const int64_t hs_sk, const int64_t hs_sn,
+    const float *glast, const int64_t *ends, const int64_t nends, const float *gfin, const int64_t fin_s,
+    float *gdt, float *gu, float *gA, float *gB, float *gC, float *work)
+{
+    float a2[MAX_DSTATE][W] __attribute__((aligned(64)));
+    float an[MAX_DSTATE][W] __attribute__((aligned(64)));
+    float g[MAX_DSTATE][W] __attribute__((aligned(64)));
+    float ga[MAX_DSTATE][W] __attribute__((aligned(64)));
+    /* work: H (T + 1, N, W) states, DA (T, N, W) decays, then (T, W) tiles of dt, x, u, gy, gdt, gu */
+    float *Hw = work, *DAw = Hw + (T + 1) * N * W, *tl = DAw + T * N * W;
+    float *dl = tl, *xl = dl + T * W, *ul = xl + T * W, *gyl = ul + T * W, *gdl = gyl + T * W, *gul = gdl + T * W;
+    for (int64_t j = 0; j < N; j++)
+        for (int64_t c = 0; c < W; c++) {
+            a2[j][c] = c < cw ? A2[c * N + j] : 0.0f;
+            an[j][c] = c < cw ? A[c * N + j] : 0.0f;
+            g[j][c] = 0.0f;
+            ga[j][c] = 0.0f;
+        }
+    int64_t e = nends - 1;
+    for (int64_t k = K - 1; k >= 0; k--) {
+        const int64_t ts = k * T, tn = L - ts < T ? L - ts : T;
+        for (int64_t c = 0; c < W; c++)
+            for (int64_t s = 0; s < tn; s++) {
+                const int in = c < cw;
+                dl[s * W + c] = in ? dt[c * L + ts + s] : 0.0f;
+                xl[s * W + c] = in ? x[c * L + ts + s] : 0.0f;
+                ul[s * W + c] = in ? u[c * L + ts + s] : 0.0f;
+                gyl[s * W + c] = in ? gy[c * L + ts + s] : 0.0f;
+            }
+        /* the chunk's states, from its start state */
+        for (int64_t j = 0; j < N; j++)
+            for (int64_t c = 0; c < W; c++) Hw[j * W + c] = c < cw ? hs[k * hs_sk + j * hs_sn + c] : 0.0f;
+        for (int64_t s = 0; s < tn; s++) {
+            const float kp = keep ? keep[ts + s] : 1.0f;
+            const float *b = Bt + (ts + s) * N;
+            for (int64_t v = 0; v < W; v += VW) {
+                const vf dv = *(const vf *)&dl[s * W + v], xv = *(const vf *)&xl[s * W + v];
+                for (int64_t j = 0; j < N; j++) {
+                    vf da = exp2_vec(dv * *(const vf *)&a2[j][v]) * kp;
+                    *(vf *)&DAw[(s * N + j) * W + v] = da;
+                    *(vf *)&Hw[((s + 1) * N + j) * W + v] = da * *(const vf *)&Hw[(s * N + j) * W + v] + xv * b[j];
+                }
+            }
+        }
+        /* back through the chunk */
+        for (int64_t s = tn - 1; s >= 0; s--) {
+            const int64_t t = ts + s;
+            if (glast && t == L - 1)
+                for (int64_t c = 0; c < cw; c++)
+                    for (int64_t j = 0; j < N; j++) g[j][c] += glast[c * N + j];
+            for (; e >= 0 && ends[e] == t; e--)
+                for (int64_t c = 0; c < cw; c++)
+                    for (int64_t j = 0; j < N; j++) g[j][c] += gfin[e * fin_s + c * N + j];
+            const float *b = Bt + t * N, *cc = Ct + t * N;
+            float *gb = gB + t * N, *gc = gC + t * N;
+            for (int64_t v = 0; v < W; v += VW) {
+                const vf dv = *(const vf *)&dl[s * W + v], xv = *(const vf *)&xl[s * W + v];
+                const vf gyv = *(const vf *)&gyl[s * W + v];
+                vf gx = (vf){0}, gd = (vf){0};
+                for (int64_t j = 0; j < N; j++) {
+                    const vf da = *(const vf *)&DAw[(s * N + j) * W + v];
+                    const vf gj = *(vf *)&g[j][v] + cc[j] * gyv;
+                    gc[j] += hsum(gyv * *(const vf *)&Hw[((s + 1) * N + j) * W + v]);
+                    gb[j] += hsum(gj * xv);
+                    gx += gj * b[j];
+                    const vf m = gj * da * *(const vf *)&Hw[(s * N + j) * W + v];
+                    gd += *(const vf *)&an[j][v] * m;
+                    *(vf *)&ga[j][v] += dv * m;
+                    *(vf *)&g[j][v] = da * gj;
+                }
+                *(vf *)&gdl[s * W + v] = gd + gx * *(const vf *)&ul[s * W + v];
+                *(vf *)&gul[s * W + v] = gx * dv;
+            }
+        }
+        for (int64_t c = 0; c < cw; c++)
+            for (int64_t s = 0; s < tn; s++) {
+                gdt[c * L + ts + s] = gdl[s * W + c];
+                gu[c * L + ts + s] += gul[s * W + c];
+            }
+    }
+    for (int64_t c = 0; c < cw; c++)
+        for (int64_t j = 0; j < N; j++) gA[c * N + j] += ga[j][c];
+}
+
+/* Gradients of channels [c0, c1) (the backward of selective_scan_fwd_f32, before the softplus of dt):
+ * dt, x = dt u, u, gy (the gradient of y): (batch, dim, L); A2 = A log2 e and A: (dim, n); Bt, Ct, keep,
+ * T, K, HS as the forward's (HS from it). glast: (batch, dim, n) gradient of the last state, or NULL;
+ * ends, gfinals (nends, dim, n): gradients of the states after positions ends[e] of row 0 (packed).
+ * gdt: written; gu, gA (dim, n), gBt (batch, GB, L, n), gCt (batch, GC, L, n): added to.
+ * Returns 0, 1 if n > MAX_DSTATE, 2 if out of memory (nothing written in either case). */
+int selective_scan_bwd_f32(
+    int64_t batch, int64_t dim, int64_t L, int64_t n, int64_t c0, int64_t c1, const float *dt, const float *x,
+    const float *u, const float *gy, const float *A2, const float *A, const float *Bt, const float *Ct, int64_t GB,
+    int64_t GC, int64_t per_B, int64_t per_C, const float *keep, int64_t T, int64_t K, const float *HS,
+    const float *glast, const int64_t *ends, int64_t nends, const float *gfinals, float *gdt, float *gu, float *gA,
+    float *gBt, float *gCt)
+{
+    if (n > MAX_DSTATE || n < 1) return 1;
+    /* 64-byte aligned: the vector loads and stores assume their type's alignment */
+    const size_t bytes = sizeof(float) * (size_t)((2 * T + 1) * n * W + 6 * T * W);
+    float *work = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!work) return 2;
+#if defined(__x86_64__) || defined(__i386__)
+    const unsigned int csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);
+#endif
+    for (int64_t bi = 0; bi < batch; bi++) {
+        for (int64_t d = c0; d < c1;) {
+            int64_t end = d + W;
+            const int64_t gb_end = (d / per_B + 1) * per_B, gc_end = (d / per_C + 1) * per_C;
+            if (end > gb_end) end = gb_end;
+            if (end > gc_end) end = gc_end;
+            if (end > c1) end = c1;
+            const int64_t cw = end - d;
+            const int64_t row = (bi * dim + d) * L;
+            const float *Bb = Bt + (bi * GB + d / per_B) * L * n, *Cb = Ct + (bi * GC + d / per_C) * L * n;
+            float *gBb = gBt + (bi * GB + d / per_B) * L * n, *gCb = gCt + (bi * GC + d / per_C) * L * n;
+            const float *kp = keep ? keep + bi * L : 0;
+            const float *hs = HS + bi * K * n * dim + d;
+            const float *gl = glast ? glast + (bi * dim + d) * n : 0;
+            const int64_t ne = bi == 0 ? nends : 0;
+            const float *gf = gfinals ? gfinals + d * n : 0;
+            if (n == 16)
+                scan_block_bwd(16, cw, L, dt + row, x + row, u + row, gy + row, A2 + d * n, A + d * n, Bb, Cb, kp,
+                               T, K, hs, n * dim, dim, gl, ends, ne, gf, dim * n, gdt + row, gu + row, gA + d * n,
+                               gBb, gCb, work);
+            else
+                scan_block_bwd(n, cw, L, dt + row, x + row, u + row, gy + row, A2 + d * n, A + d * n, Bb, Cb, kp,
+                               T, K, hs, n * dim, dim, gl, ends, ne, gf, dim * n, gdt + row, gu + row, gA + d * n,
+                               gBb, gCb, work);
+            d = end;
+        }
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_setcsr(csr);
+#endif
+    free(work);
     return 0;
 }
