@@ -285,6 +285,15 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
     _v.add_parent_arguments(p, DEFAULT_VARIANTS)
+    add_measure_arguments(p)
+    # child protocol
+    p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def add_measure_arguments(p) -> None:
+    """What the children measure (the parent passes them on; benchmark_model.py takes them too)."""
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="decode ms/token batch sizes")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -296,10 +305,6 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no-cg", action="store_true", help="generate(cg=False)")
-    # child protocol
-    p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
-    return p
 
 
 def main(argv=None):

@@ -363,6 +363,13 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
     _v.add_parent_arguments(p, DEFAULT_VARIANTS)
+    add_measure_arguments(p)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child protocol
+    return p
+
+
+def add_measure_arguments(p) -> None:
+    """What the children measure (the parent passes them on; benchmark_model.py takes them too)."""
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to measure, in this order")
     p.add_argument("--upstream-modes", nargs="*", default=["full"], choices=MODES,
                    help="modes upstream runs (default full; the others are recorded as skipped)")
@@ -373,8 +380,6 @@ def build_parser():
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of both LoRA modes")
     p.add_argument("--plain-resolver", action="store_true",
                    help="lora_plain imports mambakit too (its resolver puts PEFT's LoRA on our channel-first path)")
-    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child protocol
-    return p
 
 
 def main(argv=None):
