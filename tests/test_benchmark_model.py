@@ -138,6 +138,36 @@ def test_parts_left_out(tmp_path, monkeypatch):
     assert saved["variants"]["ours"]["runs"].keys() == {"training"}  # the latest run of the shape and card, whole
 
 
+def test_the_generation_script_hands_its_upstream_run_to_this_benchmark(tmp_path, monkeypatch, capsys):
+    from mambakit.bench import generation
+
+    calls = []
+    _fakes(monkeypatch, calls)
+    assert generation.model_bench_argv(generation.build_parser().parse_args(
+        ["--model-name", "state-spaces/mamba-1.4b", "--upstream-path", "/up", "--cg"])) == [
+        "--shape", "1.4b", "--upstream-path", "/up", "--no-decode", "--no-training", "--gen-batch", "1",
+        "--gen-prompt", "100", "--gen-new", "100", "--repeats", "3", "--seed", "0"]
+    result = generation.main(["--model-name", "tiny", "--promptlen", "8", "--genlen", "3", "--batch", "1", "4",
+                              "--device", "cpu", "--dtype", "float32", "--upstream-path", str(tmp_path / "up"),
+                              "--variants", "ours:NAME=ours", "--results-dir", str(tmp_path)])
+    assert calls == [("ours", 1, ("gen",)), ("upstream", 1, ("gen",)), ("ours", 4, ("gen",)),
+                     ("upstream", 4, ("gen",))]  # through this module: the one the script loads
+    inp = result["inputs"]
+    assert (inp["gen_prompt"], inp["gen_new"], inp["gen_batch"], inp["dtype"], inp["no_cg"]) == (8, 3, [1, 4], "fp32",
+                                                                                                  True)
+    assert (tmp_path / "model_tiny_h100.json").is_file()
+    assert result["variants"]["ours"]["vs_baseline"]["decode"]["4"] == {"tokens_per_s_ratio": 1.5,
+                                                                        "prefill_speedup": 1.25}
+    for argv, needle in ((["--topk", "5"], "--topk: not with --upstream-path"),
+                         (["--attn-every", "2"], "--attn-every: not with --upstream-path"),
+                         (["--model-name", "some/dir"], "--model-name: with --upstream-path, expected a size")):
+        with pytest.raises(SystemExit, match=needle):
+            generation.main(["--model-name", "tiny", "--upstream-path", "/up"] + argv)
+    with pytest.raises(SystemExit):  # without --upstream-path, an option of benchmark_model.py is an error
+        generation.main(["--model-name", "tiny", "--budget-s", "5"])
+    assert "unrecognized arguments: --budget-s 5" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_tiny_run_through_child_processes(tmp_path, capsys):
     pytest.importorskip("peft")
