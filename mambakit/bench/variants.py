@@ -1,5 +1,6 @@
 """What the benchmarks against upstream share: variants of ours (environments, other trees) and upstream
-mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py, ssd.py).
+mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py, ssd.py;
+model.py runs decode.py's and training.py's children into one JSON).
 
 Upstream's package has our import name (`mamba_ssm`), so a process holds one of them: each child runs
 the benchmark's script with `--child` from a temporary directory, PYTHONPATH = the variant's tree alone
