@@ -26,10 +26,17 @@ def test_bad_arguments_name_the_argument(tmp_path):
                          (["--modes", "full", "full"], "--modes: each mode once"),
                          (["--no-decode", "--no-generation", "--no-training"], "expected at most two of them"),
                          (["--variants", "a b"], "--variants"), (["--baseline", "nope"], "--baseline must name"),
-                         (["--child-timeout", "0"], "--child-timeout must be > 0"), (["--child"], "--child")):
+                         (["--child-timeout", "0"], "--child-timeout must be > 0"), (["--child"], "--child"),
+                         (["--upstream-path", str(tmp_path)], "--upstream-path: expected a directory holding")):
         with pytest.raises(SystemExit, match=needle):
             bm.main(TINY + argv + ["--results-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def _upstream(tmp_path) -> Path:
+    """A fake upstream tree (the fake children import nothing from it)."""
+    (tmp_path / "up" / "mamba_ssm").mkdir(parents=True)
+    return tmp_path / "up"
 
 
 def _fakes(monkeypatch, calls, on_disk=None, sleep=0.0):
@@ -74,7 +81,7 @@ def test_order_frame_and_ratios_from_fake_children(tmp_path, monkeypatch, capsys
             seen.append(sum(len(s) for v in saved["variants"].values() for s in v["runs"].values()))
     calls = []
     _fakes(monkeypatch, calls, on_disk)
-    result = bm.main(TINY + ["--upstream-path", str(tmp_path / "up"), "--variants", "ours:NAME=ours",
+    result = bm.main(TINY + ["--upstream-path", str(_upstream(tmp_path)), "--variants", "ours:NAME=ours",
                              "--batch", "1", "16", "--gen-batch", "1", "16", "64", "--results-dir", str(tmp_path)])
     out = capsys.readouterr().out
     # the smallest batch, the training modes, the larger batches; upstream's LoRA modes skipped unrun
@@ -83,7 +90,7 @@ def test_order_frame_and_ratios_from_fake_children(tmp_path, monkeypatch, capsys
                      ("ours", 16, ("gen", "decode")), ("upstream", 16, ("gen", "decode")),
                      ("ours", 64, ("gen",)), ("upstream", 64, ("gen",))]
     assert seen == [1, 2, 3, 4, 6, 8, 9, 10, 11]  # written after every child (upstream's LoRA: records, no call)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the card from the children; no .tmp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "up"]  # the card from the children; no .tmp
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(result)) and saved["kind"] == "model_benchmark"
     assert {"date", "machine", "versions", "git", "inputs", "variants", "baseline"} <= saved.keys()
@@ -148,7 +155,7 @@ def test_the_generation_script_hands_its_upstream_run_to_this_benchmark(tmp_path
         "--shape", "1.4b", "--upstream-path", "/up", "--no-decode", "--no-training", "--gen-batch", "1",
         "--gen-prompt", "100", "--gen-new", "100", "--repeats", "3", "--seed", "0"]
     result = generation.main(["--model-name", "tiny", "--promptlen", "8", "--genlen", "3", "--batch", "1", "4",
-                              "--device", "cpu", "--dtype", "float32", "--upstream-path", str(tmp_path / "up"),
+                              "--device", "cpu", "--dtype", "float32", "--upstream-path", str(_upstream(tmp_path)),
                               "--variants", "ours:NAME=ours", "--results-dir", str(tmp_path)])
     assert calls == [("ours", 1, ("gen",)), ("upstream", 1, ("gen",)), ("ours", 4, ("gen",)),
                      ("upstream", 4, ("gen",))]  # through this module: the one the script loads

@@ -135,8 +135,9 @@ def build_parser():
     _v.add_parent_arguments(p, DEFAULT_VARIANTS)
     decode.add_measure_arguments(p.add_argument_group(
         "decoding and generation (benchmark_decode.py's children; --dtype: theirs alone)"))
-    training.add_measure_arguments(p.add_argument_group("training (benchmark_training.py's children)"))
-    p.add_argument("--no-training", action="store_true", help="skip the training modes")
+    group = p.add_argument_group("training (benchmark_training.py's children)")
+    training.add_measure_arguments(group)
+    group.add_argument("--no-training", action="store_true", help="skip the training modes")
     return p
 
 
@@ -150,6 +151,9 @@ def main(argv=None):
     for flag in ("batch", "gen_batch"):
         if min(getattr(args, flag)) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')}: batch sizes must be >= 1, got {getattr(args, flag)}")
+    if args.upstream_path and not (Path(args.upstream_path) / "mamba_ssm").is_dir():
+        raise SystemExit(f"--upstream-path: expected a directory holding upstream's built mamba_ssm package "
+                         f"(DIR/mamba_ssm), got {args.upstream_path!r}")
     if args.no_decode and args.no_generation and args.no_training:
         raise SystemExit("--no-decode, --no-generation and --no-training: expected at most two of them "
                          "(nothing would be measured)")
