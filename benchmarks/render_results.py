@@ -163,26 +163,43 @@ def generation(results_dir: Path) -> _Table:
     return t
 
 
+def _base_label(base_name, base_run: dict):
+    """The baseline column's label: upstream and the version its child imported, else the variant's name."""
+    if base_name != "upstream":
+        return base_name
+    return f"upstream {base_run.get('mamba_ssm_version') or ''}".strip()
+
+
+def _decode_rows(t: _Table, name: str, d: dict, prefill: bool = False) -> None:
+    """Rows of a decode JSON (benchmark_decode.py; or model_*.json's decode section): ms/token and
+    generation tokens/s per variant and batch (and prefill ms)."""
+    inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
+    card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
+    base_runs = variants.get(base_name, {}).get("runs", {})
+    for vname, v in variants.items():
+        if vname == base_name:
+            continue
+        for b, run in sorted(v.get("runs", {}).items(), key=lambda kv: int(kv[0])):
+            base = base_runs.get(b, {})
+            label = _base_label(base_name, base)
+            dec, gen = run.get("decode") or {}, run.get("generation") or {}
+            bdec, bgen = base.get("decode") or {}, base.get("generation") or {}
+            if dec.get("ms_per_token") is not None:
+                t.add(f"{inp.get('shape')} decoding, ms/token, batch {b} ({vname})", dec["ms_per_token"],
+                      bdec.get("ms_per_token"), label, False, card, date, name)
+            if gen.get("tokens_per_s") is not None:
+                t.add(f"{inp.get('shape')} generation, tokens/s, batch {b}, prompt {gen.get('prompt')}, "
+                      f"{gen.get('new_tokens')} new ({vname})", gen["tokens_per_s"], bgen.get("tokens_per_s"), label,
+                      True, card, date, name)
+            if prefill and gen.get("prefill_ms") is not None:
+                t.add(f"{inp.get('shape')} prefill, ms, batch {b}, prompt {gen.get('prompt')} ({vname})",
+                      gen["prefill_ms"], bgen.get("prefill_ms"), label, False, card, date, name)
+
+
 def decoding(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "decode_*.json"):
-        inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
-        card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
-        base_runs = variants.get(base_name, {}).get("runs", {})
-        label = "upstream 2.3.2.post1" if base_name == "upstream" else base_name
-        for vname, v in variants.items():
-            if vname == base_name:
-                continue
-            for b, run in sorted(v.get("runs", {}).items(), key=lambda kv: int(kv[0])):
-                base = base_runs.get(b, {})
-                dec, gen = run.get("decode") or {}, run.get("generation") or {}
-                if dec.get("ms_per_token") is not None:
-                    t.add(f"{inp.get('shape')} decoding, ms/token, batch {b} ({vname})", dec["ms_per_token"],
-                          (base.get("decode") or {}).get("ms_per_token"), label, False, card, date, name)
-                if gen.get("tokens_per_s") is not None:
-                    t.add(f"{inp.get('shape')} generation, tokens/s, batch {b}, prompt {gen.get('prompt')}, "
-                          f"{gen.get('new_tokens')} new ({vname})", gen["tokens_per_s"],
-                          (base.get("generation") or {}).get("tokens_per_s"), label, True, card, date, name)
+        _decode_rows(t, name, d)
     return t
 
 
@@ -216,29 +233,46 @@ TRAINING_MODES = {"full": "full model, forward+backward", "lora_plain": "LoRA st
                   "lora_recipe": "LoRA step, the recipe's setup"}
 
 
+def _training_rows(t: _Table, name: str, d: dict) -> None:
+    """Rows of a training JSON (benchmark_training.py; or model_*.json's training section): tokens/s and
+    peak memory per variant and mode."""
+    inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
+    card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
+    cfg = f"{inp.get('shape')}, batch {inp.get('batch_size')} x {inp.get('seqlen')}"
+    for vname, v in variants.items():
+        if vname == base_name:
+            continue
+        for mode, run in v.get("runs", {}).items():
+            if run.get("tokens_per_s") is None:
+                continue
+            base = variants.get(base_name, {}).get("runs", {}).get(mode) or {}
+            label = _base_label(base_name, base) if base.get("tokens_per_s") is not None else None
+            env = ", ".join(f"{k}={val}" for k, val in (v.get("env") or {}).items())
+            what = f"{TRAINING_MODES.get(mode, mode)}, {cfg} ({vname}{': ' + env if env else ''})"
+            rss = "" if str(run.get("peak_memory_kind", "")).startswith("cuda") else " (process max RSS)"
+            t.add(f"{what}, tokens/s", run["tokens_per_s"], base.get("tokens_per_s"), label, True, card, date, name)
+            t.add(f"{what}, peak memory, GiB{rss}", run.get("peak_memory_gib"), base.get("peak_memory_gib"),
+                  label, False, card, date, name)
+
+
 def training_vs_upstream(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "training_*.json"):
-        inp, variants, base_name = d.get("inputs", {}), d.get("variants", {}), d.get("baseline")
-        card, date = _card(d.get("machine", {}).get("device_name")), _date(d)
-        cfg = f"{inp.get('shape')}, batch {inp.get('batch_size')} x {inp.get('seqlen')}"
-        for vname, v in variants.items():
-            if vname == base_name:
-                continue
-            for mode, run in v.get("runs", {}).items():
-                if run.get("tokens_per_s") is None:
-                    continue
-                base = variants.get(base_name, {}).get("runs", {}).get(mode) or {}
-                version = base.get("mamba_ssm_version")
-                label = (f"upstream {version or ''}".strip() if base_name == "upstream" else base_name) \
-                    if base.get("tokens_per_s") is not None else None
-                env = ", ".join(f"{k}={val}" for k, val in (v.get("env") or {}).items())
-                what = f"{TRAINING_MODES.get(mode, mode)}, {cfg} ({vname}{': ' + env if env else ''})"
-                rss = "" if str(run.get("peak_memory_kind", "")).startswith("cuda") else " (process max RSS)"
-                t.add(f"{what}, tokens/s", run["tokens_per_s"], base.get("tokens_per_s"), label, True, card, date,
-                      name)
-                t.add(f"{what}, peak memory, GiB{rss}", run.get("peak_memory_gib"), base.get("peak_memory_gib"),
-                      label, False, card, date, name)
+        _training_rows(t, name, d)
+    return t
+
+
+def _model_section(d: dict, section: str) -> dict:
+    """model_*.json's runs.<section> as the driver's own JSON would hold it (decode or training)."""
+    return {**d, "variants": {n: {"env": v.get("env"), "runs": (v.get("runs") or {}).get(section) or {}}
+                              for n, v in d.get("variants", {}).items()}}
+
+
+def model(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "model_*.json"):
+        _decode_rows(t, name, _model_section(d, "decode"), prefill=True)
+        _training_rows(t, name, _model_section(d, "training"))
     return t
 
 
@@ -333,6 +367,12 @@ AREAS = (
                                   "autocast, forward + cross-entropy + backward, no optimizer; the LoRA steps "
                                   "(r 64, AdamW) only ours: upstream's fused path ignores PEFT's adapters. "
                                   "Peak memory's ratio: baseline / ours.", training_vs_upstream),
+    ("Model against upstream", "benchmarks/benchmark_model.py: every model-level figure of a shape in one run "
+                               "and one file, ours and upstream mamba-ssm, each child in its own process: decoding and "
+                               "generation as benchmark_decode.py measures them (prefill: the generation's prompt "
+                               "and one new token), training as benchmark_training.py does (the LoRA steps only "
+                               "ours unless upstream was asked to run them). Peak memory's ratio: baseline / ours.",
+     model),
     ("lm-eval", "Our `--model mamba` against lm-eval's `hf` model running transformers' MambaForCausalLM "
                 "(on its PyTorch path unless marked), the same random weights, on the local GSM8K tasks; "
                 "requests/s counting the model's calls alone (*model time*) and lm-eval's whole run (*wall time*).", lm_eval),

@@ -108,3 +108,35 @@ def test_ssd_against_upstream_renders(tmp_path):
         [f"SSD scan forward+backward, ms, ({a}), chunk 256 (ours)", "8.000", "12.0 (upstream 2.3.2.post1)", "1.50x",
          "H100", "2027-01-02"]]
     assert rows[3][0].endswith("(torch)") and rows[3][3] == "0.13x" and len(rows) == 4  # the error: no row
+
+
+def test_model_against_upstream_renders(tmp_path):
+    dec = {"batch": 1, "decode": {"ms_per_token": 1.5}, "generation": {"tokens_per_s": 600.0, "prefill_ms": 40.0,
+                                                                       "prompt": 2048, "new_tokens": 128}}
+    up_dec = {"batch": 1, "mamba_ssm_version": "2.3.2.post1", "decode": {"ms_per_token": 3.0},
+              "generation": {"tokens_per_s": 400.0, "prefill_ms": 50.0, "prompt": 2048, "new_tokens": 128}}
+    full = {"mode": "full", "tokens_per_s": 30000.0, "peak_memory_gib": 30.0,
+            "peak_memory_kind": "cuda max_memory_allocated"}
+    up_full = dict(full, tokens_per_s=25000.0, peak_memory_gib=33.0, mamba_ssm_version="2.3.2.post1")
+    (tmp_path / "model_1.4b_h100.json").write_text(json.dumps({
+        "kind": "model_benchmark", "date": "2027-01-02T00:00:00Z", "machine": {"device_name": "NVIDIA H100 80GB HBM3"},
+        "baseline": "upstream", "inputs": {"shape": "1.4b", "batch_size": 4, "seqlen": 2048},
+        "variants": {"ours": {"env": {}, "runs": {"decode": {"1": dec, "16": {"batch": 16, "error": "boom"}},
+                                                  "training": {"full": full, "lora_recipe": dict(full, mode="x")}}},
+                     "upstream": {"env": {"PYTHONPATH": "/up"},
+                                  "runs": {"decode": {"1": up_dec},
+                                           "training": {"full": up_full, "lora_recipe": {"error": "skipped"}}}}}}))
+    rows = _rows(rr.render(tmp_path), "Model against upstream")
+    up = "(upstream 2.3.2.post1)"
+    assert [r[:5] for r in rows] == [
+        ["1.4b decoding, ms/token, batch 1 (ours)", "1.500", f"3.000 {up}", "2.00x", "H100"],
+        ["1.4b generation, tokens/s, batch 1, prompt 2048, 128 new (ours)", "600", f"400 {up}", "1.50x", "H100"],
+        ["1.4b prefill, ms, batch 1, prompt 2048 (ours)", "40.0", f"50.0 {up}", "1.25x", "H100"],
+        ["full model, forward+backward, 1.4b, batch 4 x 2048 (ours), tokens/s", "30,000", f"25,000 {up}", "1.20x",
+         "H100"],
+        ["full model, forward+backward, 1.4b, batch 4 x 2048 (ours), peak memory, GiB", "30.0", f"33.0 {up}", "1.10x",
+         "H100"],
+        ["LoRA step, the recipe's setup, 1.4b, batch 4 x 2048 (ours), tokens/s", "30,000", "-", "-", "H100"],
+        ["LoRA step, the recipe's setup, 1.4b, batch 4 x 2048 (ours), peak memory, GiB", "30.0", "-", "-", "H100"]]
+    assert all(r[5] == "2027-01-02" and r[6] == "[model_1.4b_h100.json](../benchmarks/results/model_1.4b_h100.json)"
+               for r in rows)

@@ -1,3 +1,4 @@
 """Benchmarks with logic worth testing: generation speed against a same-size transformer (`generation`),
-decoding and training against upstream mamba-ssm in child processes (`decode`, `training`, sharing
-`variants`; loaded by path by their scripts)."""
+decoding, training and the SSD scan against upstream mamba-ssm in child processes (`decode`, `training`,
+`ssd`, sharing `variants`), and every model-level figure in one JSON (`model`, running decode's and
+training's children); those are loaded by path by their scripts."""

@@ -250,35 +250,33 @@ def write(result: dict, dirs) -> list:
     return _v.write(result, "decode", dirs)
 
 
-def run(args, log=print) -> dict:
-    variants, baseline = _v.resolve_variants(args.variants or DEFAULT_VARIANTS, args.upstream_path, args.baseline)
+def plan(args) -> list:
+    """[(batch, kinds)] in increasing batch order: the children of one variant, kinds among "gen" and
+    "decode" (--gen-batch and --batch; --no-generation, --no-decode)."""
     decode_b = [] if args.no_decode else list(args.batch)
     gen_b = [] if args.no_generation else list(args.gen_batch)
+    return [(b, [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if b in bs])
+            for b in sorted(set(decode_b) | set(gen_b))]
+
+
+def summary(r: dict) -> str:
+    """A child's figures in one log line."""
+    d, g = r.get("decode", {}), r.get("generation", {})
+    return (f"decode {d.get('ms_per_token', '-')} ms/token, generation {g.get('tokens_per_s', '-')} tok/s, "
+            f"prefill {g.get('prefill_ms', '-')} ms")
+
+
+def run(args, log=print) -> dict:
+    variants, baseline = _v.resolve_variants(args.variants or DEFAULT_VARIANTS, args.upstream_path, args.baseline)
     result = _v.new_result("decode_benchmark", args, variants,
                            dict(zip(("d_model", "n_layer"), SHAPES[args.shape]), vocab=VOCAB))
-    dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
-    t_start = time.perf_counter()
+    kinds = dict(plan(args))
     # batch-major: a run cut short (a time limit) has every variant at the smaller batches
-    for batch in sorted(set(decode_b) | set(gen_b)):
-        kinds = [k for k, bs in (("gen", gen_b), ("decode", decode_b)) if batch in bs]
-        for name, env in variants:
-            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                result["variants"][name]["runs"][str(batch)] = {"batch": batch, "error": _v.SKIPPED_BUDGET}
-                continue
-            r = run_child(env, batch, args, kinds)
-            result["variants"][name]["runs"][str(batch)] = r
-            if r.get("device_name"):
-                result["machine"]["device_name"] = r["device_name"]
-            d, g = r.get("decode", {}), r.get("generation", {})
-            log(f"[{name} batch {batch}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
-                f"decode {d.get('ms_per_token', '-')} ms/token, generation {g.get('tokens_per_s', '-')} tok/s, "
-                f"prefill {g.get('prefill_ms', '-')} ms ({r.get('wall_s')} s)"))
-            add_ratios(result, baseline)
-            paths = write(result, dirs)  # after every child: a run cut short keeps what it measured
-    add_ratios(result, baseline)
-    paths = write(result, dirs)
-    log(table(result))
-    log("wrote " + ", ".join(map(str, paths)))
+    children = [_v.Child(name, env, str(b), {"batch": b}, f"batch {b}") for b in kinds for name, env in variants]
+    _v.run_children(result, children, lambda c: run_child(c.env, int(c.key), args, kinds[int(c.key)]),
+                    summary=summary, add_ratios=add_ratios, baseline=baseline, prefix="decode",
+                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    table=table, log=log)
     return result
 
 
@@ -287,6 +285,15 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
     _v.add_parent_arguments(p, DEFAULT_VARIANTS)
+    add_measure_arguments(p)
+    # child protocol
+    p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def add_measure_arguments(p) -> None:
+    """What the children measure (the parent passes them on; benchmark_model.py takes them too)."""
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="decode ms/token batch sizes")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -298,10 +305,6 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up (median)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--no-cg", action="store_true", help="generate(cg=False)")
-    # child protocol
-    p.add_argument("--gen", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
-    return p
 
 
 def main(argv=None):
@@ -310,6 +313,12 @@ def main(argv=None):
         args.batch = args.batch[0]
         args.env_names = [n for n in args.env_names.split(",") if n]
         return child(args)
+    check_arguments(args)
+    return run(args)
+
+
+def check_arguments(args) -> None:
+    """SystemExit naming the first argument out of range (the parent's; benchmark_model.py's too)."""
     for flag in ("prompt", "gen_prompt", "repeats"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -317,4 +326,3 @@ def main(argv=None):
         if getattr(args, flag) < 2:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 2 (the decode time is total minus a one-token "
                              f"call), got {getattr(args, flag)}")
-    return run(args)

@@ -20,6 +20,10 @@ layer instead of Mamba. The baseline is transformers'
 `GPTNeoXForCausalLM` in the matching Pythia shape (random weights, ``attn_implementation="sdpa"``);
 for a checkpoint of another shape, a GPT-NeoX of the same width with half as many layers
 (one attention+MLP layer holds about as many weights as two Mamba layers).
+
+`--upstream-path DIR` measures upstream mamba-ssm instead of the transformer: upstream has our import
+name, so the run goes to benchmarks/benchmark_model.py (mambakit/bench/model.py), which times ours
+and upstream in child processes and writes model_<size>_<card>.json (`model_bench_argv` maps the options).
 """
 from __future__ import annotations
 
@@ -452,11 +456,69 @@ def build_parser():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out-json", type=str, default=None, help=f"result JSON (default: {RESULTS_DIR}/generation_*.json)")
     p.add_argument("--out-png", type=str, default=None, help="throughput PNG (default: next to the JSON)")
+    p.add_argument("--upstream-path", type=str, default=None,
+                   help="ours beside upstream mamba-ssm built in this directory instead of the transformer, each "
+                        "batch in child processes: the run goes to benchmarks/benchmark_model.py (generation only, "
+                        "random weights of --model-name's size, greedy), which writes model_<size>_<card>.json; "
+                        "options this script does not know go to it (--budget-s, --variants, --results-dir, ...)")
     return p
 
 
+# options benchmark_model.py's generation children have no counterpart of: with --upstream-path, only their defaults
+NOT_WITH_UPSTREAM = ("prompt", "tokenizer", "attn_every", "topk", "topp", "minp", "repetition_penalty", "threads",
+                     "out_json", "out_png")
+DTYPE_NAMES = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16",
+               "fp16": "fp16"}
+
+
+def model_bench_argv(args, extra=()) -> list:
+    """benchmark_model.py's command line for this script's generation run with --upstream-path: the size
+    of --model-name as --shape, --batch as --gen-batch, --promptlen/--genlen as --gen-prompt/--gen-new,
+    generate(cg=False) unless --cg, no decoding ms/token and no training; `extra` appended."""
+    defaults = build_parser()
+    for dest in NOT_WITH_UPSTREAM:
+        if getattr(args, dest) != defaults.get_default(dest):
+            raise SystemExit(f"--{dest.replace('_', '-')}: not with --upstream-path (its children time greedy "
+                             f"generation of random ids); expected the default {defaults.get_default(dest)!r}, got "
+                             f"{getattr(args, dest)!r}")
+    size = size_of(args.model_name)
+    if size is None:
+        raise SystemExit(f"--model-name: with --upstream-path, expected a size ({', '.join(MAMBA_SIZES)}, "
+                         f"{', '.join(MAMBA2_SIZES)}) or a hub id ending in one, got {args.model_name!r}")
+    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
+        raise SystemExit(f"--dtype: expected one of {sorted(DTYPE_NAMES)}, got {args.dtype!r}")
+    argv = ["--shape", size, "--upstream-path", args.upstream_path, "--no-decode", "--no-training",
+            "--gen-batch", *map(str, args.batch), "--gen-prompt", str(args.promptlen), "--gen-new", str(args.genlen),
+            "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.dtype:
+        argv += ["--dtype", DTYPE_NAMES[args.dtype]]
+    if not args.cg:
+        argv.append("--no-cg")
+    return argv + list(extra)
+
+
+def run_model_bench(argv) -> dict:
+    """benchmarks/benchmark_model.py's main(argv) in this process (mambakit/bench/model.py, loaded by path
+    as its script loads it)."""
+    import importlib.util
+
+    name = "_mamba_model_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("model.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name].main(argv)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.upstream_path:
+        return run_model_bench(model_bench_argv(args, extra))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     cfg = BenchConfig(model_name=args.model_name, prompt=args.prompt, promptlen=args.promptlen, genlen=args.genlen,
                       temperature=args.temperature, topk=args.topk, topp=args.topp, minp=args.minp,
                       repetition_penalty=args.repetition_penalty, batch=args.batch, repeats=args.repeats,

@@ -338,33 +338,23 @@ def run(args, log=print) -> dict:
     result["what"] = ("mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=True) "
                       "as Mamba2 calls it; x, dt, B, C bf16, A, D, dt_bias fp32; median ms; fwdbwd = forward + "
                       "autograd.grad w.r.t. x, dt, A, B, C, D, dt_bias")
-    dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
-    t_start = time.perf_counter()
-    paths = []
     # the first variant and the baseline at every shape, then the others: a run cut short by --budget-s
     # keeps the comparison the run is for
     first = {variants[0][0], baseline}
-    order = [(k, n, e) for k in keys for n, e in variants if n in first] + \
-        [(k, n, e) for k in keys for n, e in variants if n not in first]
-    for key, name, env in order:
-        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
-            r = {"shape": key, "error": _v.SKIPPED_BUDGET}
-        else:
-            r = run_child(env, key, args)
-        result["variants"][name]["runs"][key] = r
-        if r.get("device_name"):
-            result["machine"]["device_name"] = r["device_name"]
-        err = r.get("relerr_vs_float64")
-        log(f"[{name} {key}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
-            f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwdbwd_ms']:.3f} ms, {r['ssd_path']}, relerr64 "
-            f"{'-' if err is None else f'{err:.2e}'} ({r.get('wall_s')} s)"))
-        add_ratios(result, baseline)
-        paths = _v.write(result, "ssd", dirs)  # after every child: a run cut short keeps what it measured
-    add_ratios(result, baseline)
-    paths = _v.write(result, "ssd", dirs)
-    log(table(result))
-    log("wrote " + ", ".join(map(str, paths)))
+    children = [_v.Child(n, e, k, {"shape": k}) for k in keys for n, e in variants if n in first] + \
+        [_v.Child(n, e, k, {"shape": k}) for k in keys for n, e in variants if n not in first]
+    _v.run_children(result, children, lambda c: run_child(c.env, c.key, args), summary=summary,
+                    add_ratios=add_ratios, baseline=baseline, prefix="ssd",
+                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    table=table, log=log)
     return result
+
+
+def summary(r: dict) -> str:
+    """A child's figures in one log line."""
+    err = r.get("relerr_vs_float64")
+    return (f"fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwdbwd_ms']:.3f} ms, {r['ssd_path']}, relerr64 "
+            f"{'-' if err is None else f'{err:.2e}'}")
 
 
 def build_parser():

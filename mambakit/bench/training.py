@@ -329,37 +329,32 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def upstream_skip(name: str, mode: str, args) -> dict | None:
+    """The record of a mode upstream does not run (not in --upstream-modes), else None."""
+    if name != "upstream" or mode in args.upstream_modes:
+        return None
+    return {"mode": mode, "error": UPSTREAM_LORA_SKIPPED if mode != "full" else "skipped: not in --upstream-modes"}
+
+
+def summary(r: dict) -> str:
+    """A child's figures in one log line."""
+    return (f"{r['tokens_per_s']} tok/s (best {r['tokens_per_s_best']}), peak {r['peak_memory_gib']} GiB "
+            f"({r['peak_memory_with_warmup_gib']} with warm-up), {r['mixer_path']}")
+
+
 def run(args, log=print) -> dict:
     variants, baseline = _v.resolve_variants(args.variants or DEFAULT_VARIANTS, args.upstream_path, args.baseline)
     d_model, n_layer = SHAPES[args.shape]
     result = _v.new_result("training_benchmark", args, variants,
                            {"d_model": d_model, "n_layer": n_layer, "vocab": VOCAB, "pad_vocab_size_multiple": 8})
     result["inputs"].pop("mode", None)  # the child's
-    dirs = [args.results_dir] + ([args.out_dir] if args.out_dir else [])
-    t_start = time.perf_counter()
-    paths = []
     # mode-major: a run cut short (a time limit) has every variant's full mode first
-    for mode in args.modes:
-        for name, env in variants:
-            if name == "upstream" and mode not in args.upstream_modes:
-                r = {"mode": mode, "error": UPSTREAM_LORA_SKIPPED if mode != "full" else
-                     "skipped: not in --upstream-modes"}
-            elif args.budget_s and time.perf_counter() - t_start > args.budget_s:
-                r = {"mode": mode, "error": _v.SKIPPED_BUDGET}
-            else:
-                r = run_child(env, mode, args)
-            result["variants"][name]["runs"][mode] = r
-            if r.get("device_name"):
-                result["machine"]["device_name"] = r["device_name"]
-            log(f"[{name} {mode}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
-                f"{r['tokens_per_s']} tok/s (best {r['tokens_per_s_best']}), peak {r['peak_memory_gib']} GiB "
-                f"({r['peak_memory_with_warmup_gib']} with warm-up), {r['mixer_path']} ({r.get('wall_s')} s)"))
-            add_ratios(result, baseline)
-            paths = _v.write(result, "training", dirs)  # after every child: a run cut short keeps what it measured
-    add_ratios(result, baseline)
-    paths = _v.write(result, "training", dirs)
-    log(table(result))
-    log("wrote " + ", ".join(map(str, paths)))
+    children = [_v.Child(name, env, mode, upstream_skip(name, mode, args) or {"mode": mode})
+                for mode in args.modes for name, env in variants]
+    _v.run_children(result, children, lambda c: run_child(c.env, c.key, args), summary=summary,
+                    add_ratios=add_ratios, baseline=baseline, prefix="training",
+                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    table=table, log=log)
     return result
 
 
@@ -368,6 +363,13 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1.4b", choices=sorted(SHAPES))
     _v.add_parent_arguments(p, DEFAULT_VARIANTS)
+    add_measure_arguments(p)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child protocol
+    return p
+
+
+def add_measure_arguments(p) -> None:
+    """What the children measure (the parent passes them on; benchmark_model.py takes them too)."""
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="modes to measure, in this order")
     p.add_argument("--upstream-modes", nargs="*", default=["full"], choices=MODES,
                    help="modes upstream runs (default full; the others are recorded as skipped)")
@@ -378,8 +380,6 @@ def build_parser():
     p.add_argument("--rank", type=int, default=64, help="LoRA rank of both LoRA modes")
     p.add_argument("--plain-resolver", action="store_true",
                    help="lora_plain imports mambakit too (its resolver puts PEFT's LoRA on our channel-first path)")
-    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # child protocol
-    return p
 
 
 def main(argv=None):
@@ -387,6 +387,15 @@ def main(argv=None):
     if args.child:
         args.env_names = [n for n in args.env_names.split(",") if n]
         return child(args)
+    check_arguments(args)
+    try:
+        return run(args)
+    except ValueError as e:  # a bad --variants or --baseline
+        raise SystemExit(str(e)) from None
+
+
+def check_arguments(args) -> None:
+    """SystemExit naming the first argument out of range (the parent's; benchmark_model.py's too)."""
     for flag, least in (("batch_size", 1), ("seqlen", 2), ("steps", 1), ("warmup", 0), ("rank", 1)):
         if getattr(args, flag) < least:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
@@ -395,7 +404,3 @@ def main(argv=None):
     if args.child_timeout <= 0 or args.budget_s < 0:
         raise SystemExit(f"--child-timeout must be > 0 and --budget-s >= 0, got {args.child_timeout} and "
                          f"{args.budget_s}")
-    try:
-        return run(args)
-    except ValueError as e:  # a bad --variants or --baseline
-        raise SystemExit(str(e)) from None

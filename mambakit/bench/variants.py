@@ -1,12 +1,14 @@
 """What the benchmarks against upstream share: variants of ours (environments, other trees) and upstream
-mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py, ssd.py).
+mamba-ssm, each measured in child processes, and the one JSON they write (decode.py, training.py, ssd.py;
+model.py runs decode.py's and training.py's children into one JSON).
 
 Upstream's package has our import name (`mamba_ssm`), so a process holds one of them: each child runs
 the benchmark's script with `--child` from a temporary directory, PYTHONPATH = the variant's tree alone
 (ours: this repository; `PYTHONPATH=DIR` in a variant: DIR; upstream: --upstream-path; training.py also
 keeps the parent's entries that hold no `mamba_ssm`), the variant's other variables set, and prints
 one line `RESULT {json}`. A child that crashes, runs out of memory or times out is an entry with an
-"error" string; the run goes on.
+"error" string; the run goes on. The parent's loop over the children (the time budget, the record, the
+card, the log line, the ratios and the JSON written after every child) is `run_children`.
 
 Loaded by file path (`load_sibling`), as decode.py and training.py are, so that no process imports
 `mambakit` or a `mamba_ssm` other than the one its PYTHONPATH names.
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # name: (d_model, n_layer); Mamba-1 checkpoints' shapes (d_state 16, expand 2, d_conv 4), and
 # mamba2-*: upstream's state-spaces/mamba2-* (Mamba2 layers: d_state 128, headdim 64, expand 2)
@@ -209,6 +212,54 @@ def write(result: dict, prefix: str, dirs) -> list:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(path)
         paths.append(path)
+    return paths
+
+
+class Child(NamedTuple):
+    """One child process of a benchmark run: variant `name` with its `env`; its record goes to
+    result["variants"][name]["runs"][key] (a tuple key: nested, runs[key[0]][key[1]]...). `stub`: the
+    fields of its record when it does not run; a stub with an "error" is recorded as it is and the
+    child not started (a mode upstream does not run). `label` names it in the log (default: the key)."""
+    name: str
+    env: dict
+    key: str | tuple
+    stub: dict
+    label: str = ""
+
+
+def run_children(result: dict, children, measure, *, summary, add_ratios, baseline: str, prefix: str, dirs,
+                 budget_s: float = 0.0, table=None, log=print) -> list:
+    """The parent's loop of every benchmark against upstream: each Child in order, measured by
+    measure(child) -> its record (run_child's: the child's RESULT or an entry with an "error"), unless
+    its stub has an error or budget_s seconds (0: no limit) have passed since the first (then an entry
+    "skipped: --budget-s spent"). After each: the record stored, the card the child reports kept as
+    the machine's, one log line ("[name label] " + summary(record) or its error), add_ratios(result,
+    baseline), and the JSON written (`write`), so a run cut short keeps what it measured. At the end:
+    the ratios and the JSON once more, the table (table(result)) and the paths logged. Returns the paths."""
+    t_start = time.perf_counter()
+    for c in children:
+        if "error" in c.stub:
+            r = dict(c.stub)
+        elif budget_s and time.perf_counter() - t_start > budget_s:
+            r = {**c.stub, "error": SKIPPED_BUDGET}
+        else:
+            r = measure(c)
+        keys = c.key if isinstance(c.key, tuple) else (c.key,)
+        runs = result["variants"][c.name]["runs"]
+        for k in keys[:-1]:
+            runs = runs.setdefault(k, {})
+        runs[keys[-1]] = r
+        if r.get("device_name"):
+            result["machine"]["device_name"] = r["device_name"]
+        log(f"[{c.name} {c.label or ' '.join(keys)}] " + (f"ERROR {r['error'][:300]}" if "error" in r else
+                                                         f"{summary(r)} ({r.get('wall_s')} s)"))
+        add_ratios(result, baseline)
+        write(result, prefix, dirs)
+    add_ratios(result, baseline)
+    paths = write(result, prefix, dirs)
+    if table is not None:
+        log(table(result))
+    log("wrote " + ", ".join(map(str, paths)))
     return paths
 
 
