@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -76,11 +77,13 @@ def test_mamba2_compiled_step_gives_the_eager_tokens_and_logits(ssm_cfg, batch):
         assert all(b.mixer.d_mlp == 16 for b in model.backbone.layers)
     assert compiled_step.unsupported_reason(model) is None
     prompt = torch.randint(0, 101, (batch, 5))
-    with warnings.catch_warnings():
+    # dynamo's own recompile limit at 1: every compile of step_logits in this process after its first is
+    # past it, and compiles all the same (compiled_step.MAX_SIGNATURES)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
         step = compiled_step.CompiledStep.build(model, batch)
-    assert step is not None
-    eager, compiled = generate_both(model, prompt, new_tokens=12)
+        assert step is not None
+        eager, compiled = generate_both(model, prompt, new_tokens=12)
     assert len(set(map(tuple, eager.sequences[:, 5:].tolist()))) == batch or batch == 1  # rows differ
     assert torch.equal(eager.sequences, compiled.sequences)
     torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=1e-5, atol=1e-5)

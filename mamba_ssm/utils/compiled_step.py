@@ -270,6 +270,12 @@ def step_logits(token, conv_states, ssm_states, layers, emb_w, norm_f_w, norm_f_
     return _linear(hidden, head_w, head_b)
 
 
+# Each signature (shapes, batch size, dtypes, options) compiled in a process adds an entry to dynamo's
+# cache of step_logits; past dynamo's recompile limit (8) a fullgraph compile raises, and the compiled
+# step would then be off for the rest of the process (measured: the 3rd model with the limit at 2).
+# Calls of step_logits run with this limit instead; dynamo's setting elsewhere is left alone.
+MAX_SIGNATURES = 64
+
 _compiled = None
 _failed = None     # the exception that made compilation unusable in this process, if any
 _warned = False
@@ -356,12 +362,21 @@ class CompiledStep:
 
     def _run(self, token, cache):
         states = [cache[block.mixer.layer_idx] for block in self.model.backbone.layers]
-        with torch.no_grad():
+        with torch.no_grad(), _signature_limit():
             return self.fn(token, [s[0] for s in states], [s[1] for s in states], self.layers, *self.fixed,
                            **self.static)
 
     def __call__(self, token, inference_params):
         return self._run(token, inference_params.key_value_memory_dict)
+
+
+def _signature_limit():
+    """dynamo's recompile limit at MAX_SIGNATURES, for one call."""
+    import torch._dynamo  # imported by torch.compile already; not at this module's import (~1 s)
+
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return config.patch(**{key: MAX_SIGNATURES})
 
 
 def _detach(t):
