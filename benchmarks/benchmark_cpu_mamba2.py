@@ -5,6 +5,13 @@ Forward and forward+backward (loss: mean logsumexp of the logits), batch 1, fp32
 repeats alternate, so that a change of load on a shared machine falls on both; the figures are the
 median and the fastest repeat of each. The logits are compared before timing. matmul_floor_fwd_s is
 the time of the forward's matrix products alone (in_proj, out_proj, LM head), which both models share.
+
+Greedy decoding, batch 1, fp32: a --prompt-len token prompt and --gen-len new tokens, by ours with the
+compiled CPU step (generate cg=True, mamba_ssm/utils/compiled_step.py), ours eager (cg=False) and
+transformers' generate (greedy, its cache); the three alternate as above. Each time is the whole
+generate call (prefill + decoding), tokens/s = gen_len / median time. The compile (or inductor's
+disk-cache lookup, when an earlier process compiled this shape) is timed once, before. Whether the
+three produced the same tokens is recorded. --no-forward / --no-decode skip a part.
 """
 from __future__ import annotations
 
@@ -106,12 +113,64 @@ def matmul_floor(ours, seqlen, repeats):
     return statistics.median(times), min(times)
 
 
+def greedy(ours, hf, prompt, gen_len, repeats):
+    """Alternating repeats of the three greedy generates -> (figures, inputs)."""
+    from mamba_ssm.utils.compiled_step import CompiledStep
+
+    max_length = prompt.shape[1] + gen_len
+    hf.generation_config.pad_token_id = 0
+    hf.generation_config.eos_token_id = None  # as ours: gen_len tokens whatever they are
+    t0 = time.perf_counter()
+    step = CompiledStep.build(ours, prompt.shape[0])  # what the first generate(cg=True) of a process pays
+    compile_s = time.perf_counter() - t0
+
+    def run(key):
+        with torch.no_grad():
+            if key == "hf":
+                out = hf.generate(prompt, max_new_tokens=gen_len, do_sample=False)
+            else:
+                out = ours.generate(prompt, max_length=max_length, cg=key == "ours")
+        return out[0, prompt.shape[1]:].tolist()
+
+    keys = ("ours", "ours_eager", "hf")
+    times, tokens = {k: [] for k in keys}, {}
+    for i in range(repeats + 1):                    # the first round warms up
+        for key in keys:
+            t0 = time.perf_counter()
+            tokens[key] = run(key)
+            if i:
+                times[key].append(time.perf_counter() - t0)
+    fig = {"ours_greedy_compile_s": compile_s if step is not None else None}
+    for key in keys:
+        fig[f"{key}_greedy_s"] = statistics.median(times[key])
+        fig[f"{key}_greedy_min_s"] = min(times[key])
+        fig[f"{key}_greedy_tok_per_s"] = gen_len / fig[f"{key}_greedy_s"]
+    fig["greedy_speedup_vs_hf"] = fig["hf_greedy_s"] / fig["ours_greedy_s"]
+    fig["greedy_eager_speedup_vs_hf"] = fig["hf_greedy_s"] / fig["ours_eager_greedy_s"]
+    fig["greedy_compiled_speedup_vs_eager"] = fig["ours_eager_greedy_s"] / fig["ours_greedy_s"]
+    ours_tokens = tokens["ours"]
+    for key in ("ours_eager", "hf"):
+        fig[f"greedy_tokens_{key}_equal_ours"] = sum(a == b for a, b in zip(tokens[key], ours_tokens))
+    fig["greedy_tokens_all_agree"] = tokens["ours"] == tokens["ours_eager"] == tokens["hf"]
+    inputs = {"prompt_len": prompt.shape[1], "gen_len": gen_len,
+              "greedy_mode": "compiled step (generate cg=True)" if step is not None else
+                             "eager step (compilation failed)",
+              "greedy_timing": "whole generate call (prefill + gen_len steps), tokens/s = gen_len / median; "
+                               "ours_greedy_compile_s: CompiledStep.build once before (a compile, or a lookup "
+                               "in inductor's disk cache)"}
+    return fig, inputs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="130m", choices=sorted(SHAPES))
     p.add_argument("--n-layer", type=int, default=None, help="fewer layers than the size's (a quicker run)")
     p.add_argument("--seqlen", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-len", type=int, default=16, help="greedy decoding: prompt tokens")
+    p.add_argument("--gen-len", type=int, default=64, help="greedy decoding: new tokens")
+    p.add_argument("--no-forward", dest="forward", action="store_false", help="skip forward and forward+backward")
+    p.add_argument("--no-decode", dest="decode", action="store_false", help="skip greedy decoding")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory of the JSON (cpu_mamba2_<size>.json)")
     args = p.parse_args(argv)
@@ -122,14 +181,20 @@ def main(argv=None):
     ours, hf = build(args.size, args.n_layer)
     vocab = hf.config.vocab_size
     ids = torch.randint(0, vocab, (1, args.seqlen), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():   # same weights: the logits must agree before the timing means anything
-        a, b = _forward(ours, ids, False)[..., :vocab], _forward(hf, ids, True)
-        rel = ((a - b).abs().max() / b.abs().max()).item()
-    fig = measure(ours, hf, ids, args.repeats)
-    fig["max_rel_logit_diff_vs_hf"] = rel
-    fig["matmul_floor_fwd_s"], fig["matmul_floor_fwd_min_s"] = matmul_floor(ours, args.seqlen, args.repeats)
-    fig["ours_fwd_over_floor"] = fig["ours_fwd_s"] / fig["matmul_floor_fwd_s"]
-    fig["hf_fwd_over_floor"] = fig["hf_fwd_s"] / fig["matmul_floor_fwd_s"]
+    fig, decode_inputs = {}, {}
+    if args.forward:
+        with torch.no_grad():   # same weights: the logits must agree before the timing means anything
+            a, b = _forward(ours, ids, False)[..., :vocab], _forward(hf, ids, True)
+            rel = ((a - b).abs().max() / b.abs().max()).item()
+        fig = measure(ours, hf, ids, args.repeats)
+        fig["max_rel_logit_diff_vs_hf"] = rel
+        fig["matmul_floor_fwd_s"], fig["matmul_floor_fwd_min_s"] = matmul_floor(ours, args.seqlen, args.repeats)
+        fig["ours_fwd_over_floor"] = fig["ours_fwd_s"] / fig["matmul_floor_fwd_s"]
+        fig["hf_fwd_over_floor"] = fig["hf_fwd_s"] / fig["matmul_floor_fwd_s"]
+    if args.decode:
+        prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(2))
+        decode_fig, decode_inputs = greedy(ours, hf, prompt, args.gen_len, args.repeats)
+        fig.update(decode_fig)
     d_model, layers = SHAPES[args.size]
     res = {
         "benchmark": "cpu_mamba2",
@@ -140,9 +205,11 @@ def main(argv=None):
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "inputs": {"size": args.size, "d_model": d_model, "n_layer": args.n_layer or layers, "vocab": vocab,
-                   "batch": 1, "seqlen": args.seqlen, "dtype": "float32", "repeats": args.repeats,
+                   "batch": 1, "seqlen": args.seqlen if args.forward else None, "dtype": "float32",
+                   "repeats": args.repeats, "parts": [k for k in ("forward", "decode") if getattr(args, k)],
                    "baseline": "transformers Mamba2ForCausalLM, its PyTorch path (no kernels)",
-                   "timing": "median (and fastest) of alternating repeats after one warm-up round"},
+                   "timing": "median (and fastest) of alternating repeats after one warm-up round",
+                   **decode_inputs},
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -326,12 +326,25 @@ def cpu(results_dir: Path) -> _Table:
         size, hf = f"Mamba-2 {inp.get('size', '?')}", "transformers Mamba2"
         load = d.get("machine", {}).get("load_average")
         note = f", load {load[0]:.1f}" if load else ""
-        t.add(f"{size} forward, s, batch 1, {inp.get('seqlen')} tokens{note}", f.get("ours_fwd_s"),
-              f.get("hf_fwd_s"), hf, False, "CPU", date, name)
-        t.add(f"{size} forward, s, against its matrix products alone", f.get("ours_fwd_s"),
-              f.get("matmul_floor_fwd_s"), "floor", False, "CPU", date, name)
-        t.add(f"{size} forward+backward, s, {inp.get('seqlen')} tokens{note}", f.get("ours_fwdbwd_s"),
-              f.get("hf_fwdbwd_s"), hf, False, "CPU", date, name)
+        if f.get("ours_fwd_s") is not None:  # a --no-forward run has none
+            t.add(f"{size} forward, s, batch 1, {inp.get('seqlen')} tokens{note}", f.get("ours_fwd_s"),
+                  f.get("hf_fwd_s"), hf, False, "CPU", date, name)
+            t.add(f"{size} forward, s, against its matrix products alone", f.get("ours_fwd_s"),
+                  f.get("matmul_floor_fwd_s"), "floor", False, "CPU", date, name)
+            t.add(f"{size} forward+backward, s, {inp.get('seqlen')} tokens{note}", f.get("ours_fwdbwd_s"),
+                  f.get("hf_fwdbwd_s"), hf, False, "CPU", date, name)
+        if f.get("ours_greedy_tok_per_s") is not None:  # a --no-decode run (or an older file) has none
+            n = inp.get("gen_len")
+            agree = ("all tokens agree" if f.get("greedy_tokens_all_agree") else
+                     f"tokens equal to ours: {f.get('greedy_tokens_ours_eager_equal_ours')}/{n} eager, "
+                     f"{f.get('greedy_tokens_hf_equal_ours')}/{n} transformers")
+            what = f"{size} greedy decoding, tokens/s, prompt {inp.get('prompt_len')}, {n} new"
+            t.add(f"{what}; ours: {inp.get('greedy_mode')}; {agree}{note}", f.get("ours_greedy_tok_per_s"),
+                  f.get("hf_greedy_tok_per_s"), hf, True, "CPU", date, name)
+            compile_s = f.get("ours_greedy_compile_s")
+            built = f", compile {fmt(compile_s)} s" if compile_s is not None else ""
+            t.add(f"{what}; compiled step against ours eager (cg=False){built}", f.get("ours_greedy_tok_per_s"),
+                  f.get("ours_eager_greedy_tok_per_s"), "ours eager", True, "CPU", date, name)
     for name, d in _load(results_dir, "cpu_scan*.json"):
         r, date = d.get("results", {}), _date(d)
         shape = _shape(d.get("inputs", {}).get("shape_batch_dim_seqlen_dstate", []))

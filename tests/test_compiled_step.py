@@ -1,10 +1,12 @@
 """The CPU decoding step compiled with torch.compile (generate(..., cg=True) on a CPU) against the eager step."""
 import os
+import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
@@ -19,6 +21,23 @@ def tiny_model(seed=0, **cfg):
     torch.manual_seed(seed)
     config = MambaConfig(d_model=32, n_layer=3, vocab_size=101, ssm_cfg={"d_state": 8}, **cfg)
     return MambaLMHeadModel(config).eval()
+
+
+def tiny_mamba2(seed=0, **ssm_cfg):
+    """A Mamba-2 LM, loudly initialised (greedy tokens that differ from row to row), with D and the gated
+    norm's weight off their constant init, so that a mix-up of heads, groups or channels would show."""
+    torch.manual_seed(seed)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=101, tie_embeddings=False,
+                         ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 4, **ssm_cfg})
+    model = MambaLMHeadModel(config, initializer_cfg={"initializer_range": 0.5}).eval()
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            m = block.mixer
+            m.out_proj.weight.mul_(3.0)
+            m.D.uniform_(-1.0, 2.0)
+            if m.rmsnorm:
+                m.norm.weight.uniform_(0.5, 1.5)
+    return model
 
 
 def generate_both(model, prompt, new_tokens=10):
@@ -40,6 +59,60 @@ def test_compiled_step_gives_the_eager_tokens_and_logits(cfg, batch):
     eager, compiled = generate_both(model, prompt)
     assert torch.equal(eager.sequences, compiled.sequences)
     torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=1e-5, atol=1e-5)
+
+
+# Three compiles in all. The first: 6 heads in 2 groups (3 heads a group), D per channel, the norm before the
+# gate, dt clamped on both sides (most of softplus(dt) falls outside (0.005, 0.04) here), d_ssm 48 of
+# d_inner 64 (d_mlp 16); the second: upstream's defaults (1 group); the third: no gated norm (y silu(z)).
+MAMBA2_CASES = [({"ngroups": 2, "D_has_hdim": True, "norm_before_gate": True, "dt_limit": (0.005, 0.04), "d_ssm": 48}, 2),
+                ({"ngroups": 1}, 3),
+                ({"ngroups": 4, "rmsnorm": False}, 1)]
+
+
+@pytest.mark.parametrize("ssm_cfg,batch", MAMBA2_CASES)
+def test_mamba2_compiled_step_gives_the_eager_tokens_and_logits(ssm_cfg, batch):
+    # batch 1, 2: products as multiply + sum (GEMV_MAX_ROWS); 3: as matrix products
+    model = tiny_mamba2(seed=21, **ssm_cfg)
+    if "d_ssm" in ssm_cfg:
+        assert all(b.mixer.d_mlp == 16 for b in model.backbone.layers)
+    assert compiled_step.unsupported_reason(model) is None
+    prompt = torch.randint(0, 101, (batch, 5))
+    # dynamo's own recompile limit at 1: every compile of step_logits in this process after its first is
+    # past it, and compiles all the same (compiled_step.MAX_SIGNATURES)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
+        step = compiled_step.CompiledStep.build(model, batch)
+        assert step is not None
+        eager, compiled = generate_both(model, prompt, new_tokens=12)
+    assert len(set(map(tuple, eager.sequences[:, 5:].tolist()))) == batch or batch == 1  # rows differ
+    assert torch.equal(eager.sequences, compiled.sequences)
+    torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_mamba2_models_fall_back_with_the_reason(monkeypatch):
+    prompt = torch.randint(0, 101, (1, 4))
+    torch.manual_seed(22)
+    hybrid = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=101, attn_layer_idx=[1],
+                                          attn_cfg={"num_heads": 4, "causal": True},
+                                          ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8})).eval()
+    models = [(hybrid, "layer 1 is an attention layer \\(MHA\\)")]
+    mixed = tiny_mamba2(seed=23)
+    mixed.backbone.layers[1] = tiny_model(seed=23).backbone.layers[1]  # a Mamba-1 block
+    models.append((mixed, "mix Mamba and Mamba2 mixers"))
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:  # LoRA on in_proj: the adapter must run as a module
+        lora = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["in_proj"], lora_dropout=0.0),
+                                            tiny_mamba2(seed=24))
+        models.append((lora, "a projection or norm is wrapped"))
+    for model, reason in models:
+        assert re.search(reason, compiled_step.unsupported_reason(model))
+        monkeypatch.setattr(compiled_step, "_warned", False)
+        with pytest.warns(RuntimeWarning, match=reason):
+            seq = model.generate(prompt, max_length=9, cg=True)
+        assert torch.equal(seq, model.generate(prompt, max_length=9))
 
 
 def test_compiled_step_teacher_forced_logits_equal_the_full_forward():

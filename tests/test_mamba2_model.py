@@ -1,6 +1,5 @@
 """Mamba-2 language models (MambaConfig ssm_cfg layer "Mamba2"): the forward, cached decoding, greedy
 generation and batches of prompts of different lengths, on the CPU."""
-import pytest
 import torch
 
 from mamba_ssm.modules.mamba2 import Mamba2
@@ -58,16 +57,11 @@ def test_ragged_batch_gives_each_prompt_its_own_tokens():
     assert generate_ragged(model, prompts, 8) == want
 
 
-def test_cg_on_cpu_falls_back_to_the_eager_step_with_the_same_tokens(monkeypatch):
-    # the compiled CPU step is written for Mamba-1 layers; Mamba-2 decodes with the eager step (warned once)
+def test_cg_on_cpu_takes_the_compiled_step():
+    # the compiled CPU step covers Mamba-2 layers (tests/test_compiled_step.py compares it with the eager step)
     from mamba_ssm.utils import compiled_step
 
-    monkeypatch.setattr(compiled_step, "_warned", False)
-    model = loud_mamba2_model(seed=6)
-    prompt = torch.randint(0, VOCAB, (1, 4))
-    with pytest.warns(RuntimeWarning, match="not a plain Mamba mixer"):
-        out = model.generate(prompt, max_length=9, cg=True)
-    torch.testing.assert_close(out, model.generate(prompt, max_length=9))
+    assert compiled_step.unsupported_reason(loud_mamba2_model(seed=6)) is None
 
 
 def test_prompts_of_different_lengths_are_prefilled_packed_into_any_rows(monkeypatch):

@@ -140,3 +140,20 @@ def test_model_against_upstream_renders(tmp_path):
         ["LoRA step, the recipe's setup, 1.4b, batch 4 x 2048 (ours), peak memory, GiB", "30.0", "-", "-", "H100"]]
     assert all(r[5] == "2027-01-02" and r[6] == "[model_1.4b_h100.json](../benchmarks/results/model_1.4b_h100.json)"
                for r in rows)
+
+
+def test_cpu_mamba2_decoding_renders(tmp_path):
+    # a --no-forward run of benchmarks/benchmark_cpu_mamba2.py: decoding figures only
+    (tmp_path / "cpu_mamba2_130m.json").write_text(json.dumps({
+        "date": "2027-01-02T00:00:00+00:00", "machine": {"load_average": [1.5, 1.0, 1.0]},
+        "figures": {"ours_greedy_compile_s": 40.0, "ours_greedy_tok_per_s": 30.0, "ours_eager_greedy_tok_per_s": 12.0,
+                    "hf_greedy_tok_per_s": 6.0, "greedy_tokens_all_agree": False,
+                    "greedy_tokens_ours_eager_equal_ours": 64, "greedy_tokens_hf_equal_ours": 60},
+        "inputs": {"size": "130m", "prompt_len": 16, "gen_len": 64, "greedy_mode": "compiled step (generate cg=True)"}}))
+    rows = _rows(rr.render(tmp_path), "CPU")
+    assert [r[:4] for r in rows] == [
+        ["Mamba-2 130m greedy decoding, tokens/s, prompt 16, 64 new; ours: compiled step (generate cg=True); "
+         "tokens equal to ours: 64/64 eager, 60/64 transformers, load 1.5", "30.0", "6.000 (transformers Mamba2)",
+         "5.00x"],
+        ["Mamba-2 130m greedy decoding, tokens/s, prompt 16, 64 new; compiled step against ours eager (cg=False), "
+         "compile 40.0 s", "30.0", "12.0 (ours eager)", "2.50x"]]

@@ -5,19 +5,31 @@ gate, ...); at batch 1 each costs more in dispatch than in arithmetic. Here the 
 (embedding, every layer, final norm, LM head) is one graph of fused C++ loops behind a single guard
 check per token. At batch 1 and 2 the matrix products are written as multiply + sum, so that they
 too become C++ loops on every thread (torch's CPU matrix-vector product uses one): the 130m model
-on 2 cores decodes ~50 tokens/s in fp32 instead of ~21 (2026-12-07); larger batches call the
-library's matrix products.
+on 2 cores decodes ~50 tokens/s in fp32 instead of ~21 (2026-12-07; Mamba-2's 130m shape: ~44
+instead of ~16, one run on a loaded machine); larger batches call the library's matrix products.
 
 The step is written as a function of plain tensors (`step_logits`: weights and states are
 arguments), so it does not depend on how the model object is built, and a model of the same
 shapes reuses the compiled code (in this process, and through inductor's disk cache in later ones).
+A model's layers are all Block(Mamba) or all Block(Mamba2) (no MLP, no attention, no wrapped
+projections: `unsupported_reason`); `step_logits` picks the layer function when it is traced.
 
-Per layer, the same arithmetic as the eager Block.forward -> Mamba.step:
+Per layer, the same arithmetic as the eager Block.forward -> Mamba.step (`layer_step`):
 
     hidden, residual (batch, d_model) -> add + norm -> in_proj -> [x, z] (batch, d_inner)
     x -> conv step on conv_state (batch, d_inner, d_conv) -> silu -> x_proj -> [dt, B, C]
     dt -> dt_proj + bias -> softplus;  ssm_state (batch, d_inner, d_state) <- exp(dt A) ssm_state + dt x B
     y = (ssm_state C + D x) silu(z) -> out_proj -> (batch, d_model)
+
+or Block.forward -> Mamba2.step (`mamba2_layer_step`), with heads of headdim channels in ngroups
+groups (head i reads the B and C of group i // (nheads / ngroups)):
+
+    hidden, residual -> add + norm -> in_proj -> [z0, x0 (d_mlp each), z (d_ssm), xBC, dt (nheads)]
+    xBC -> conv step on conv_state (batch, d_ssm + 2 ngroups d_state, d_conv) -> silu -> [x, B, C]
+    dt -> + dt_bias -> softplus -> clamp to dt_limit
+    ssm_state (batch, nheads, headdim, d_state) <- exp(dt A) ssm_state + dt x B   (A, dt: one per head)
+    y = ssm_state C + D x -> gated RMSNorm with z over ngroups groups (or y silu(z))
+    [silu(z0) x0, y] -> out_proj -> (batch, d_model)
 
 Compilation can fail (no C++ compiler, an unsupported torch build): `CompiledStep.build` compiles
 and runs the step once on scratch states, and if that raises it warns once and returns None, and
@@ -35,8 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mamba_ssm.modules.mamba2 import Mamba2
 from mamba_ssm.modules.mamba_simple import Mamba
+from mamba_ssm.modules.mha import MHA
+from mamba_ssm.ops.ssd_chunked import process_dt
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
+from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated, rmsnorm_fn
 
 ENV_VAR = "MAMBA_SSM_COMPILED_STEP"
 
@@ -75,6 +91,15 @@ def _linear(x, w, b=None):
     return out.to(x.dtype)
 
 
+def _conv_step(x, conv_state, conv_w, conv_b):
+    """causal_conv1d_update without the activation: shift the window (batch, dim, d_conv) left by one,
+    append x (batch, dim), a depthwise dot product over the window (conv_w (dim, d_conv))."""
+    window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(window)
+    out = (window * conv_w).sum(-1)
+    return out if conv_b is None else out + conv_b
+
+
 def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in_b, conv_w, conv_b, x_w, dt_w,
                dt_b, A, D, out_w, out_b, eps: float, is_rms: bool, residual_in_fp32: bool, dt_rank: int):
     """One Block(Mamba) step.
@@ -86,13 +111,7 @@ def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in
     """
     h, residual = _add_norm(hidden, residual, norm_w, norm_b, eps, is_rms, residual_in_fp32)
     x, z = _linear(h, in_w, in_b).chunk(2, dim=-1)
-    # conv: shift the window left by one and append x; a depthwise dot product over the window
-    window = torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1)
-    conv_state.copy_(window)
-    x = (window * conv_w).sum(-1)
-    if conv_b is not None:
-        x = x + conv_b
-    x = F.silu(x)
+    x = F.silu(_conv_step(x, conv_state, conv_w, conv_b))
 
     d_state = A.shape[1]
     x_db = _linear(x, x_w)
@@ -106,14 +125,71 @@ def layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in
     return _linear(y, out_w, out_b), residual
 
 
+def mamba2_layer_step(hidden, residual, conv_state, ssm_state, norm_w, norm_b, in_w, in_b, conv_w, conv_b,
+                      dt_bias, A, D, gate_w, out_w, out_b, eps: float, is_rms: bool, residual_in_fp32: bool,
+                      ngroups: int, dt_limit: tuple, norm_before_gate: bool, gate_eps: float):
+    """One Block(Mamba2) step.
+
+    conv_state (batch, d_ssm + 2 ngroups d_state, d_conv) and ssm_state (batch, nheads, headdim,
+    d_state) are updated in place. A = -exp(A_log): (nheads,); D: (nheads,) or, D_has_hdim,
+    (nheads * headdim,); gate_w: the gated RMSNorm's weight (d_ssm,), None without rmsnorm (then
+    y silu(z)). The sizes come from the tensors: d_inner from out_w, d_mlp = d_inner - d_ssm.
+    Returns (out (batch, d_model), new residual (batch, d_model)).
+    """
+    h, residual = _add_norm(hidden, residual, norm_w, norm_b, eps, is_rms, residual_in_fp32)
+    dtype, b = h.dtype, h.shape[0]
+    nheads, headdim, d_state = ssm_state.shape[1:]
+    g, d_ssm = ngroups, nheads * headdim
+    d_mlp = out_w.shape[1] - d_ssm
+    z0, x0, z, xBC, dt = torch.split(_linear(h, in_w, in_b), [d_mlp, d_mlp, d_ssm, conv_state.shape[1], nheads],
+                                     dim=-1)
+    xBC = F.silu(_conv_step(xBC, conv_state, conv_w, conv_b))
+    x, B, C = torch.split(xBC, [d_ssm, g * d_state, g * d_state], dim=-1)
+
+    # the state update in float32 (float64 for a float64 state), heads grouped as (g, nheads / g)
+    f = torch.float64 if ssm_state.dtype == torch.float64 else torch.float32
+    dt = process_dt(dt, dt_bias, True, dt_limit, f)                                 # (batch, nheads)
+    xf = x.to(f).view(b, g, nheads // g, headdim)
+    decay = torch.exp(dt * A.to(f)).view(b, g, nheads // g, 1, 1)
+    state = (ssm_state.to(f).view(b, g, nheads // g, headdim, d_state) * decay
+             + (xf * dt.view(b, g, nheads // g, 1)).unsqueeze(-1) * B.to(f).view(b, g, 1, 1, d_state))
+    ssm_state.copy_(state.view(ssm_state.shape))
+    y = (state * C.to(f).view(b, g, 1, 1, d_state)).sum(-1)                        # (b, g, nheads / g, headdim)
+    y = (y + xf * D.to(f).view(g, nheads // g, -1)).reshape(b, d_ssm)              # D: per head or per channel
+
+    if gate_w is None:
+        y = (y * F.silu(z.to(f))).to(dtype)
+    else:
+        y = rmsnorm_fn(y.to(dtype), gate_w, None, z=z, eps=gate_eps, group_size=d_ssm // g,
+                       norm_before_gate=norm_before_gate)
+    if d_mlp > 0:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    return _linear(y, out_w, out_b), residual
+
+
 def _layer_args(block):
-    """The weights of one Block(Mamba) as layer_step takes them (detached: no autograd, no Parameter guards)."""
+    """The weights of one block as its layer function (layer_step or mamba2_layer_step) takes them
+    (detached: no autograd, no Parameter guards). A = -exp(A_log) is computed here, once per build."""
     m = block.mixer
     t = _detach
-    return (t(block.norm.weight), t(block.norm.bias), t(m.in_proj.weight), t(m.in_proj.bias),
-            t(m.conv1d.weight).squeeze(1), t(m.conv1d.bias), t(m.x_proj.weight), t(m.dt_proj.weight),
-            t(m.dt_proj.bias), -torch.exp(m.A_log.detach().float()), t(m.D), t(m.out_proj.weight),
-            t(m.out_proj.bias))
+    head = (t(block.norm.weight), t(block.norm.bias), t(m.in_proj.weight), t(m.in_proj.bias),
+            t(m.conv1d.weight).squeeze(1), t(m.conv1d.bias))
+    tail = (t(m.out_proj.weight), t(m.out_proj.bias))
+    if type(m) is Mamba2:
+        f = torch.float64 if m.A_log.dtype == torch.float64 else torch.float32  # Mamba2.step's A
+        return head + (t(m.dt_bias), -torch.exp(m.A_log.detach().to(f)), t(m.D),
+                       t(m.norm.weight) if m.rmsnorm else None) + tail
+    return head + (t(m.x_proj.weight), t(m.dt_proj.weight), t(m.dt_proj.bias), -torch.exp(m.A_log.detach().float()),
+                   t(m.D)) + tail
+
+
+def _mixer_options(mixer):
+    """The layer function's options past the block's (eps, is_rms, residual_in_fp32), as (name, value) pairs."""
+    if type(mixer) is Mamba2:
+        return (("ngroups", mixer.ngroups), ("dt_limit", tuple(float(v) for v in mixer.dt_limit)),
+                ("norm_before_gate", bool(mixer.norm_before_gate)),
+                ("gate_eps", float(mixer.norm.eps) if mixer.rmsnorm else 0.0))
+    return (("dt_rank", mixer.dt_rank),)
 
 
 def unsupported_reason(model):
@@ -123,16 +199,23 @@ def unsupported_reason(model):
         return "the model has no backbone.layers"
     for block in backbone.layers:
         m = getattr(block, "mixer", None)
-        if type(m) is not Mamba:
-            return f"layer {getattr(block, 'layer_idx', '?')} is not a plain Mamba mixer"
+        if isinstance(m, MHA):
+            return f"layer {getattr(block, 'layer_idx', '?')} is an attention layer (MHA), which is not compiled"
+        if type(m) not in (Mamba, Mamba2):
+            return f"layer {getattr(block, 'layer_idx', '?')} is not a plain Mamba or Mamba2 mixer"
         if getattr(block, "mlp", None) is not None:
             return "blocks with an MLP are not compiled"
-        if m.b_c_dt_rms_eps is not None:
+        if type(m) is Mamba and m.b_c_dt_rms_eps is not None:
             return "Falcon-Mamba's norms of dt, B and C are not compiled"
         # Wrapped projections (LoRA adapters) must run as modules: the compiled step reads raw weights.
-        if not (all(type(p) is nn.Linear for p in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj))
-                and type(m.conv1d) is nn.Conv1d and type(block.norm) in (nn.LayerNorm, RMSNorm)):
+        linears = (m.in_proj, m.out_proj) + ((m.x_proj, m.dt_proj) if type(m) is Mamba else ())
+        gate_norm_ok = type(m) is Mamba or not m.rmsnorm or type(m.norm) is RMSNormGated
+        if not (all(type(p) is nn.Linear for p in linears) and type(m.conv1d) is nn.Conv1d
+                and type(block.norm) in (nn.LayerNorm, RMSNorm) and gate_norm_ok):
             return "a projection or norm is wrapped (e.g. a LoRA adapter)"
+    # one layer function, with one set of options, for every layer (MambaConfig builds no other model)
+    if len({(type(b.mixer), _mixer_options(b.mixer)) for b in backbone.layers}) > 1:
+        return "the layers mix Mamba and Mamba2 mixers, or mixers of different options"
     if type(model.lm_head) is not nn.Linear:
         return "lm_head is wrapped"
     if type(backbone.norm_f) is not type(backbone.layers[0].norm):
@@ -168,21 +251,30 @@ def set_enabled(enabled):
 
 
 def step_logits(token, conv_states, ssm_states, layers, emb_w, norm_f_w, norm_f_b, head_w, head_b, eps: float,
-                eps_f: float, is_rms: bool, residual_in_fp32: bool, dt_rank: int):
+                eps_f: float, is_rms: bool, residual_in_fp32: bool, mamba2: bool, mixer_options: tuple):
     """The whole decoding step: token (batch, 1) -> logits (batch, vocab), states updated in place.
 
-    conv_states, ssm_states: one per layer; layers: one `_layer_args` tuple per layer.
+    conv_states, ssm_states: one per layer; layers: one `_layer_args` tuple per layer; mamba2 picks
+    the layer function (when the graph is traced), mixer_options: its `_mixer_options`.
     """
+    step = mamba2_layer_step if mamba2 else layer_step
+    options = dict(mixer_options)
     hidden = F.embedding(token[:, 0], emb_w)
     # The first block has no residual yet; zeros of the residual's dtype add nothing.
     residual = torch.zeros(hidden.shape, dtype=torch.float32 if residual_in_fp32 else hidden.dtype)
     for conv_state, ssm_state, args in zip(conv_states, ssm_states, layers):
-        hidden, residual = layer_step(hidden, residual, conv_state, ssm_state, *args, eps=eps, is_rms=is_rms,
-                                      residual_in_fp32=residual_in_fp32, dt_rank=dt_rank)
+        hidden, residual = step(hidden, residual, conv_state, ssm_state, *args, eps=eps, is_rms=is_rms,
+                                residual_in_fp32=residual_in_fp32, **options)
     # final norm: layer_norm_fn(hidden, residual=residual, prenorm=False)
     hidden, _ = _add_norm(hidden, residual, norm_f_w, norm_f_b, eps_f, is_rms, residual_in_fp32)
     return _linear(hidden, head_w, head_b)
 
+
+# Each signature (shapes, batch size, dtypes, options) compiled in a process adds an entry to dynamo's
+# cache of step_logits; past dynamo's recompile limit (8) a fullgraph compile raises, and the compiled
+# step would then be off for the rest of the process (measured: the 3rd model with the limit at 2).
+# Calls of step_logits run with this limit instead; dynamo's setting elsewhere is left alone.
+MAX_SIGNATURES = 64
 
 _compiled = None
 _failed = None     # the exception that made compilation unusable in this process, if any
@@ -222,10 +314,12 @@ class CompiledStep:
         # Weights detached: no autograd, and plain tensors rather than Parameters as graph inputs.
         # A = -exp(A_log) is computed here once per generate call rather than in every step.
         self.layers = [_layer_args(block) for block in bb.layers]
+        mixer = bb.layers[0].mixer
         self.fixed = (bb.embedding.weight.detach(), norm_f.weight.detach(), _detach(norm_f.bias),
                       model.lm_head.weight.detach(), _detach(model.lm_head.bias))
         self.static = dict(eps=float(norm.eps), eps_f=float(norm_f.eps), is_rms=isinstance(norm, RMSNorm),
-                           residual_in_fp32=bool(bb.residual_in_fp32), dt_rank=bb.layers[0].mixer.dt_rank)
+                           residual_in_fp32=bool(bb.residual_in_fp32), mamba2=type(mixer) is Mamba2,
+                           mixer_options=_mixer_options(mixer))
         self.fn = None
         self.compile_s = 0.0
 
@@ -268,12 +362,21 @@ class CompiledStep:
 
     def _run(self, token, cache):
         states = [cache[block.mixer.layer_idx] for block in self.model.backbone.layers]
-        with torch.no_grad():
+        with torch.no_grad(), _signature_limit():
             return self.fn(token, [s[0] for s in states], [s[1] for s in states], self.layers, *self.fixed,
                            **self.static)
 
     def __call__(self, token, inference_params):
         return self._run(token, inference_params.key_value_memory_dict)
+
+
+def _signature_limit():
+    """dynamo's recompile limit at MAX_SIGNATURES, for one call."""
+    import torch._dynamo  # imported by torch.compile already; not at this module's import (~1 s)
+
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return config.patch(**{key: MAX_SIGNATURES})
 
 
 def _detach(t):
