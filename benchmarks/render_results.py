@@ -353,6 +353,10 @@ def cpu(results_dir: Path) -> _Table:
             t.add(f"selective scan {what} (chunked), s, {shape}, {threads} threads",
                   r.get(f"chunked_{key}", {}).get("median_s"), r.get(f"ref_{key}", {}).get("median_s"),
                   "per-step reference", False, "CPU", date, name)
+        if "chunked_torch_fwd" in r:
+            t.add(f"selective scan forward, s, {shape}, {threads} threads, the C loop against the PyTorch one",
+                  r["chunked_fwd"].get("median_s"), r["chunked_torch_fwd"].get("median_s"),
+                  "PyTorch, MAMBA_SSM_CPU_KERNEL=0", False, "CPU", date, name)
     return t
 
 
