@@ -171,11 +171,39 @@ int selective_scan_fwd_f32(
     return 0;
 }
 
+/* the sum of a vector's lanes, by halves (the compiler makes each split a lane extract) */
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf2 __attribute__((vector_size(8)));
+
+static inline __attribute__((always_inline)) float hsum4(vf4 v)
+{
+    vf2 a, b;
+    memcpy(&a, &v, 8);
+    memcpy(&b, (const char *)&v + 8, 8);
+    a += b;
+    return a[0] + a[1];
+}
+
 static inline __attribute__((always_inline)) float hsum(vf v)
 {
-    float s = 0.0f;
-    for (int i = 0; i < VW; i++) s += v[i];
-    return s;
+#if VW == 16
+    vf8 a8, b8;
+    memcpy(&a8, &v, 32);
+    memcpy(&b8, (const char *)&v + 32, 32);
+    a8 += b8;
+    vf4 a, b;
+    memcpy(&a, &a8, 16);
+    memcpy(&b, (const char *)&a8 + 16, 16);
+    return hsum4(a + b);
+#elif VW == 8
+    vf4 a, b;
+    memcpy(&a, &v, 16);
+    memcpy(&b, (const char *)&v + 16, 16);
+    return hsum4(a + b);
+#else
+    return hsum4(v);
+#endif
 }
 
 /* The backward of one block of channels [0, cw) (cw <= W) of one batch row, chunk by chunk from the
