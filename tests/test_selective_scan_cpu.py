@@ -289,3 +289,43 @@ def test_turned_off_gives_no_library():
     finally:
         cpu.set_enabled(True)
     assert math.isclose(cpu.LOG2E, math.log2(math.e))
+
+
+@needs_lib
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+def test_every_vector_width_gives_the_same_scan(tmp_path):
+    """The source's three vector widths (AVX-512: 16 lanes, AVX2: 8, SSE2: 4), each built and run."""
+    import subprocess
+
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n, T, K = 2, 40, 77, 16, 10, 8
+    dt = torch.nn.functional.softplus(torch.randn(b, d, L, generator=g) - 1)
+    u = torch.randn(b, d, L, generator=g)
+    x = dt * u
+    A = -torch.exp(torch.rand(d, n, generator=g) * 2)
+    B4, C4 = torch.randn(b, 2, n, L, generator=g), torch.randn(b, 1, n, L, generator=g)
+    gy, glast = torch.randn(b, d, L, generator=g), torch.randn(b, d, n, generator=g)
+    results = {}
+    for arch in ("skylake-avx512", "haswell", "x86-64"):
+        out = tmp_path / f"{arch}.so"
+        r = subprocess.run([cpu._compiler(), f"-march={arch}", *cpu.FLAGS, str(cpu.SOURCE), "-o", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        lib = cpu._load(out)
+        if arch == "skylake-avx512" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            continue   # built, but this CPU cannot run it
+        old = cpu._lib
+        cpu._lib = lib
+        try:
+            y, HS, last = cpu.forward_streaming(dt, x, A, B4, C4, 2, 1, 2, T, K)
+            gdt, gu, gA = torch.empty(b, d, L), torch.zeros(b, d, L), torch.zeros(d, n)
+            gB, gC = cpu.Backward(dt, x, u, gy, A, B4, C4, T, K, HS, None, None, glast, gdt, gu, gA).part(0, d)
+        finally:
+            cpu._lib = old
+        results[arch] = [y, HS, last, gdt, gu, gA, gB, gC]
+    base = results.pop("x86-64")
+    y64, _ = recurrence64(dt, x, A, B4, C4)
+    torch.testing.assert_close(base[0].double(), y64, rtol=1e-5, atol=1e-5)
+    for arch, got in results.items():
+        for a, e in zip(got, base):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
