@@ -9,9 +9,14 @@ inside; the next run of that size overwrites it).
       on a CPU the decoding step compiled by torch.compile (mamba_ssm/utils/compiled_step.py).
       The one-time compile is done before timing and reported as ours_greedy_compile_s; the eager
       step (cg=False) is measured too, as ours_greedy_eager_*. greedy_mode says which ran.
+      Ours with f16 weights (MAMBA_SSM_COMPILED_STEP_WEIGHTS=f16: the compiled step reads f16 copies
+      of the matrices, computes in fp32) is timed alternately with ours fp32, repeat by repeat, so that
+      a shared machine's load hits both alike: ours_f16_greedy_*, and how many of its tokens are ours
+      fp32's (greedy_tokens_ours_f16_equal_ours).
   (e) llama.cpp's greedy decoding of the same weights (mambakit/bench/llama_cpp.py writes them as
-      GGUF, f32 and f16), timed as ours, and how many of its tokens are ours; skipped with a
-      message unless llama-cpp-python and gguf are installed (--no-llama-cpp skips it).
+      GGUF, f32 and f16), timed as ours (after ours, in its own loop), and how many of its tokens are
+      ours (f32 against ours fp32; f16 against ours fp32 and ours f16); skipped with a message unless
+      llama-cpp-python and gguf are installed (--no-llama-cpp skips it).
 
 transformers' forward+backward is very slow at long sequences (the shared CPU anchor records
 that it did not finish at 1024 tokens in 800 s), so it is measured at --hf-bwd-seqlen and ours
@@ -113,6 +118,7 @@ def main(argv=None):
                    help="skip llama.cpp's greedy decoding (run when llama-cpp-python and gguf are installed)")
     p.add_argument("--out", default=str(RESULTS_DIR), help="directory of the JSON (cpu_model_<size>.json)")
     args = p.parse_args(argv)
+    load_before = os.getloadavg()
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
@@ -135,20 +141,48 @@ def main(argv=None):
     fig[f"ours_fwdbwd_s[L={args.hf_bwd_seqlen}]"] = fwd_bwd_time(model, short, args.repeats)
     prompt = ids[:, : args.prompt_len]
     max_length = args.prompt_len + args.gen_len
+    from mamba_ssm.utils import compiled_step
     from mamba_ssm.utils.compiled_step import CompiledStep
 
     fig["ours_greedy_eager_s"], fig["ours_greedy_eager_min_s"] = timed(
         lambda: model.generate(prompt, max_length=max_length), args.repeats, with_min=True)
     fig["ours_greedy_eager_tok_per_s"] = args.gen_len / fig["ours_greedy_eager_s"]
-    # compile once, outside the timing (what the first generate(cg=True) of a process pays)
-    step = CompiledStep.build(model, prompt.shape[0])
+    # compile once each, outside the timing (what the first generate(cg=True) of a process pays): ours on the
+    # model's fp32 weights, and on f16 copies of its matrices
+    setting = compiled_step.WEIGHTS
+    builds = {}
+    for weights in ("model", "f16"):
+        compiled_step.set_weights(weights)
+        builds[weights] = CompiledStep.build(model, prompt.shape[0])
+    step, step16 = builds["model"], builds["f16"]
     greedy_mode = "compiled step (generate cg=True)" if step is not None else "eager step (compilation failed)"
     fig["ours_greedy_compile_s"] = step.compile_s if step is not None else None
-    fig["ours_greedy_s"], fig["ours_greedy_min_s"] = timed(
-        lambda: model.generate(prompt, max_length=max_length, cg=True), args.repeats, with_min=True)
-    fig["ours_greedy_tok_per_s"] = args.gen_len / fig["ours_greedy_s"]
+    fig["ours_f16_greedy_compile_s"] = step16.compile_s if step16 is not None else None
+    f16_mode = (f"compiled step, {step16.weights} weights" if step16 is not None else
+                "eager step (compilation failed), fp32 weights")
+
+    def greedy(weights):
+        compiled_step.set_weights(weights)
+        return model.generate(prompt, max_length=max_length, cg=True)[0, prompt.shape[1]:].tolist()
+
+    times, tokens = {"model": [], "f16": []}, {}
+    try:
+        for weights in times:  # warm-up
+            greedy(weights)
+        for _ in range(args.repeats):  # alternately, so that the machine's load hits both alike
+            for weights in times:
+                t0 = time.perf_counter()
+                tokens[weights] = greedy(weights)
+                times[weights].append(time.perf_counter() - t0)
+    finally:
+        compiled_step.set_weights(setting)
+    for key, weights in (("ours_greedy", "model"), ("ours_f16_greedy", "f16")):
+        fig[f"{key}_s"], fig[f"{key}_min_s"] = statistics.median(times[weights]), min(times[weights])
+        fig[f"{key}_tok_per_s"] = args.gen_len / fig[f"{key}_s"]
+    fig["ours_f16_speedup_vs_fp32"] = fig["ours_greedy_s"] / fig["ours_f16_greedy_s"]
+    fig["greedy_tokens_ours_f16_equal_ours"] = sum(a == b for a, b in zip(tokens["f16"], tokens["model"]))
     if args.llama_cpp:
-        res["llama_cpp"] = llama_cpp_baseline(model, prompt, max_length, args, fig)
+        res["llama_cpp"] = llama_cpp_baseline(model, prompt, tokens["model"], tokens["f16"], args, fig)
 
     if not args.skip_hf:
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,13 +209,15 @@ def main(argv=None):
         "benchmark": "cpu_model",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+                    "load_average": os.getloadavg()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "inputs": {"size": args.size, "d_model": d_model, "n_layer": n_layer, "vocab": vocab, "batch": 1,
                    "seqlen": args.seqlen, "hf_bwd_seqlen": args.hf_bwd_seqlen, "dtype": "float32",
                    "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeats": args.repeats,
                    "timing": "median of repeats after one warm-up (greedy: *_min_s the fastest repeat)",
-                   "greedy_mode": greedy_mode},
+                   "greedy_mode": greedy_mode, "greedy_f16_mode": f16_mode,
+                   "greedy_timing": "ours fp32 and ours f16 alternately, repeat by repeat, after one warm-up each"},
     })
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,16 +227,16 @@ def main(argv=None):
     print(f"wrote {path}")
 
 
-def llama_cpp_baseline(model, prompt, max_length, args, fig):
+def llama_cpp_baseline(model, prompt, ours, ours_f16, args, fig):
     """(e) llama.cpp's greedy decoding of the same weights (GGUF f32 and f16), timed as ours: prompt +
-    gen_len tokens, tokens/s = gen_len / time; and whether its tokens are ours (fp32, compiled step)."""
+    gen_len tokens, tokens/s = gen_len / time; and whether its tokens are ours (ours: fp32, compiled
+    step; ours_f16: the compiled step on f16 copies of the matrices)."""
     from mambakit.bench import llama_cpp
 
     reason = llama_cpp.available()
     if reason is not None:
         print(reason)
         return {"skipped": reason}
-    ours = model.generate(prompt, max_length=max_length, cg=True)[0, prompt.shape[1]:].tolist()
     info = {"version": importlib.metadata.version("llama_cpp_python"), "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         for weights in ("f32", "f16"):
@@ -213,6 +249,9 @@ def llama_cpp_baseline(model, prompt, max_length, args, fig):
             fig[f"llama_cpp_{weights}_greedy_tok_per_s"] = args.gen_len / statistics.median(times)
             fig[f"greedy_speedup_vs_llama_cpp_{weights}"] = fig[f"llama_cpp_{weights}_greedy_s"] / fig["ours_greedy_s"]
             info[f"{weights}_tokens_equal_ours"] = sum(a == b for a, b in zip(tokens, ours))
+            if weights == "f16":
+                info["f16_tokens_equal_ours_f16"] = sum(a == b for a, b in zip(tokens, ours_f16))
+                fig["greedy_f16_speedup_vs_llama_cpp_f16"] = fig["llama_cpp_f16_greedy_s"] / fig["ours_f16_greedy_s"]
     info["tokens_compared"] = len(ours)
     return info
 

@@ -321,6 +321,19 @@ def cpu(results_dir: Path) -> _Table:
                 t.add(f"{size} greedy decoding, tokens/s, ours fp32 against llama.cpp's {w} weights (same weights)",
                       f.get("ours_greedy_tok_per_s"), f.get(f"llama_cpp_{w}_greedy_tok_per_s"), f"llama.cpp {w}",
                       True, "CPU", date, name)
+        if f.get("ours_f16_greedy_tok_per_s") is not None:  # older files have no f16 row
+            n, llama = inp.get("gen_len"), d.get("llama_cpp", {})
+            load = d.get("machine", {}).get("load_average")
+            note = f", load {load[0]:.1f}" if load else ""
+            what = (f"{size} greedy decoding, tokens/s, ours with f16 weights (compiled step, "
+                    f"MAMBA_SSM_COMPILED_STEP_WEIGHTS=f16; {f.get('greedy_tokens_ours_f16_equal_ours')}/{n} tokens "
+                    f"equal ours fp32)")
+            t.add(f"{what} against ours fp32, timed alternately{note}", f.get("ours_f16_greedy_tok_per_s"),
+                  f.get("ours_greedy_tok_per_s"), "ours fp32", True, "CPU", date, name)
+            if f.get("llama_cpp_f16_greedy_tok_per_s") is not None:
+                t.add(f"{what} against llama.cpp's f16 weights ({llama.get('f16_tokens_equal_ours_f16')}/{n} "
+                      f"tokens equal){note}", f.get("ours_f16_greedy_tok_per_s"),
+                      f.get("llama_cpp_f16_greedy_tok_per_s"), "llama.cpp f16", True, "CPU", date, name)
     for name, d in _load(results_dir, "cpu_mamba2_*.json"):
         f, inp, date = d.get("figures", {}), d.get("inputs", {}), _date(d)
         size, hf = f"Mamba-2 {inp.get('size', '?')}", "transformers Mamba2"

@@ -1,4 +1,6 @@
 """The CPU decoding step compiled with torch.compile (generate(..., cg=True) on a CPU) against the eager step."""
+import copy
+import gc
 import os
 import re
 import warnings
@@ -7,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from mamba_ssm.models.config_mamba import MambaConfig
 from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 from mamba_ssm.utils import compiled_step
+from mamba_ssm.utils.inference_params import InferenceParams
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,3 +209,134 @@ def test_setting_is_read_once_at_import_and_a_bad_value_is_named(monkeypatch):
     assert compiled_step.ENABLED is False
     with pytest.raises(TypeError, match="enabled must be True or False, got 'no'"):
         compiled_step.set_enabled("no")
+
+
+def rounded(model, dtype):
+    """A copy of `model` with the matrices the 16-bit setting copies rounded to dtype and kept fp32: what the
+    step on 16-bit copies computes, to fp32 rounding."""
+    r = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in compiled_step._matrices(r):
+            w.copy_(w.to(dtype).float())
+    return r
+
+
+# Two compiles, batch 1 (the 16-bit copies are used at batch <= GEMV_MAX_ROWS).
+@pytest.mark.parametrize("make", [lambda: tiny_model(seed=17), lambda: tiny_mamba2(seed=26)], ids=["mamba1", "mamba2"])
+def test_f16_weights_give_the_fp32_tokens_and_logits_close_to_fp32(make, monkeypatch):
+    model = make()
+    monkeypatch.setattr(compiled_step, "_copies", WeakTensorKeyDictionary())
+    monkeypatch.setattr(compiled_step, "WEIGHTS", "model")
+    compiled_step.set_weights("f16")
+    prompt = torch.randint(0, 101, (1, 5))
+    kwargs = dict(max_length=5 + 12, output_scores=True, return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
+        step = compiled_step.CompiledStep.build(model, 1)
+        assert step is not None and step.weights == "f16"
+        f16 = model.generate(prompt, cg=True, **kwargs)
+    fp32 = model.generate(prompt, cg=False, **kwargs)
+    # the matrices are f16 copies; the rest is the model's own
+    m = model.backbone.layers[0].mixer
+    mats = [m.in_proj.weight, m.out_proj.weight] + ([m.x_proj.weight, m.dt_proj.weight] if "x_proj" in dir(m) else [])
+    copies = [a for a in step.layers[0] if a is not None and a.dtype == torch.float16]
+    assert sorted(c.shape for c in copies) == sorted(w.shape for w in mats)
+    assert step.fixed[0].dtype == step.fixed[3].dtype == torch.float16
+    assert torch.equal(step.fixed[3], model.lm_head.weight.detach().half())
+    assert all(a.dtype == torch.float32 for a in step.layers[0] + step.fixed[1:3] if a is not None and a.dim() < 2
+               or a is not None and a.shape not in [w.shape for w in mats] + [model.lm_head.weight.shape])
+    # step by step from the same random states: the eager fp32 step of the model with its matrices rounded
+    # to f16 (to fp32 rounding); generate's own prefill (eager, the model's fp32 weights) is not the step's
+    ref = rounded(model, torch.float16)
+    torch.manual_seed(27)
+    params = {}
+    for name in ("compiled", "ref"):
+        params[name] = InferenceParams(max_seqlen=32, max_batch_size=1, seqlen_offset=1)
+        params[name].key_value_memory_dict = model.allocate_inference_cache(1, 32)
+    for i, (conv, ssm) in params["compiled"].key_value_memory_dict.items():
+        conv.normal_(), ssm.normal_()
+        params["ref"].key_value_memory_dict[i][0].copy_(conv), params["ref"].key_value_memory_dict[i][1].copy_(ssm)
+    with torch.no_grad():
+        for token in torch.randint(0, 101, (6, 1, 1)):
+            got = step(token, params["compiled"])
+            want = ref(token, inference_params=params["ref"], num_last_tokens=1).logits[:, -1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # against fp32 itself: the same greedy tokens (the smallest top-2 gap of the fp32 logits here: 1.2e-3 for
+    # Mamba-1, 3.3e-2 for Mamba-2), logits within f16's rounding of the weights (2^-11 relative, over the
+    # layers; measured: 3.8e-4 and 5.6e-4 of the largest logit, 2.0e-4 and 1.2e-3 absolute)
+    assert torch.equal(f16.sequences, fp32.sequences)
+    scores, want = torch.stack(f16.scores), torch.stack(fp32.scores)
+    assert (scores - want).abs().max() <= 2e-3 * want.abs().max()
+
+
+def test_f16_copies_are_kept_per_weight_and_renewed_when_it_changes(monkeypatch):
+    # no compile: CompiledStep(model, batch) only gathers the step's weights
+    monkeypatch.setattr(compiled_step, "_copies", WeakTensorKeyDictionary())
+    monkeypatch.setattr(compiled_step, "WEIGHTS", "f16")
+    model = tiny_model(seed=18)
+    a, b = compiled_step.CompiledStep(model, 1), compiled_step.CompiledStep(model, 2)
+    assert a.weights == b.weights == "f16" and a.static["hidden_dtype"] == torch.float32
+    assert a.layers[0][2].dtype == torch.float16 and a.layers[0][2] is b.layers[0][2]  # one copy per weight
+    assert a.fixed[0] is a.fixed[3]  # the tied embedding and LM head: one copy
+    n = len(compiled_step._copies)
+    assert n == len({id(w) for w in compiled_step._matrices(model)}) == 1 + 3 * 4
+    w = model.backbone.layers[0].mixer.in_proj.weight
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change (as an optimizer step or load_state_dict makes)
+    c = compiled_step.CompiledStep(model, 1)
+    assert c.layers[0][2] is not a.layers[0][2] and torch.equal(c.layers[0][2], w.detach().half())
+    assert c.layers[1][2] is a.layers[1][2] and len(compiled_step._copies) == n  # the stale copy is gone
+    x_w = model.backbone.layers[1].mixer.x_proj
+    x_w.weight.data = x_w.weight.data * 3  # a new tensor under the Parameter
+    assert torch.equal(compiled_step.CompiledStep(model, 1).layers[1][6], x_w.weight.detach().half())
+    compiled_step.set_weights("bf16")  # another dtype replaces the f16 copies
+    d = compiled_step.CompiledStep(model, 1)
+    assert d.weights == "bf16" and d.layers[2][11].dtype == torch.bfloat16 and len(compiled_step._copies) == n
+    # the model's own weights: batch > GEMV_MAX_ROWS (F.linear on fp32, no conversion per step), a 16-bit
+    # model, the setting "model" (the step of today: no copies, no hidden_dtype)
+    e = compiled_step.CompiledStep(model, compiled_step.GEMV_MAX_ROWS + 1)
+    assert e.weights == "model" and e.layers[0][2].data_ptr() == w.data_ptr() and "hidden_dtype" not in e.static
+    assert compiled_step.CompiledStep(tiny_model(seed=18).to(torch.bfloat16), 1).weights == "model"
+    compiled_step.set_weights("model")
+    f = compiled_step.CompiledStep(model, 1)
+    assert f.weights == "model" and "hidden_dtype" not in f.static
+    m = model.backbone.layers[0].mixer
+    assert [t.data_ptr() for t in (f.layers[0][2], f.layers[0][6], f.layers[0][7], f.layers[0][11], f.fixed[3])] == \
+        [t.data_ptr() for t in (m.in_proj.weight, m.x_proj.weight, m.dt_proj.weight, m.out_proj.weight, model.lm_head.weight)]
+    # the copies go with the model
+    del model, a, b, c, d, e, f, w, x_w, m
+    gc.collect()
+    assert len(compiled_step._copies) == 0
+
+
+@pytest.mark.parametrize("value,want", [(None, "model"), ("", "model"), ("model", "model"), (" F16 ", "f16"),
+                                        ("bf16", "bf16"), ("BF16", "bf16")])
+def test_weights_setting_values(value, want):
+    assert compiled_step.parse_weights(value) == want
+
+
+def test_weights_setting_is_read_at_import_and_a_bad_value_is_named(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import os; from mamba_ssm.utils import compiled_step as c; a = c.WEIGHTS; "
+            "os.environ['MAMBA_SSM_COMPILED_STEP_WEIGHTS'] = 'f16'; print(a, c.WEIGHTS)")
+    env = dict(os.environ, MAMBA_SSM_COMPILED_STEP_WEIGHTS="BF16")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["bf16", "bf16"]
+    env["MAMBA_SSM_COMPILED_STEP_WEIGHTS"] = "fp8"
+    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode != 0
+    assert ("MAMBA_SSM_COMPILED_STEP_WEIGHTS='fp8': expected one of model (the model's own weights), f16 or bf16"
+            in run.stderr)
+    with pytest.raises(ValueError, match="MAMBA_SSM_COMPILED_STEP_WEIGHTS='half'"):
+        compiled_step.parse_weights("half")
+    monkeypatch.setattr(compiled_step, "WEIGHTS", compiled_step.WEIGHTS)  # restored after the test
+    compiled_step.set_weights(" F16")
+    assert compiled_step.WEIGHTS == "f16"
+    with pytest.raises(ValueError, match="weights must be one of model, f16, bf16, got 'fp16'"):
+        compiled_step.set_weights("fp16")
+    with pytest.raises(TypeError, match="got torch.float16"):
+        compiled_step.set_weights(torch.float16)

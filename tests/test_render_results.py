@@ -157,3 +157,21 @@ def test_cpu_mamba2_decoding_renders(tmp_path):
          "5.00x"],
         ["Mamba-2 130m greedy decoding, tokens/s, prompt 16, 64 new; compiled step against ours eager (cg=False), "
          "compile 40.0 s", "30.0", "12.0 (ours eager)", "2.50x"]]
+
+
+def test_cpu_model_f16_decoding_renders(tmp_path):
+    # benchmarks/benchmark_cpu_model.py's greedy rows with ours on f16 weights beside ours fp32 and llama.cpp f16
+    (tmp_path / "cpu_model_130m.json").write_text(json.dumps({
+        "date": "2027-01-02T00:00:00+00:00", "machine": {"load_average": [2.5, 1.0, 1.0]},
+        "figures": {"ours_greedy_tok_per_s": 50.0, "ours_f16_greedy_tok_per_s": 80.0,
+                    "llama_cpp_f16_greedy_tok_per_s": 78.0, "greedy_tokens_ours_f16_equal_ours": 64},
+        "llama_cpp": {"f16_tokens_equal_ours": 64, "f16_tokens_equal_ours_f16": 63},
+        "inputs": {"size": "130m", "prompt_len": 16, "gen_len": 64}}))
+    rows = [r[:4] for r in _rows(rr.render(tmp_path), "CPU")]
+    what = ("130m greedy decoding, tokens/s, ours with f16 weights (compiled step, MAMBA_SSM_COMPILED_STEP_WEIGHTS=f16; "
+            "64/64 tokens equal ours fp32)")
+    assert [f"{what} against ours fp32, timed alternately, load 2.5", "80.0", "50.0 (ours fp32)", "1.60x"] in rows
+    assert [f"{what} against llama.cpp's f16 weights (63/64 tokens equal), load 2.5", "80.0", "78.0 (llama.cpp f16)",
+            "1.03x"] in rows
+    assert ["130m greedy decoding, tokens/s, ours fp32 against llama.cpp's f16 weights (same weights)", "50.0",
+            "78.0 (llama.cpp f16)", "0.64x"] in rows
