@@ -193,19 +193,22 @@ def test_c_backward_matches_the_pytorch_backward_and_float64(batch, dim, L, n, G
 
 
 @needs_lib
+@pytest.mark.parametrize("with_last", [True, False])
 @pytest.mark.parametrize("lengths,chunk", [([1, 7, 30, 2, 24], 8), ([5] * 70 + [3], 32)])
-def test_c_backward_packed_with_each_sequences_final_state(lengths, chunk):
+def test_c_backward_packed_with_each_sequences_final_state(lengths, chunk, with_last):
     L = sum(lengths)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     ins = scan_inputs(1, 24, L, 16, 1, 1, seed=len(lengths))
-    got = grads_of(selective_scan_chunked, ins, True, chunk_size=chunk, cu_seqlens=cu)
+    got = grads_of(selective_scan_chunked, ins, with_last, chunk_size=chunk, cu_seqlens=cu)
     cpu.set_enabled(False)
     try:
-        expected = grads_of(selective_scan_chunked, ins, True, chunk_size=chunk, cu_seqlens=cu)
+        expected = grads_of(selective_scan_chunked, ins, with_last, chunk_size=chunk, cu_seqlens=cu)
     finally:
         cpu.set_enabled(True)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if not with_last:
+        return
     # each sequence alone, from a zero state
     for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         alone = [t[..., s:e] if t.dim() >= 3 else t for t in ins]

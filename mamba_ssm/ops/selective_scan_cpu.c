@@ -265,7 +265,7 @@ static inline __attribute__((always_inline)) void scan_block_bwd(
             if (glast && t == L - 1)
                 for (int64_t c = 0; c < cw; c++)
                     for (int64_t j = 0; j < N; j++) g[j][c] += glast[c * N + j];
-            for (; e >= 0 && ends[e] == t; e--)
+            for (; gfin && e >= 0 && ends[e] == t; e--)
                 for (int64_t c = 0; c < cw; c++)
                     for (int64_t j = 0; j < N; j++) g[j][c] += gfin[e * fin_s + c * N + j];
             const float *b = Bt + t * N, *cc = Ct + t * N;

@@ -253,7 +253,8 @@ class Backward:
         self.Ct = C4.transpose(-1, -2).contiguous()
         self.HS = HS.contiguous()
         self.keep = _keep_rows(keep, self.batch, K, T, self.L)
-        self.ends = None if ends is None else _end_positions(ends, T)
+        # with ends, glast holds each sequence's final-state gradient: without one, no ends are needed
+        self.ends = None if ends is None or glast is None else _end_positions(ends, T)
         self.glast = None if glast is None else glast.float().contiguous()
         for name, t in (("gdt", gdt), ("gu", gu), ("gA", gA)):
             if not t.is_contiguous() or t.dtype != torch.float32:
