@@ -203,6 +203,19 @@ def decoding(results_dir: Path) -> _Table:
     return t
 
 
+def packing(results_dir: Path) -> _Table:
+    t = _Table()
+    for name, d in _load(results_dir, "finetune_packing_*.json"):
+        padded, packed = d.get("padded", {}), d.get("packed", {})
+        q = d.get("length_quartiles") or []
+        lengths = f", lengths {q[0]}-{q[-1]} (median {q[len(q) // 2]})" if q else ""
+        t.add(f"LoRA step, real tokens/s, {d.get('shape')}, {d.get('examples')} examples of {d.get('data')}{lengths}: "
+              f"packed rows of {d.get('pack_length')} against padded batches of {d.get('batch_size_padded')}",
+              packed.get("real_tok_per_s"), padded.get("real_tok_per_s"), "padded", True,
+              _card(d.get("device")), _date(d), name)
+    return t
+
+
 def training(results_dir: Path) -> _Table:
     t = _Table()
     for name, d in _load(results_dir, "finetune_lora_*.json"):
@@ -391,6 +404,9 @@ AREAS = (
                                 "baseline is an earlier tree of ours timed in the same call where named, else, "
                                 "for forward+backward, upstream's full model (an *anchor*: measured by the "
                                 "project on an H200, not in the same job).", training),
+    ("Packing", "benchmarks/benchmark_packing.py: the LoRA step (r 64, bf16 base) on real math problems, "
+                "packed into rows with each example's state reset against padded batches, the same examples "
+                "in the same order; real (non-padding) tokens per second.", packing),
     ("Training against upstream", "benchmarks/benchmark_training.py: random weights, tokens/s of the median "
                                   "step and peak memory (`max_memory_allocated` over the timed steps), ours and "
                                   "upstream mamba-ssm in the same run; the full model: fp32 weights under bf16 "

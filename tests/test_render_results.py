@@ -175,3 +175,14 @@ def test_cpu_model_f16_decoding_renders(tmp_path):
             "1.03x"] in rows
     assert ["130m greedy decoding, tokens/s, ours fp32 against llama.cpp's f16 weights (same weights)", "50.0",
             "78.0 (llama.cpp f16)", "0.64x"] in rows
+
+
+def test_packing_renders(tmp_path):
+    (tmp_path / "finetune_packing_1.4b_h100.json").write_text(json.dumps({
+        "shape": "1.4b", "examples": 10, "data": "train.jsonl", "pack_length": 2048, "batch_size_padded": 8,
+        "length_quartiles": [5, 10, 20, 30, 40], "device": "NVIDIA H100 80GB HBM3", "timestamp": "2027-01-02T00:00:00Z",
+        "padded": {"real_tok_per_s": 100.0}, "packed": {"real_tok_per_s": 150.0}}))
+    rows = _rows(rr.render(tmp_path), "Packing")
+    assert [r[:6] for r in rows] == [[
+        "LoRA step, real tokens/s, 1.4b, 10 examples of train.jsonl, lengths 5-40 (median 20): packed rows of 2048 "
+        "against padded batches of 8", "150", "100 (padded)", "1.50x", "H100", "2027-01-02"]]
