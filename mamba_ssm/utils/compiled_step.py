@@ -61,6 +61,7 @@ from mamba_ssm.modules.mha import MHA
 from mamba_ssm.ops.ssd_chunked import process_dt
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
 from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated, rmsnorm_fn
+from mamba_ssm.utils.switch import check_bool, parse_switch
 
 ENV_VAR = "MAMBA_SSM_COMPILED_STEP"
 WEIGHTS_ENV_VAR = "MAMBA_SSM_COMPILED_STEP_WEIGHTS"
@@ -234,19 +235,9 @@ def unsupported_reason(model):
     return None
 
 
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def parse_setting(value):
-    """The value of MAMBA_SSM_COMPILED_STEP as a bool: unset or empty -> True; 1/true/yes/on -> True;
-    0/false/no/off -> False (any case); anything else is a ValueError."""
-    if value is None or value.strip() == "":
-        return True
-    v = value.strip().lower()
-    if v in _ON or v in _OFF:
-        return v in _ON
-    raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(_ON)} (compiled CPU decoding step) "
-                     f"or {', '.join(_OFF)} (eager step)")
+    """The value of MAMBA_SSM_COMPILED_STEP as a bool (`switch.parse_switch`)."""
+    return parse_switch(ENV_VAR, value, "compiled CPU decoding step", "eager step")
 
 
 # Read once, at import. Tests and programs change it with set_enabled (or by setting ENABLED).
@@ -256,9 +247,7 @@ ENABLED = parse_setting(os.environ.get(ENV_VAR))
 def set_enabled(enabled):
     """Turn the compiled CPU step on or off for this process (True / False)."""
     global ENABLED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_enabled: enabled must be True or False, got {enabled!r}")
-    ENABLED = enabled
+    ENABLED = check_bool("set_enabled", enabled)
 
 
 # MAMBA_SSM_COMPILED_STEP_WEIGHTS: the weights the compiled step reads, by name -> the copies' dtype.
