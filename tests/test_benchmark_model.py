@@ -27,7 +27,8 @@ def test_bad_arguments_name_the_argument(tmp_path):
                          (["--no-decode", "--no-generation", "--no-training"], "expected at most two of them"),
                          (["--variants", "a b"], "--variants"), (["--baseline", "nope"], "--baseline must name"),
                          (["--child-timeout", "0"], "--child-timeout must be > 0"), (["--child"], "--child"),
-                         (["--upstream-path", str(tmp_path)], "--upstream-path: expected a directory holding")):
+                         (["--upstream-path", str(tmp_path)], "--upstream-path: expected a directory holding"),
+                         (["--tag", "a/b"], "--tag: expected letters, digits and '-'")):
         with pytest.raises(SystemExit, match=needle):
             bm.main(TINY + argv + ["--results-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
@@ -173,6 +174,19 @@ def test_the_generation_script_hands_its_upstream_run_to_this_benchmark(tmp_path
     with pytest.raises(SystemExit):  # without --upstream-path, an option of benchmark_model.py is an error
         generation.main(["--model-name", "tiny", "--budget-s", "5"])
     assert "unrecognized arguments: --budget-s 5" in capsys.readouterr().err
+
+
+def test_a_tagged_run_keeps_its_own_file(tmp_path, monkeypatch):
+    calls = []
+    _fakes(monkeypatch, calls)
+    (tmp_path / "model_tiny_h100.json").write_text("{}")  # a whole run's file: left as it is
+    bm.main(TINY + ["--upstream-path", str(_upstream(tmp_path)), "--variants", "ours:NAME=ours", "--no-decode",
+                    "--gen-batch", "16", "--no-training",
+                    "--tag", "large-batches", "--results-dir", str(tmp_path)])
+    assert calls == [("ours", 16, ("gen",)), ("upstream", 16, ("gen",))]
+    assert (tmp_path / "model_tiny_h100.json").read_text() == "{}"
+    saved = json.loads((tmp_path / "model_large-batches_tiny_h100.json").read_text())
+    assert saved["inputs"]["tag"] == "large-batches" and saved["variants"]["ours"]["runs"]["decode"].keys() == {"16"}
 
 
 @pytest.mark.slow

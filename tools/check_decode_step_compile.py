@@ -34,7 +34,7 @@ class _Recorder:
         return launch
 
 
-def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False):
+def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pdl=False):
     """(fn, grid, args, kwargs) of every kernel launch of the fused paths at a shape, on CPU tensors."""
     import torch
 
@@ -55,8 +55,10 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False):
     def t(*s, dt=dtype):
         return torch.zeros(*s, dtype=dt)
 
-    real = ds._kernels
+    real, real_pdl = ds._kernels, ds._pdl
     ds._kernels = lambda: Kernels
+    if pdl:  # as on a Hopper GPU: programmatic dependent launch
+        ds._pdl = lambda t: dict(PDL=True, launch_pdl=True)
     try:
         xz, cs, cw, cb = t(batch, 2 * d_inner), t(batch, d_inner, d_conv), t(d_inner, 1, d_conv), t(d_inner)
         xw, dtw, dtb = t(e, d_inner), t(d_inner, dt_rank), t(d_inner)
@@ -82,7 +84,7 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False):
             ds.state_from_partials(ss, parts, x_conv, None, dtw, dtb, a_log, None)
             ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner), t(d_model))  # out_proj with a bias
     finally:
-        ds._kernels = real
+        ds._kernels, ds._pdl = real, real_pdl
     return launches
 
 
@@ -96,7 +98,7 @@ def compile_launch(fn, args, kwargs, arch=90):
 
     target = GPUTarget("cuda", arch, 32)
     backend = CUDABackend(target)
-    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "launch_pdl")}
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k not in options})
     sig, constexprs, attrs = {}, {}, {}
@@ -127,9 +129,9 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def check(shape="1.4b", arch=90, dtype="bf16", batch=1, sass_dir=None, variants=False, log=print) -> list:
+def check(shape="1.4b", arch=90, dtype="bf16", batch=1, sass_dir=None, variants=False, pdl=False, log=print) -> list:
     rows = []
-    for fn, grid, args, kwargs in record_launches(shape, dtype, batch, variants):
+    for fn, grid, args, kwargs in record_launches(shape, dtype, batch, variants, pdl):
         flags = {k: v for k, v in kwargs.items() if k.isupper() and isinstance(v, bool)}
         name = fn.__name__ + "".join(f" {k}" for k, v in flags.items() if v)
         kernel = compile_launch(fn, args, kwargs, arch)
@@ -158,11 +160,12 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch, as on Hopper")
     p.add_argument("--sass", default=None, help="also write each kernel's cubin, PTX and SASS here")
     p.add_argument("--variants", action="store_true", help="also the branches Mamba-1 checkpoints do not take "
                                                            "(LayerNorm, biases, no conv bias, D or z)")
     args = p.parse_args(argv)
-    return check(args.shape, args.arch, args.dtype, args.batch, args.sass, args.variants)
+    return check(args.shape, args.arch, args.dtype, args.batch, args.sass, args.variants, args.pdl)
 
 
 if __name__ == "__main__":

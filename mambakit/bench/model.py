@@ -14,8 +14,9 @@ The children are those of the two drivers, run through their scripts, so nothing
 Their docstrings say what each figure is. The child protocol, the variants, the JSON's frame (machine,
 card, versions, date, git commit, inputs) and the loop over the children: variants.py. Order: the
 smallest batch's child of every variant, then each training mode's, then the larger batches, so that
-a run cut short by --budget-s holds every kind of figure. The JSON, model_<shape>_<card>.json, is
-written (whole, then renamed) after every child:
+a run cut short by --budget-s holds every kind of figure. The JSON, model_<shape>_<card>.json
+(model_<tag>_<shape>_<card>.json with --tag: a run of some parts keeps its own file), is written
+(whole, then renamed) after every child:
 
   variants.<name>.runs.decode.<batch>      decode.py's record: "generation" {tokens_per_s, prefill_ms, ...},
                                            "decode" {ms_per_token, ...}, or an "error"
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -122,10 +124,15 @@ def run(args, log=print) -> dict:
                           "training": "benchmarks/benchmark_training.py's children, one per (variant, mode)"}
     kinds = dict(decode.plan(args))
     _v.run_children(result, plan(args, variants), lambda c: measure(c, args, kinds), summary=summary,
-                    add_ratios=add_ratios, baseline=baseline, prefix="model",
+                    add_ratios=add_ratios, baseline=baseline, prefix=result_prefix(args.tag),
                     dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
                     table=table, log=log)
     return result
+
+
+def result_prefix(tag: str) -> str:
+    """The result file's name before _<shape>_<card>.json."""
+    return f"model_{tag}" if tag else "model"
 
 
 def build_parser():
@@ -138,6 +145,8 @@ def build_parser():
     group = p.add_argument_group("training (benchmark_training.py's children)")
     training.add_measure_arguments(group)
     group.add_argument("--no-training", action="store_true", help="skip the training modes")
+    p.add_argument("--tag", default="", help="a name for a run of some parts (letters, digits, '-'): the JSON "
+                   "is model_<tag>_<shape>_<card>.json, so it does not replace the whole run's")
     return p
 
 
@@ -148,6 +157,8 @@ def main(argv=None):
                          "benchmark_decode.py's and benchmark_training.py's)")
     decode.check_arguments(args)
     training.check_arguments(args)
+    if not re.fullmatch(r"[A-Za-z0-9-]*", args.tag):
+        raise SystemExit(f"--tag: expected letters, digits and '-', got {args.tag!r}")
     for flag in ("batch", "gen_batch"):
         if min(getattr(args, flag)) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')}: batch sizes must be >= 1, got {getattr(args, flag)}")

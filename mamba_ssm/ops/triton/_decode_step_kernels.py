@@ -11,9 +11,34 @@ goes through shared memory behind a barrier, the compiler does not move loads ac
 load left after it costs another memory round trip (~1 us at batch 1; seen in the SASS of a first
 version: 4 to 7 round trips a kernel). tools/check_decode_step_compile.py compiles these for
 sm_90 without a GPU and prints registers and spills.
+
+PDL (programmatic dependent launch, Hopper on): each kernel loads weights, then waits for the kernel
+before it (`_dependency_wait`) and lets the next one launch. Before the wait a kernel reads nothing
+that a decoding kernel writes (weights only): the next layer's weight loads are in flight while this
+one finishes. Every program waits, so a kernel's completion implies its predecessors'.
 """
 import triton
 import triton.language as tl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without PDL: the launchers never set PDL, these are never compiled
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@triton.jit
+def _dependency_wait(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has finished and its writes are visible, then allow the
+    next kernel to launch (its weight loads then overlap this kernel's work)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -26,20 +51,25 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr,
-               W: tl.constexpr, W_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """The loads of one conv step of the channels c (BLOCK_C,) of one row (cs_row: its conv state):
-    old = window[c, 1:W] at positions 0..W-2, the weight (BLOCK_C, W_P2) and the bias (fp32)."""
+def _conv_weights(c, cmask, cw_ptr, s_cwc, s_cww, cb_ptr, W: tl.constexpr, W_P2: tl.constexpr,
+                  HAS_CONV_BIAS: tl.constexpr):
+    """The conv weight (BLOCK_C, W_P2) and bias (BLOCK_C,) of the channels c (BLOCK_C,), fp32."""
     k = tl.arange(0, W_P2)
-    old = tl.load(cs_row + c[:, None] * s_csc + (k[None, :] + 1) * s_csw,
-                  mask=cmask[:, None] & (k[None, :] < W - 1), other=0.0)
     w = tl.load(cw_ptr + c[:, None] * s_cwc + k[None, :] * s_cww, mask=cmask[:, None] & (k[None, :] < W),
                 other=0.0).to(tl.float32)
     if HAS_CONV_BIAS:
         bias = tl.load(cb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros_like(c).to(tl.float32)
-    return old, w, bias
+    return w, bias
+
+
+@triton.jit
+def _conv_state_load(cs_row, c, cmask, s_csc, s_csw, W: tl.constexpr, W_P2: tl.constexpr):
+    """old = window[c, 1:W] of one row's conv state (cs_row) at positions 0..W-2 (BLOCK_C, W_P2)."""
+    k = tl.arange(0, W_P2)
+    return tl.load(cs_row + c[:, None] * s_csc + (k[None, :] + 1) * s_csw,
+                   mask=cmask[:, None] & (k[None, :] < W - 1), other=0.0)
 
 
 @triton.jit
@@ -78,7 +108,7 @@ def conv_xproj(x_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
                d_inner, E,
                s_xb, s_xc, s_csb, s_csc, s_csw, s_cwc, s_cww, s_xcb, s_xcc, s_xwe, s_xwc, s_pb, s_pp,
                W: tl.constexpr, W_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, XPROJ: tl.constexpr,
-               EC: tl.constexpr, N_EC: tl.constexpr, BLOCK_C: tl.constexpr):
+               EC: tl.constexpr, N_EC: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(d_inner, BLOCK_C), batch). x (batch, d_inner) -> conv state step, x_conv (batch,
     d_inner) and, with XPROJ, partials[b, pid, :E] = x_proj.weight[:, block] @ x_conv[b, block]."""
     pid = tl.program_id(0)
@@ -88,8 +118,10 @@ def conv_xproj(x_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
     cs_row = cs_ptr + b * s_csb
     if XPROJ:
         w0 = _xproj_load(xw_ptr, c, cmask, s_xwe, s_xwc, E, 0, EC)
+    w, bias = _conv_weights(c, cmask, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    _dependency_wait(PDL)
     x = tl.load(x_ptr + b * s_xb + c * s_xc, mask=cmask, other=0.0)
-    old, w, bias = _conv_load(cs_row, c, cmask, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    old = _conv_state_load(cs_row, c, cmask, s_csc, s_csw, W, W_P2)
     xc = _conv_finish(x, old, w, bias, cs_row, c, cmask, s_csc, s_csw, W, W_P2)
     xq = xc.to(xc_ptr.dtype.element_ty)
     tl.store(xc_ptr + b * s_xcb + c * s_xcc, xq, mask=cmask)
@@ -106,7 +138,7 @@ def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part
                s_dtb, s_dtc, s_Bb, s_Bn, s_Cb, s_Cn, s_yb, s_yc,
                FROM_PARTIALS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                R_P2: tl.constexpr, N_P2: tl.constexpr, NPC: tl.constexpr, N_CHUNKS: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(d_inner, BLOCK_C), batch). The selective-state step of the channels of one row:
 
         FROM_PARTIALS: [dt_low, B, C] = sum over the NP partials (chunks of NPC, a fixed order);
@@ -121,9 +153,17 @@ def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part
     n = tl.arange(0, N_P2)
     nmask = n < N
     m2 = cmask[:, None] & nmask[None, :]
-    # loads
+    # the weights, then (after the previous kernel) the activations and the state
+    dt_bias = tl.load(dtb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    A_log = tl.load(alog_ptr + c[:, None] * s_ac + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if FROM_PARTIALS:
         r = tl.arange(0, R_P2)
+        wdt = tl.load(dtw_ptr + c[:, None] * s_dtwc + r[None, :] * s_dtwr, mask=cmask[:, None] & (r[None, :] < R),
+                      other=0.0)
+    _dependency_wait(PDL)
+    if FROM_PARTIALS:
         p = tl.arange(0, NPC)
         base = part_ptr + b * s_pb
         acc_r = tl.zeros((NPC, R_P2), dtype=tl.float32)
@@ -136,17 +176,11 @@ def ssm_update(state_ptr, xc_ptr, z_ptr, alog_ptr, D_ptr, dtb_ptr, dtw_ptr, part
             acc_r += tl.load(rows + r[None, :], mask=pm[:, None] & (r[None, :] < R), other=0.0)
             acc_b += tl.load(rows + R + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
             acc_c += tl.load(rows + R + N + n[None, :], mask=pm[:, None] & nmask[None, :], other=0.0)
-        wdt = tl.load(dtw_ptr + c[:, None] * s_dtwc + r[None, :] * s_dtwr, mask=cmask[:, None] & (r[None, :] < R),
-                      other=0.0)
     else:
         dt = tl.load(dt_ptr + b * s_dtb + c * s_dtc, mask=cmask, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + b * s_Bb + n * s_Bn, mask=nmask, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + b * s_Cb + n * s_Cn, mask=nmask, other=0.0).to(tl.float32)
-    dt_bias = tl.load(dtb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    A_log = tl.load(alog_ptr + c[:, None] * s_ac + n[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
     x = tl.load(xc_ptr + b * s_xcb + c * s_xcc, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + b * s_zb + c * s_zc, mask=cmask, other=0.0).to(tl.float32)
     sp = state_ptr + b * s_sb + c[:, None] * s_sc + n[None, :] * s_sn
@@ -192,7 +226,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
                  HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
                  HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
                  EC: tl.constexpr, N_EC: tl.constexpr, D_P2: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """grid (batch, 2 n_xblk). Residual add + norm as a prologue of in_proj's matrix-vector product,
     rows split in blocks of BLOCK_N: programs 0..n_xblk-1 take x's rows and finish with the conv step
     and the x_proj partials (as conv_xproj); the others take z's rows and store z.
@@ -210,6 +244,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
     kb = tl.arange(0, BLOCK_K)
     km = kb < d_model
     w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
+    _dependency_wait(PDL)
     d = tl.arange(0, D_P2)
     dm = d < d_model
     s = tl.load(hrow + d, mask=dm, other=0.0).to(tl.float32)
@@ -242,7 +277,8 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
     xm = chm & ((pid + 0 * ch) < n_xblk)  # (a vector: the interpreter rejects a scalar in a mask)
     cs_row = cs_ptr + b * s_csb
     w0 = _xproj_load(xw_ptr, ch, xm, s_xwe, s_xwc, E, 0, EC)
-    old, cw, cbias = _conv_load(cs_row, ch, xm, s_csc, s_csw, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    cw, cbias = _conv_weights(ch, xm, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+    old = _conv_state_load(cs_row, ch, xm, s_csc, s_csw, W, W_P2)
     if HAS_IN_BIAS:
         inb = tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)
     v = tl.sum(acc, axis=1)
@@ -261,7 +297,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
 
 @triton.jit
 def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
-         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(N, BLOCK_N), batch). out[b, n] = w[n, :] . x[b, :] (+ bias[n]): one matrix-vector product,
     fp32 sums (one per row, reduced every tile), the next weight tile in flight while the current one is
     multiplied."""
@@ -274,6 +310,7 @@ def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
     w_rows = w_ptr + n[:, None] * s_wn
     xrow = x_ptr + b * s_xb
     w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=nm[:, None] & km[None, :], other=0.0)
+    _dependency_wait(PDL)
     x_next = tl.load(xrow + kb * s_xk, mask=km, other=0.0)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):

@@ -31,17 +31,20 @@ GEMV_MAX_D_MODEL = 8192  # norm_in_proj_conv_xproj's prologue holds a whole row 
 _CONV_WARPS = 4
 _XPROJ_ROWS = 256         # x_proj rows loaded at once (E <= 256, every Mamba-1 size: all, one round trip)
 _STATE_CHANNELS = 64       # every program sums all of its row's partials: fewer programs, fewer re-reads
-_STATE_WARPS = 8
+_STATE_WARPS = 4          # 1.4b, H100, 2026-12-07: 4.0 against 4.6 us a layer with 8 (decode_step_sweep.py)
 _PARTIAL_TILE = 4096      # elements of one (partials, dt_rank) chunk summed at once by the state kernel
 _GEMV_BLOCK_K = 256
 _GEMV_WARPS = 8
-# linear_gemv (out_proj of a 1.4b layer, 2048 x 4096 bf16, on an H100, 2026-12-07: 7.9 us; 16 rows x
-# 512: 8.8 us; cuBLAS's split-K pair: 10.0 us; tools/device/decode_step_sweep.py)
-_OUT_ROWS = 8
+# linear_gemv (out_proj of a 1.4b layer, 2048 x 4096 bf16, on an H100, 2026-12-07: 4 rows a program
+# 7.6 us, 8 rows 7.9 us, 16 rows x 512: 10.5 us; cuBLAS's split-K pair: 10.0 us; decode_step_sweep.py)
+_OUT_ROWS = 4
 _OUT_BLOCK_K = 1024
 _OUT_WARPS = 4
 _MAX_DT_RANK = 1024
 _MAX_D_STATE = 256
+# Programmatic dependent launch on Hopper and later (see _decode_step_kernels.py): each kernel's weight
+# loads overlap the end of the kernel before it. The sweep sets this to False for the A/B.
+PDL = True
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _empty = torch.empty  # every output and scratch buffer (tests poison them with NaN)
@@ -71,6 +74,20 @@ def _kernels():
 @functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    from triton.language.extra import cuda as triton_cuda
+
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and hasattr(triton_cuda, "gdc_wait")
+
+
+def _pdl(t) -> dict:
+    """The launch arguments of programmatic dependent launch for kernels on t's device ({} off it)."""
+    on = PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None
+                                            else torch.cuda.current_device())
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 
 # ----------------------------------------------------------------------------- conv + x_proj partials
@@ -118,7 +135,7 @@ def conv_xproj(x, conv_state, conv_weight, conv_bias=None, x_proj_weight=None):
         w.stride(0), w.stride(1), x_conv.stride(0), x_conv.stride(1), xw.stride(0), xw.stride(1),
         partials.stride(0), partials.stride(1),
         W=width, W_P2=_p2(width), HAS_CONV_BIAS=conv_bias is not None, XPROJ=xproj,
-        **_xproj_chunks(e), BLOCK_C=PARTIAL_CHANNELS, num_warps=_CONV_WARPS)
+        **_xproj_chunks(e), BLOCK_C=PARTIAL_CHANNELS, num_warps=_CONV_WARPS, **_pdl(x))
     return x_conv, (partials if xproj else None)
 
 
@@ -185,7 +202,8 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
         zz.stride(0), zz.stride(1), A_log.stride(0), A_log.stride(1), s_dtw[0], s_dtw[1], s_part[0], s_part[1],
         s_dt[0], s_dt[1], s_B[0], s_B[1], s_C[0], s_C[1], y.stride(0), y.stride(1),
         FROM_PARTIALS=from_partials, HAS_D=D is not None, HAS_Z=z is not None,
-        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=_STATE_CHANNELS, num_warps=warps)
+        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=_STATE_CHANNELS, num_warps=warps,
+        **_pdl(ssm_state))
     return y
 
 
@@ -327,7 +345,7 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
         HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
         HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
         **_xproj_chunks(e), D_P2=_p2(d_model), BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)),
-        num_warps=_GEMV_WARPS)
+        num_warps=_GEMV_WARPS, **_pdl(hidden))
     return x_conv, z, partials, new_res
 
 
@@ -376,7 +394,7 @@ def linear_gemv(x, weight, bias=None):
         x, weight, bias if bias is not None else weight, out, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=_OUT_ROWS, BLOCK_K=min(_OUT_BLOCK_K, _p2(k)),
-        num_warps=_OUT_WARPS)
+        num_warps=_OUT_WARPS, **_pdl(x))
     return out
 
 
