@@ -72,10 +72,10 @@ def test_turned_off_and_float64(monkeypatch):
     assert not cc._triton_conv_chosen(fp64)
     monkeypatch.setattr(tc, "ENABLED", False)  # what MAMBA_SSM_TRITON_CONV=0 sets at import
     assert not tc.is_available() and not cc._triton_conv_chosen(fp32)
-    assert tc._enabled_by_env({"MAMBA_SSM_TRITON_CONV": "0"}) is False
-    assert tc._enabled_by_env({}) is True
-    with pytest.raises(ValueError, match="MAMBA_SSM_TRITON_CONV='off': expected 1"):
-        tc._enabled_by_env({"MAMBA_SSM_TRITON_CONV": "off"})
+    assert tc.parse_setting("0") is tc.parse_setting("off") is False
+    assert tc.parse_setting(None) is tc.parse_setting("1") is True
+    with pytest.raises(ValueError, match="MAMBA_SSM_TRITON_CONV='2': expected one of 1"):
+        tc.parse_setting("2")
 
 
 @pytest.mark.cuda

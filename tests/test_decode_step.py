@@ -337,8 +337,9 @@ def test_l2_prefetch_plan():
 # ------------------------------------------------------------------------------------ the switch
 def test_switch_values_and_a_bad_value_names_the_variable():
     assert fs.mode_from_environment({}) == "1"
-    assert fs.mode_from_environment({fs.ENV_VAR: " 0 "}) == "0"
-    for value in ("yes", "2", "gemm"):  # forced paths are for tests and sweeps, not users
+    assert fs.mode_from_environment({fs.ENV_VAR: " 0 "}) == fs.mode_from_environment({fs.ENV_VAR: "Off"}) == "0"
+    assert fs.mode_from_environment({fs.ENV_VAR: "yes"}) == "1"
+    for value in ("2", "gemm"):  # forced paths are for tests and sweeps, not users
         with pytest.raises(ValueError, match=f"MAMBA_SSM_FUSED_STEP='{value}'"):
             fs.mode_from_environment({fs.ENV_VAR: value})
 

@@ -24,7 +24,8 @@ and 2.65; batch 16 gemm 2.19 against partials 2.70. (gemv then ended in cuBLAS's
 `linear_gemv` took 7.9 against 10.0 us a layer in a per-kernel profile; the whole step with it is
 not timed yet.)
 
-MAMBA_SSM_FUSED_STEP (read once at import): 1 (default) the rule above; 0 the eager step. Tests and
+MAMBA_SSM_FUSED_STEP (read once at import; utils/switch.py's values): on (default) the rule above; off
+the eager step. Tests and
 tools/device/decode_step_sweep.py set `MODE`, also to "partials" or "gemm" (one path at every batch).
 Each kernel has a PyTorch reference of the same signature (`*_ref`), with the same rounding points:
 x and z, x_conv, the normalised activation and y in the activation dtype, everything else
@@ -48,6 +49,7 @@ from mamba_ssm.ops.triton.decode_step import (_FLOATS, _MAX_D_STATE, _MAX_DT_RAN
                                               linear_gemv, norm_in_proj_conv_xproj, state_from_partials, state_update,
                                               triton_installed)
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
+from mamba_ssm.utils.switch import parse_switch
 
 ENV_VAR = "MAMBA_SSM_FUSED_STEP"
 MODES = ("0", "1")
@@ -55,11 +57,9 @@ FORCED_PATHS = ("partials", "gemm")  # MODE values for tests and sweeps, not rea
 
 
 def mode_from_environment(environ=os.environ) -> str:
-    value = (environ.get(ENV_VAR) or "1").strip().lower()
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected 1 (the fused decoding step, the default) or 0 (the "
-                         "eager step)")
-    return value
+    """MAMBA_SSM_FUSED_STEP as a MODE, "1" or "0" (`switch.parse_switch`'s values)."""
+    on = parse_switch(ENV_VAR, environ.get(ENV_VAR), "the fused decoding step", "the eager step")
+    return "1" if on else "0"
 
 
 MODE = mode_from_environment()  # read once; tests and sweeps set this attribute

@@ -21,15 +21,17 @@ import os
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from mamba_ssm.utils.switch import parse_switch
 
-def _read_enabled() -> bool:
-    v = os.environ.get("MAMBA_SSM_RECOMPUTE", "").strip().lower() or "1"
-    if v not in ("0", "1"):
-        raise ValueError(f"MAMBA_SSM_RECOMPUTE must be 1 (recompute in the backward) or 0 (save), got {v!r}")
-    return v == "1"
+ENV_VAR = "MAMBA_SSM_RECOMPUTE"
 
 
-ENABLED = _read_enabled()
+def parse_setting(value) -> bool:
+    """MAMBA_SSM_RECOMPUTE as a bool (`switch.parse_switch`)."""
+    return parse_switch(ENV_VAR, value, "recompute in the backward", "save for the backward")
+
+
+ENABLED = parse_setting(os.environ.get(ENV_VAR))  # read once; tests set this attribute
 
 
 def recompute_in_backward(fn, *args):

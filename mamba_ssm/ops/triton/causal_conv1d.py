@@ -18,17 +18,17 @@ import os
 
 import torch
 
-ENV_OPT_OUT = "MAMBA_SSM_TRITON_CONV"
+from mamba_ssm.utils.switch import parse_switch
+
+ENV_VAR = "MAMBA_SSM_TRITON_CONV"
 
 
-def _enabled_by_env(environ=os.environ) -> bool:
-    value = (environ.get(ENV_OPT_OUT) or "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{ENV_OPT_OUT}={value!r}: expected 1 (the Triton conv on CUDA, the default) or 0 (PyTorch's)")
-    return value == "1"
+def parse_setting(value) -> bool:
+    """MAMBA_SSM_TRITON_CONV as a bool (`switch.parse_switch`)."""
+    return parse_switch(ENV_VAR, value, "the Triton conv on CUDA", "PyTorch's conv")
 
 
-ENABLED = _enabled_by_env()  # read once; tests set this attribute
+ENABLED = parse_setting(os.environ.get(ENV_VAR))  # read once; tests set this attribute
 
 
 def is_available():
