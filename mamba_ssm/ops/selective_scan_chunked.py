@@ -426,22 +426,12 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
             gu = torch.zeros_like(uf)
         gdt = torch.empty_like(uf)
         x = dt * uf
-        Bt = _bc_time_major(B4, K, T)
-        Ct = _bc_time_major(C4, K, T)
-        At = Af.t().contiguous()
-        gA = torch.empty_like(Af)
         glast_f = glast.float() if glast is not None else None
         keep, chunk_keep, ends = ctx.packing
-        keep5 = keep.view(T, batch, K, 1, 1) if keep is not None else None
-        if ends is not None and glast_f is not None:
-            # each sequence's final-state gradient enters the state gradient at its last step
-            t_of = torch.cat([torch.full_like(i, t) for t, (i, _) in ends.items()])
-            seq_of = torch.cat([i for i, _ in ends.values()])
-            k_of = torch.cat([k for _, k in ends.values()])
-        per_block = _block_size(batch, K, T, n, ctx.block_elems or BLOCK_ELEMS)
 
         def run_blocks(c0, c1):
-            """Gradients of the channels [c0, c1): written in place, except gB, gC returned as sums."""
+            """Gradients of the channels [c0, c1): written in place, except gB, gC returned as sums.
+            (Uses the time-major inputs made below, when the C backward does not run.)"""
             if G == 1:
                 size = max(1, min(per_block, c1 - c0))
                 blocks = [(d0, min(d0 + size, c1), 0) for d0 in range(c0, c1, size)]
@@ -511,6 +501,17 @@ class SelectiveScanChunkedFn(torch.autograd.Function):
             gB4 = sum(r[0] for r in sums).transpose(-1, -2)
             gC4 = sum(r[1] for r in sums).transpose(-1, -2)
         else:
+            Bt = _bc_time_major(B4, K, T)
+            Ct = _bc_time_major(C4, K, T)
+            At = Af.t().contiguous()
+            gA = torch.empty_like(Af)
+            keep5 = keep.view(T, batch, K, 1, 1) if keep is not None else None
+            if ends is not None and glast_f is not None:
+                # each sequence's final-state gradient enters the state gradient at its last step
+                t_of = torch.cat([torch.full_like(i, t) for t, (i, _) in ends.items()])
+                seq_of = torch.cat([i for i, _ in ends.values()])
+                k_of = torch.cat([k for _, k in ends.values()])
+            per_block = _block_size(batch, K, T, n, ctx.block_elems or BLOCK_ELEMS)
             sums = _run_parts(run_blocks, parts)
             gB4 = _bc_from_time_major(sum(r[0] for r in sums), L)
             gC4 = _bc_from_time_major(sum(r[1] for r in sums), L)
