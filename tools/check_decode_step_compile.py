@@ -55,11 +55,10 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
     def t(*s, dt=dtype):
         return torch.zeros(*s, dtype=dt)
 
-    real, real_pdl, real_prefetch = ds._kernels, ds._pdl, ds._prefetch
+    real, real_pdl = ds._kernels, ds._pdl
     ds._kernels = lambda: Kernels
-    if pdl:  # as on an H100: programmatic dependent launch and L2 prefetches (50 MiB of L2)
+    if pdl:  # as on a Hopper GPU: programmatic dependent launch
         ds._pdl = lambda t: dict(PDL=True, launch_pdl=True)
-        ds._prefetch = lambda w, r: ds._prefetch_plan(w.shape[0], w.shape[1], w.element_size(), 50 << 20, r)
     try:
         xz, cs, cw, cb = t(batch, 2 * d_inner), t(batch, d_inner, d_conv), t(d_inner, 1, d_conv), t(d_inner)
         xw, dtw, dtb = t(e, d_inner), t(d_inner, dt_rank), t(d_inner)
@@ -85,7 +84,7 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
             ds.state_from_partials(ss, parts, x_conv, None, dtw, dtb, a_log, None)
             ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner), t(d_model))  # out_proj with a bias
     finally:
-        ds._kernels, ds._pdl, ds._prefetch = real, real_pdl, real_prefetch
+        ds._kernels, ds._pdl = real, real_pdl
     return launches
 
 
@@ -161,7 +160,7 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch and L2 prefetches, as on an H100")
+    p.add_argument("--pdl", action="store_true", help="with programmatic dependent launch, as on Hopper")
     p.add_argument("--sass", default=None, help="also write each kernel's cubin, PTX and SASS here")
     p.add_argument("--variants", action="store_true", help="also the branches Mamba-1 checkpoints do not take "
                                                            "(LayerNorm, biases, no conv bias, D or z)")

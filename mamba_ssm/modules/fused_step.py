@@ -20,9 +20,10 @@ out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer'
 
 The rule, measured on an H100 (2026-12-07, 1.4b, bf16, ms/token in a CUDA graph): batch 1 gemv 1.64
 against partials 1.83; batches 2 and 4 partials 1.84 and 1.83 against gemm 2.14 and 2.20 and gemv 1.89
-and 2.65; batch 16 gemm 2.19 against partials 2.70. (gemv then ended in cuBLAS's out_proj; its
-`linear_gemv` took 7.9 against 10.0 us a layer in a per-kernel profile; the whole step with it is
-not timed yet.)
+and 2.65; batch 16 gemm 2.19 against partials 2.70. (gemv then ended in cuBLAS's out_proj.) The gemv
+path as it is now, with `linear_gemv` and programmatic dependent launch: 1.416 ms/token at batch 1
+(H100, 2026-12-08, tools/device/decode_step_sweep.py); per layer about 15.8 us in_proj, 7.5 out_proj
+and 4.8 the state kernel.
 
 MAMBA_SSM_FUSED_STEP (read once at import; utils/switch.py's values): on (default) the rule above; off
 the eager step. Tests and

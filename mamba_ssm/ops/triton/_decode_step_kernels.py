@@ -14,8 +14,10 @@ sm_90 without a GPU and prints registers and spills.
 
 PDL (programmatic dependent launch, Hopper on): each kernel loads weights, then waits for the kernel
 before it (`_dependency_wait`) and lets the next one launch. Before the wait a kernel reads nothing
-that a decoding kernel writes (weights only): the next layer's weight loads are in flight while this
-one finishes. Every program waits, so a kernel's completion implies its predecessors'.
+that a decoding kernel writes (weights only): its first weight tiles are in flight while the kernel
+before it finishes. Every program waits, so a kernel's completion implies its predecessors'. (1.4b,
+batch 1, H100, 2026-12-08, decode_step_sweep.py: 1.416 against 1.516 ms/token without PDL; asking L2
+for every weight line at a kernel's start as well made both matrix-vector kernels slower, 1.46-1.49.)
 """
 import triton
 import triton.language as tl
@@ -39,17 +41,6 @@ def _dependency_wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_l2(w_rows, wmask, w_ptr, s_wk, K, PF_STEP: tl.constexpr, PF_LINES: tl.constexpr):
-    """Ask L2 for the first PF_LINES cache lines (PF_STEP elements each, K in all) of each weight row
-    (w_rows: the rows' pointers (BLOCK,), wmask: which rows exist), all at once: the matrix-vector loop
-    then reads from L2 instead of waiting on DRAM one tile ahead."""
-    j = tl.arange(0, PF_LINES) * PF_STEP
-    ptrs = tl.where(wmask[:, None] & (j < K)[None, :], w_rows[:, None] + j[None, :] * s_wk, w_ptr)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -237,8 +228,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
                  HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
                  HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
                  EC: tl.constexpr, N_EC: tl.constexpr, D_P2: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 PF_STEP: tl.constexpr, PF_LINES: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """grid (batch, 2 n_xblk). Residual add + norm as a prologue of in_proj's matrix-vector product,
     rows split in blocks of BLOCK_N: programs 0..n_xblk-1 take x's rows and finish with the conv step
     and the x_proj partials (as conv_xproj); the others take z's rows and store z.
@@ -256,8 +246,6 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
     kb = tl.arange(0, BLOCK_K)
     km = kb < d_model
     w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
-    if PF_LINES > 0:
-        _prefetch_l2(win_ptr + rows * s_wn, chm, win_ptr, s_wk, d_model, PF_STEP, PF_LINES)
     _dependency_wait(PDL)
     d = tl.arange(0, D_P2)
     dm = d < d_model
@@ -311,8 +299,7 @@ def norm_in_proj(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_p
 
 @triton.jit
 def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
-         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-         PF_STEP: tl.constexpr, PF_LINES: tl.constexpr):
+         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(N, BLOCK_N), batch). out[b, n] = w[n, :] . x[b, :] (+ bias[n]): one matrix-vector product,
     fp32 sums (one per row, reduced every tile), the next weight tile in flight while the current one is
     multiplied."""
@@ -325,8 +312,6 @@ def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
     w_rows = w_ptr + n[:, None] * s_wn
     xrow = x_ptr + b * s_xb
     w_next = tl.load(w_rows + kb[None, :] * s_wk, mask=nm[:, None] & km[None, :], other=0.0)
-    if PF_LINES > 0:
-        _prefetch_l2(w_ptr + n * s_wn, nm, w_ptr, s_wk, K, PF_STEP, PF_LINES)
     _dependency_wait(PDL)
     x_next = tl.load(xrow + kb * s_xk, mask=km, other=0.0)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)

@@ -42,14 +42,6 @@ _OUT_BLOCK_K = 1024
 _OUT_WARPS = 4
 _MAX_DT_RANK = 1024
 _MAX_D_STATE = 256
-# Programmatic dependent launch on Hopper and later (see _decode_step_kernels.py): each kernel's weight
-# loads overlap the end of the kernel before it. The sweep sets this to False for the A/B.
-PDL = True
-# norm_in_proj's and linear_gemv's weight rows asked of L2 at the kernel's start (all lines at once, more
-# in flight than a tile ahead), as much as fits in L2_PREFETCH_SHARE of the card's L2. A/B switch too.
-L2_PREFETCH = True
-L2_PREFETCH_SHARE = 0.7
-_MAX_PREFETCH_LINES = 128  # per row, a power of two (a register tile of rows x lines pointers)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _empty = torch.empty  # every output and scratch buffer (tests poison them with NaN)
@@ -89,37 +81,10 @@ def _pdl_capable(device_index: int) -> bool:
 
 
 def _pdl(t) -> dict:
-    """The launch arguments of programmatic dependent launch for kernels on t's device ({} off it)."""
-    on = PDL and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None
-                                            else torch.cuda.current_device())
+    """The launch arguments of programmatic dependent launch (_decode_step_kernels.py) for kernels on
+    t's device: on for Hopper and later, off elsewhere (the CPU's interpreter included)."""
+    on = t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(device_index: int) -> int:
-    return int(getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or 0)
-
-
-def _prefetch_plan(rows: int, k: int, element_size: int, l2_bytes: int, rows_per_program: int) -> dict:
-    """PF_STEP / PF_LINES of a matrix-vector kernel over a (rows, k) weight: 128-byte lines per row, the
-    largest power of two up to a whole row (at most _MAX_PREFETCH_LINES) whose grid's lines fit in
-    L2_PREFETCH_SHARE of an L2 of l2_bytes. PF_LINES 0: none."""
-    step = 128 // element_size
-    lines = min(_p2(_cdiv(k, step)), _MAX_PREFETCH_LINES)
-    while lines and rows * min(lines * step, k) * element_size > L2_PREFETCH_SHARE * l2_bytes:
-        lines //= 2
-    if lines * rows_per_program > 8192:  # the pointer tile's registers
-        lines = 0
-    return dict(PF_STEP=step, PF_LINES=lines)
-
-
-def _prefetch(weight, rows_per_program: int) -> dict:
-    """_prefetch_plan for `weight` on its card; none off a GPU, with L2_PREFETCH off, or a K stride other than 1."""
-    if not (L2_PREFETCH and weight.is_cuda and weight.stride(1) == 1):
-        return dict(PF_STEP=1, PF_LINES=0)
-    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
-    return _prefetch_plan(weight.shape[0], weight.shape[1], weight.element_size(), _l2_bytes(index),
-                          rows_per_program)
 
 
 # ----------------------------------------------------------------------------- conv + x_proj partials
@@ -377,7 +342,7 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
         HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
         HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
         **_xproj_chunks(e), D_P2=_p2(d_model), BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=min(_GEMV_BLOCK_K, _p2(d_model)),
-        num_warps=_GEMV_WARPS, **_pdl(hidden), **_prefetch(in_proj_weight, PARTIAL_CHANNELS))
+        num_warps=_GEMV_WARPS, **_pdl(hidden))
     return x_conv, z, partials, new_res
 
 
@@ -426,7 +391,7 @@ def linear_gemv(x, weight, bias=None):
         x, weight, bias if bias is not None else weight, out, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=_OUT_ROWS, BLOCK_K=min(_OUT_BLOCK_K, _p2(k)),
-        num_warps=_OUT_WARPS, **_pdl(x), **_prefetch(weight, _OUT_ROWS))
+        num_warps=_OUT_WARPS, **_pdl(x))
     return out
 
 
