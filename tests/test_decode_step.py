@@ -321,6 +321,24 @@ def test_linear_gemv(kernels, device, monkeypatch, batch, n, k, bias, dtype):
         ds.linear_gemv(x[:, :5], w)
 
 
+@pytest.mark.parametrize("batch,hidden,group,before", [(1, 64, 64, False), (3, 96, 32, True), (2, 40, 20, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_rmsnorm(kernels, device, batch, hidden, group, before, dtype):
+    r = _gen(batch * 100 + hidden + group)
+    x = r(batch, 2 * hidden)[:, :hidden].to(device, dtype)  # strided rows
+    z, w = r(batch, hidden).to(device, dtype), r(hidden).to(device, dtype)
+    out = ds.gated_rmsnorm(x, z, w, 1e-5, group, before)
+    _close(out, ds.gated_rmsnorm_ref(x, z, w, 1e-5, group, before), dtype, "gated_rmsnorm vs reference")
+    x64, z64 = x.double(), z.double()
+    gate = F.silu(z64)
+    h = (x64 if before else x64 * gate).view(batch, hidden // group, group)
+    ref64 = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5)).view(batch, hidden) * w.double()
+    _close64(out, ref64 * gate if before else ref64, dtype, "gated_rmsnorm vs float64")
+    with pytest.raises(ValueError, match=rf"group_size must divide hidden = {hidden}"):
+        ds.gated_rmsnorm(x, z, w, 1e-5, 7, before)
+
+
 # ------------------------------------------------------------------------------------ the switch
 def test_switch_values_and_a_bad_value_names_the_variable():
     assert fs.mode_from_environment({}) == "1"
@@ -384,6 +402,58 @@ def test_teacher_forced_fused_decoding_equals_the_full_forward(fused, device, mo
     scale = full.abs().max().item()
     assert scale > 1.0
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4 * scale)
+
+
+def _mamba2_model(device, dtype=torch.float32, **ssm):
+    torch.manual_seed(7)
+    cfg = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 4, **ssm}
+    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=101, ssm_cfg=cfg, tie_embeddings=False),
+                             initializer_cfg={"initializer_range": 0.5})
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.mul_(3.0)
+    return model.eval().to(device, dtype)
+
+
+@pytest.mark.parametrize("ssm", [{}, {"rmsnorm": False, "D_has_hdim": True, "ngroups": 1},
+                                 {"d_ssm": 32, "d_state": 5, "conv_bias": False},
+                                 {"headdim": 16, "ngroups": 4, "norm_before_gate": True}])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba2_fused_decoding_equals_the_eager_step_and_the_full_forward(fused, device, batch, ssm):
+    model = _mamba2_model(device, **ssm)
+    seq = torch.randint(0, 101, (batch, 9), generator=torch.Generator().manual_seed(batch)).to(device)
+    with torch.no_grad():
+        full = model(seq).logits[:, 2:-1]
+    fused("0")
+    eager = _teacher_forced(model, seq, 3)
+    fused("1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fall-back to the eager step would pass unnoticed
+        cached = _teacher_forced(model, seq, 3)
+    assert any("mamba2" in k for k in fs.report()["ran"]), fs.report()
+    scale = full.abs().max().item()
+    assert scale > 1.0
+    torch.testing.assert_close(cached, eager, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_mamba2_dispatch_rule(fused):
+    model = _mamba2_model("cpu")
+    mixer = model.backbone.layers[0].mixer
+    h = torch.zeros(2, 1, 32)
+    fused("1")
+    with torch.no_grad():
+        assert fs.mamba2_step_path(mixer, h)
+        assert not fs.mamba2_step_path(mixer, h.double())  # float64 stays eager
+        assert not fs.mamba2_step_path(mixer, torch.zeros(2, 3, 32))  # not one token
+        mixer.dt_limit = (0.0, 0.5)  # the kernel does not clamp dt
+        assert not fs.mamba2_step_path(mixer, h)
+        mixer.dt_limit = (0.0, float("inf"))
+        fused("0")
+        assert not fs.mamba2_step_path(mixer, h)
+    fused("1")
+    assert not fs.mamba2_step_path(mixer, h)  # gradients wanted: the kernels have no backward
 
 
 def test_dispatch_rule(fused, monkeypatch):
@@ -517,6 +587,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(dtype):
                                "--variants"] + pdl, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = [line for line in proc.stdout.splitlines() if " regs " in line]
-        assert len(rows) == 11, proc.stdout
+        assert len(rows) == 13, proc.stdout  # Mamba-1's launches, Mamba-2's state and gated norm
         assert all(" local 0 " in line and " stack 0 " in line for line in rows), proc.stdout  # no spills
-        assert all((" PDL" in line) == bool(pdl) for line in rows), proc.stdout
+        mamba1 = [line for line in rows if not line.startswith(("heads_state_update", "gated_rmsnorm"))]
+        assert len(mamba1) == 11 and all((" PDL" in line) == bool(pdl) for line in mamba1), proc.stdout

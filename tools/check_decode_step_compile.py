@@ -51,12 +51,17 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
         ssm_update = _Recorder(K.ssm_update, launches)
         norm_in_proj = _Recorder(K.norm_in_proj, launches)
         gemv = _Recorder(K.gemv, launches)
+        gated_rmsnorm = _Recorder(K.gated_rmsnorm, launches)
 
     def t(*s, dt=dtype):
         return torch.zeros(*s, dtype=dt)
 
-    real, real_pdl = ds._kernels, ds._pdl
+    from mamba_ssm.ops.triton import selective_state_update as ssu
+
+    real, real_pdl, real_heads = ds._kernels, ds._pdl, ssu._heads_kernel
+    heads = _Recorder(real_heads(), launches)
     ds._kernels = lambda: Kernels
+    ssu._heads_kernel = lambda: heads
     if pdl:  # as on a Hopper GPU: programmatic dependent launch
         ds._pdl = lambda t: dict(PDL=True, launch_pdl=True)
     try:
@@ -77,6 +82,14 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
         ds.norm_in_proj_conv_xproj(hid, res, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)
         ds.norm_in_proj_conv_xproj(hid, None, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)  # layer 0
         ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner))  # out_proj
+        # Mamba-2's step (headdim 64, ngroups 1): the state with heads, expanded per-head values, and the gated norm
+        h, p = d_inner // 64, 64
+        ssu.selective_state_update_heads_triton(
+            t(batch, h, p, d_state * 8, dt=torch.float32), t(batch, h, p), t(batch, h)[:, :, None].expand(batch, h, p),
+            t(h, dt=torch.float32)[:, None, None].expand(h, p, d_state * 8), t(batch, 1, d_state * 8),
+            t(batch, 1, d_state * 8), t(h, dt=torch.float32)[:, None].expand(h, p), None,
+            t(h)[:, None].expand(h, p), True)
+        ds.gated_rmsnorm(t(batch, d_inner), t(batch, d_inner), t(d_inner), 1e-5, d_inner, False)
         if variants:  # the other constexpr branches: LayerNorm with biases, no conv bias, no D or z
             ds.norm_in_proj_conv_xproj(hid, t(batch, d_model), nw, t(d_model), 1e-5, False, False, inw,
                                        t(2 * d_inner), cs, cw, None, xw)
@@ -84,7 +97,7 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
             ds.state_from_partials(ss, parts, x_conv, None, dtw, dtb, a_log, None)
             ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner), t(d_model))  # out_proj with a bias
     finally:
-        ds._kernels, ds._pdl = real, real_pdl
+        ds._kernels, ds._pdl, ssu._heads_kernel = real, real_pdl, real_heads
     return launches
 
 

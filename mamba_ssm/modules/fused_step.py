@@ -25,6 +25,11 @@ path as it is now, with `linear_gemv` and programmatic dependent launch: 1.416 m
 (H100, 2026-12-08, tools/device/decode_step_sweep.py); per layer about 15.8 us in_proj, 7.5 out_proj
 and 4.8 the state kernel.
 
+Mamba-2 (`mamba2_step`, from Mamba2.step): in_proj | the conv step (`conv_xproj` without x_proj) | the
+state step with heads (`selective_state_update_heads_triton`) | `gated_rmsnorm` | out_proj. The eager
+step launched about 45 kernels a layer (2,165 a token at 1.3b, 5.33 ms/token on an H100 on
+2026-12-07, against upstream's 2.15); this one is not yet timed on a GPU.
+
 MAMBA_SSM_FUSED_STEP (read once at import; utils/switch.py's values): on (default) the rule above; off
 the eager step. Tests and
 tools/device/decode_step_sweep.py set `MODE`, also to "partials" or "gemm" (one path at every batch).
@@ -46,10 +51,13 @@ import torch.nn.functional as F
 
 from mamba_ssm.backend import requested_backend
 from mamba_ssm.ops.channel_first import autocast_dtype, has_hooks
-from mamba_ssm.ops.triton.decode_step import (_FLOATS, _MAX_D_STATE, _MAX_DT_RANK, GEMV_MAX_D_MODEL, conv_xproj,
-                                              linear_gemv, norm_in_proj_conv_xproj, state_from_partials, state_update,
+from mamba_ssm.ops.triton.decode_step import (_FLOATS, _GATED_NORM_MAX, _MAX_D_STATE, _MAX_DT_RANK,
+                                              GEMV_MAX_D_MODEL, conv_xproj, gated_rmsnorm, linear_gemv,
+                                              norm_in_proj_conv_xproj, state_from_partials, state_update,
                                               triton_installed)
+from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
+from mamba_ssm.ops.triton.selective_state_update import selective_state_update_heads_triton
 from mamba_ssm.utils.switch import parse_switch
 
 ENV_VAR = "MAMBA_SSM_FUSED_STEP"
@@ -163,6 +171,72 @@ def block_step(block, hidden, residual, conv_state, ssm_state):
             m.in_proj.weight, m.in_proj.bias, conv_state, m.conv1d.weight, m.conv1d.bias, m.x_proj.weight)
         y = state_from_partials(ssm_state, partials, x_conv, z, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D)
         return linear_gemv(y, m.out_proj.weight, m.out_proj.bias), new_res
+
+    return _checked(key, run, conv_state, ssm_state)
+
+
+def _mamba2_plain(mixer) -> bool:
+    layers = (mixer.in_proj, mixer.out_proj)
+    return all(type(m) is nn.Linear for m in layers) and type(mixer.conv1d) is nn.Conv1d \
+        and not has_hooks(*layers, mixer.conv1d)
+
+
+def mamba2_step_path(mixer, hidden) -> bool:
+    """Whether Mamba2.step of `mixer` on hidden (batch, 1, d_model) runs as `mamba2_step`: the same
+    conditions as step_path (CUDA, 16/32-bit, no autocast, no gradients, plain projections), and the
+    default dt_limit (the kernel does not clamp dt)."""
+    if MODE == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
+        return False
+    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
+        return False
+    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
+        return False
+    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)() or not _mamba2_plain(mixer):
+        return False
+    weights = (mixer.in_proj.weight, mixer.conv1d.weight, mixer.out_proj.weight)
+    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
+        return False
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())):
+        return False
+    return mixer.dt_limit == (0.0, float("inf")) and mixer.activation == "silu" and mixer.d_state <= _MAX_D_STATE
+
+
+def mamba2_step(mixer, hidden, conv_state, ssm_state):
+    """Mamba2.step's arithmetic in 3 Triton kernels between its matrix products: the conv step
+    (`conv_xproj` without x_proj), the state step with heads (`selective_state_update_heads_triton`:
+    dt's bias and softplus, the D skip and, without the gated norm, the z gate) and the gated norm
+    (`gated_rmsnorm`). hidden: (batch, d_model);
+    conv_state (batch, conv_dim, d_conv) and ssm_state (batch, nheads, headdim, d_state) updated in place.
+    Returns out (batch, d_model), or None when Triton failed on this signature (the caller goes eager)."""
+    m = mixer
+    key = ("mamba2", tuple(hidden.shape), hidden.dtype, hidden.device.type, conv_state.dtype, ssm_state.dtype,
+           m.nheads, m.headdim, m.d_state, m.ngroups, m.d_conv, m.d_mlp, m.rmsnorm, m.D_has_hdim,
+           m.conv1d.bias is not None, m.in_proj.bias is not None)
+
+    def run(conv_state, ssm_state):
+        b = hidden.shape[0]
+        h, p, g, n, d_mlp = m.nheads, m.headdim, m.ngroups, m.d_state, m.d_mlp
+        zxbcdt = F.linear(hidden, m.in_proj.weight, m.in_proj.bias)
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, m.d_ssm, m.d_ssm + 2 * g * n, h], dim=-1)
+        xBC, _ = conv_xproj(xBC, conv_state, m.conv1d.weight, m.conv1d.bias)
+        x, B, C = torch.split(xBC, [m.d_ssm, g * n, g * n], dim=-1)
+        A = -torch.exp(m.A_log.float())
+        D = m.D.view(h, p) if m.D_has_hdim else m.D[:, None].expand(h, p)
+        y = selective_state_update_heads_triton(
+            ssm_state, x.view(b, h, p), dt[:, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n),
+            B.view(b, g, n), C.view(b, g, n), D, z=None if m.rmsnorm else z.view(b, h, p),
+            dt_bias=m.dt_bias[:, None].expand(h, p), dt_softplus=True).view(b, m.d_ssm)
+        if m.rmsnorm:
+            norm = m.norm
+            gs = norm.group_size or m.d_ssm
+            if type(norm) is RMSNormGated and not has_hooks(norm) and gs <= _GATED_NORM_MAX \
+                    and norm.weight.dtype == y.dtype:
+                y = gated_rmsnorm(y, z, norm.weight, norm.eps, gs, norm.norm_before_gate)
+            else:
+                y = norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return F.linear(y, m.out_proj.weight, m.out_proj.bias)
 
     return _checked(key, run, conv_state, ssm_state)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mamba_ssm.modules import fused_step
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
 from mamba_ssm.ops.ssd_chunked import conv_seq_idx, process_dt
@@ -205,6 +206,10 @@ class Mamba2(nn.Module):
         """
         if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
             raise ValueError(f"Mamba2.step decodes one token at a time, got hidden_states {tuple(hidden_states.shape)}")
+        if fused_step.mamba2_step_path(self, hidden_states):  # the conv and state steps in Triton kernels
+            out = fused_step.mamba2_step(self, hidden_states[:, 0], conv_state, ssm_state)
+            if out is not None:
+                return out.unsqueeze(1), conv_state, ssm_state
         dtype = hidden_states.dtype
         zxbcdt = self.in_proj(hidden_states.squeeze(1))                      # (b, d_in_proj)
         d_mlp = self.d_mlp

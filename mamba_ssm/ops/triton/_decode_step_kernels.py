@@ -326,3 +326,26 @@ def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
     if HAS_BIAS:
         v += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * s_ob + n, v.to(out_ptr.dtype.element_ty), mask=nm)
+
+
+@triton.jit
+def gated_rmsnorm(x_ptr, z_ptr, w_ptr, out_ptr, group_size, eps, s_xb, s_zb, s_ob,
+                  NORM_BEFORE_GATE: tl.constexpr, GS_P2: tl.constexpr):
+    """grid (groups, batch). Mamba-2's gated RMSNorm of one group of one row (forward only):
+    norm_before_gate: rms(x) w silu(z); else rms(x silu(z)) w; fp32 math, one rounding at the store."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.arange(0, GS_P2)
+    m = c < group_size
+    col = g * group_size + c
+    x = tl.load(x_ptr + b * s_xb + col, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b * s_zb + col, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + col, mask=m, other=0.0).to(tl.float32)
+    gate = z * tl.sigmoid(z)
+    if not NORM_BEFORE_GATE:
+        x = x * gate
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / group_size + eps)
+    y = x * rstd * w
+    if NORM_BEFORE_GATE:
+        y = y * gate
+    tl.store(out_ptr + b * s_ob + col, y.to(out_ptr.dtype.element_ty), mask=m)

@@ -10,6 +10,7 @@ mamba_ssm/modules/fused_step.py.
   matrix-vector product, the conv step and the x_proj partials as its epilogue.
 * `linear_gemv`: F.linear at batch 1 as one matrix-vector product (out_proj; cuBLAS splits K over
   two kernels there).
+* `gated_rmsnorm`: Mamba-2's gated RMSNorm (layernorm_gated.rmsnorm_fn without a bias) of a step's rows.
 
 Rounding points as in the eager step: x and z, x_conv, the normalised activation and y in the
 activation dtype; everything else (partials, dt, B, C, the state) in fp32.
@@ -402,3 +403,41 @@ def linear_gemv_ref(x, weight, bias=None):
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Mamba-2's gated norm
+_GATED_NORM_MAX = 16384  # group_size in registers
+
+
+def _check_gated(x, z, weight, group_size):
+    if x.dim() != 2 or z is None or z.shape != x.shape:
+        raise ValueError(f"x and z must be (batch, hidden) of one shape, got {tuple(x.shape)} and "
+                         f"{None if z is None else tuple(z.shape)}")
+    if weight.shape != x.shape[1:]:
+        raise ValueError(f"weight must be ({x.shape[1]},), got {tuple(weight.shape)}")
+    if group_size <= 0 or x.shape[1] % group_size or group_size > _GATED_NORM_MAX:
+        raise ValueError(f"group_size must divide hidden = {x.shape[1]} and be <= {_GATED_NORM_MAX}, got {group_size}")
+    if x.stride(1) != 1 or z.stride(1) != 1:
+        raise ValueError("x and z must be contiguous in their last dimension")
+
+
+def gated_rmsnorm(x, z, weight, eps, group_size, norm_before_gate):
+    """rmsnorm_fn(x, weight, None, z, eps, group_size, norm_before_gate) for a step's rows, one kernel:
+    x, z (batch, hidden) (rows may be strided), weight (hidden,) -> (batch, hidden) in x's dtype.
+    Grid (hidden / group_size, batch)."""
+    _check_gated(x, z, weight, group_size)
+    batch, hidden = x.shape
+    out = _empty(batch, hidden, device=x.device, dtype=x.dtype)
+    gs_p2 = _p2(group_size)
+    _kernels().gated_rmsnorm[(hidden // group_size, batch)](
+        x, z, weight, out, group_size, float(eps), x.stride(0), z.stride(0), out.stride(0),
+        NORM_BEFORE_GATE=bool(norm_before_gate), GS_P2=gs_p2, num_warps=min(16, max(1, gs_p2 // 256)))
+    return out
+
+
+def gated_rmsnorm_ref(x, z, weight, eps, group_size, norm_before_gate):
+    """gated_rmsnorm in PyTorch (same contract): layernorm_gated.rmsnorm_fn."""
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+    _check_gated(x, z, weight, group_size)
+    return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)

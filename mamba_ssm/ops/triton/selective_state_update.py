@@ -1,4 +1,6 @@
-"""One recurrent step of the selective scan, for decoding (upstream's name; PyTorch body).
+"""One recurrent step of the selective scan, for decoding (upstream's name): one Triton kernel on CUDA
+(`selective_state_update_triton`, and `selective_state_update_heads_triton` for heads), the PyTorch
+reference elsewhere and for state_batch_indices.
 
 state: (batch, dim, dstate), updated in place; x, dt, z: (batch, dim); A: (dim, dstate);
 B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype.
@@ -82,8 +84,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            state_batch_indices=None):
     from mamba_ssm.backend import choose_backend
 
-    if (state.dim() == 3 and state_batch_indices is None
+    if (state.dim() in (3, 4) and state_batch_indices is None
             and choose_backend("selective_state_update", state.is_cuda) == "triton"):
+        if state.dim() == 4:
+            _check_heads(state, x, dt, A, B, C, D, z, dt_bias)
+            return selective_state_update_heads_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
         _check(state, x, dt, A, B, C)
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if state_batch_indices is not None:
@@ -146,7 +151,107 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     return out
 
 
+def _check_heads(state, x, dt, A, B, C, D, z, dt_bias):
+    batch, nheads, headdim, dstate = state.shape
+    for name, t in (("x", x), ("dt", dt), ("z", z)):
+        if t is not None and tuple(t.shape) != (batch, nheads, headdim):
+            raise ValueError(f"selective_state_update: {name} must be (batch, nheads, headdim) = "
+                             f"{(batch, nheads, headdim)}, got {tuple(t.shape)}")
+    if tuple(A.shape) != (nheads, headdim, dstate):
+        raise ValueError(f"selective_state_update: A must be (nheads, headdim, dstate) = {(nheads, headdim, dstate)}, "
+                         f"got {tuple(A.shape)}")
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None and tuple(t.shape) != (nheads, headdim):
+            raise ValueError(f"selective_state_update: {name} must be (nheads, headdim) = {(nheads, headdim)}, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() != 3 or t.shape[0] != batch or t.shape[2] != dstate or nheads % t.shape[1] != 0:
+            raise ValueError(f"selective_state_update: {name} must be (batch, ngroups, dstate) with ngroups "
+                             f"dividing nheads = {nheads}, got {tuple(t.shape)}")
+
+
+def selective_state_update_heads_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """The step with heads (Mamba-2) as one Triton kernel. state (batch, nheads, headdim, dstate), updated in
+    place; x, dt, z (batch, nheads, headdim); A (nheads, headdim, dstate); D, dt_bias (nheads, headdim);
+    B, C (batch, ngroups, dstate). Any strides: dt, A, D and dt_bias may be expanded views of per-head
+    values (stride 0), as upstream's Mamba2.step passes them. Returns out (batch, nheads, headdim) in x's
+    dtype. Grid (cdiv(headdim, BLOCK_P), nheads, batch)."""
+    import triton
+
+    batch, nheads, headdim, dstate = state.shape
+    out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
+    block_n = triton.next_power_of_2(dstate)
+    block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))
+    grid = (triton.cdiv(headdim, block_p), nheads, batch)
+    zero = (0, 0, 0)
+    _heads_kernel()[grid](
+        state, x, dt, dt_bias if dt_bias is not None else dt, A, B, C, D if D is not None else x,
+        z if z is not None else x, out,
+        headdim, dstate, nheads // B.shape[1], nheads // C.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *(dt_bias.stride() if dt_bias is not None else (0, 0)),
+        *A.stride(), *B.stride(), *C.stride(), *(D.stride() if D is not None else (0, 0)),
+        *(z.stride() if z is not None else zero), *out.stride(),
+        HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=dt_softplus,
+        BLOCK_P=block_p, BLOCK_N=block_n,
+    )
+    return out
+
+
 _KERNEL = None
+_HEADS_KERNEL = None
+
+
+def _heads_kernel():
+    """selective_state_update_heads_triton's kernel, compiled on first use."""
+    global _HEADS_KERNEL
+    if _HEADS_KERNEL is not None:
+        return _HEADS_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def heads_state_update(state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
+               headdim, dstate, heads_per_group_b, heads_per_group_c,
+               s_sb, s_sh, s_sp, s_sn, s_xb, s_xh, s_xp, s_dtb, s_dth, s_dtp, s_dbh, s_dbp,
+               s_Ah, s_Ap, s_An, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Dh, s_Dp, s_zb, s_zh, s_zp,
+               s_ob, s_oh, s_op,
+               HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_p = tl.program_id(0)
+        hd = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_p = offs_p < headdim
+        mask_n = offs_n < dstate
+        mask = mask_p[:, None] & mask_n[None, :]
+        s_ptrs = state_ptr + b * s_sb + hd * s_sh + offs_p[:, None] * s_sp + offs_n[None, :] * s_sn
+        h = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * s_xb + hd * s_xh + offs_p * s_xp, mask=mask_p, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + b * s_dtb + hd * s_dth + offs_p * s_dtp, mask=mask_p, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + hd * s_dbh + offs_p * s_dbp, mask=mask_p, other=0.0).to(tl.float32)
+        if DT_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        A = tl.load(A_ptr + hd * s_Ah + offs_p[:, None] * s_Ap + offs_n[None, :] * s_An, mask=mask,
+                    other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + b * s_Bb + (hd // heads_per_group_b) * s_Bg + offs_n * s_Bn, mask=mask_n,
+                     other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * s_Cb + (hd // heads_per_group_c) * s_Cg + offs_n * s_Cn, mask=mask_n,
+                     other=0.0).to(tl.float32)
+        h = h * tl.exp(A * dt[:, None]) + Bv[None, :] * (dt * x)[:, None]
+        tl.debug_barrier()  # every copy of the old state read before it is overwritten
+        tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
+        y = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + hd * s_Dh + offs_p * s_Dp, mask=mask_p, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * s_zb + hd * s_zh + offs_p * s_zp, mask=mask_p, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(out_ptr + b * s_ob + hd * s_oh + offs_p * s_op, y.to(out_ptr.dtype.element_ty), mask=mask_p)
+
+    _HEADS_KERNEL = heads_state_update
+    return _HEADS_KERNEL
 
 
 def _state_update_kernel():
