@@ -57,7 +57,7 @@ from mamba_ssm.ops.triton.decode_step import (_FLOATS, _GATED_NORM_MAX, _MAX_D_S
                                               triton_installed)
 from mamba_ssm.ops.triton.layernorm_gated import RMSNorm as RMSNormGated
 from mamba_ssm.ops.triton.layer_norm import RMSNorm
-from mamba_ssm.ops.triton.selective_state_update import selective_state_update_heads_triton
+from mamba_ssm.ops.triton.selective_state_update import heads_update
 from mamba_ssm.utils.switch import parse_switch
 
 ENV_VAR = "MAMBA_SSM_FUSED_STEP"
@@ -220,12 +220,11 @@ def mamba2_step(mixer, hidden, conv_state, ssm_state):
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, m.d_ssm, m.d_ssm + 2 * g * n, h], dim=-1)
         xBC, _ = conv_xproj(xBC, conv_state, m.conv1d.weight, m.conv1d.bias)
         x, B, C = torch.split(xBC, [m.d_ssm, g * n, g * n], dim=-1)
-        A = -torch.exp(m.A_log.float())
         D = m.D.view(h, p) if m.D_has_hdim else m.D[:, None].expand(h, p)
-        y = selective_state_update_heads_triton(
-            ssm_state, x.view(b, h, p), dt[:, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n),
-            B.view(b, g, n), C.view(b, g, n), D, z=None if m.rmsnorm else z.view(b, h, p),
-            dt_bias=m.dt_bias[:, None].expand(h, p), dt_softplus=True).view(b, m.d_ssm)
+        y = heads_update(  # A = -exp(A_log) in the kernel
+            ssm_state, x.view(b, h, p), dt[:, :, None].expand(b, h, p), m.A_log[:, None, None].expand(h, p, n),
+            B.view(b, g, n), C.view(b, g, n), D, None if m.rmsnorm else z.view(b, h, p),
+            m.dt_bias[:, None].expand(h, p), True, a_is_log=True).view(b, m.d_ssm)
         if m.rmsnorm:
             norm = m.norm
             gs = norm.group_size or m.d_ssm

@@ -176,6 +176,12 @@ def selective_state_update_heads_triton(state, x, dt, A, B, C, D=None, z=None, d
     B, C (batch, ngroups, dstate). Any strides: dt, A, D and dt_bias may be expanded views of per-head
     values (stride 0), as upstream's Mamba2.step passes them. Returns out (batch, nheads, headdim) in x's
     dtype. Grid (cdiv(headdim, BLOCK_P), nheads, batch)."""
+    return heads_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, a_is_log=False)
+
+
+def heads_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, a_is_log):
+    """selective_state_update_heads_triton; with a_is_log, A holds A_log and the kernel takes -exp of it
+    (Mamba-2's step: two kernels a layer fewer)."""
     import triton
 
     batch, nheads, headdim, dstate = state.shape
@@ -192,7 +198,7 @@ def selective_state_update_heads_triton(state, x, dt, A, B, C, D=None, z=None, d
         *A.stride(), *B.stride(), *C.stride(), *(D.stride() if D is not None else (0, 0)),
         *(z.stride() if z is not None else zero), *out.stride(),
         HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=dt_softplus,
-        BLOCK_P=block_p, BLOCK_N=block_n,
+        A_IS_LOG=a_is_log, BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return out
 
@@ -216,7 +222,7 @@ def _heads_kernel():
                s_Ah, s_Ap, s_An, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Dh, s_Dp, s_zb, s_zh, s_zp,
                s_ob, s_oh, s_op,
                HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+               A_IS_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_p = tl.program_id(0)
         hd = tl.program_id(1).to(tl.int64)
         b = tl.program_id(2).to(tl.int64)
@@ -235,6 +241,8 @@ def _heads_kernel():
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
         A = tl.load(A_ptr + hd * s_Ah + offs_p[:, None] * s_Ap + offs_n[None, :] * s_An, mask=mask,
                     other=0.0).to(tl.float32)
+        if A_IS_LOG:
+            A = -tl.exp(A)
         Bv = tl.load(B_ptr + b * s_Bb + (hd // heads_per_group_b) * s_Bg + offs_n * s_Bn, mask=mask_n,
                      other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + b * s_Cb + (hd // heads_per_group_c) * s_Cg + offs_n * s_Cn, mask=mask_n,
