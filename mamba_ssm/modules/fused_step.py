@@ -209,9 +209,11 @@ def mamba2_step(mixer, hidden, conv_state, ssm_state):
     conv_state (batch, conv_dim, d_conv) and ssm_state (batch, nheads, headdim, d_state) updated in place.
     Returns out (batch, d_model), or None when Triton failed on this signature (the caller goes eager)."""
     m = mixer
+    norm = getattr(m, "norm", None) if m.rmsnorm else None
     key = ("mamba2", tuple(hidden.shape), hidden.dtype, hidden.device.type, conv_state.dtype, ssm_state.dtype,
-           m.nheads, m.headdim, m.d_state, m.ngroups, m.d_conv, m.d_mlp, m.rmsnorm, m.D_has_hdim,
-           m.conv1d.bias is not None, m.in_proj.bias is not None)
+           m.nheads, m.headdim, m.d_state, m.ngroups, m.d_conv, m.d_mlp, m.D_has_hdim,
+           m.conv1d.bias is not None, m.in_proj.bias is not None, type(norm).__name__,
+           getattr(norm, "group_size", None), getattr(norm, "norm_before_gate", None))
 
     def run(conv_state, ssm_state):
         b = hidden.shape[0]
@@ -225,8 +227,7 @@ def mamba2_step(mixer, hidden, conv_state, ssm_state):
             ssm_state, x.view(b, h, p), dt[:, :, None].expand(b, h, p), m.A_log[:, None, None].expand(h, p, n),
             B.view(b, g, n), C.view(b, g, n), D, None if m.rmsnorm else z.view(b, h, p),
             m.dt_bias[:, None].expand(h, p), True, a_is_log=True).view(b, m.d_ssm)
-        if m.rmsnorm:
-            norm = m.norm
+        if norm is not None:
             gs = norm.group_size or m.d_ssm
             if type(norm) is RMSNormGated and not has_hooks(norm) and gs <= _GATED_NORM_MAX \
                     and norm.weight.dtype == y.dtype:
