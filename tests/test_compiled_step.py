@@ -187,19 +187,26 @@ def test_setting_values(value, want):
     assert compiled_step.parse_setting(value) is want
 
 
-def test_setting_is_read_once_at_import_and_a_bad_value_is_named(monkeypatch):
+def _read_at_import(var, attr, value, later, bad):
+    """In fresh processes with var=value: (attr at import, attr after var is set to `later`), then the
+    failed import with var=bad (its CompletedProcess)."""
     import subprocess
     import sys
 
-    code = ("import os; from mamba_ssm.utils import compiled_step as c; a = c.ENABLED; "
-            "os.environ['MAMBA_SSM_COMPILED_STEP'] = '1'; print(a, c.ENABLED)")
-    env = dict(os.environ, MAMBA_SSM_COMPILED_STEP="off")
+    code = (f"import os; from mamba_ssm.utils import compiled_step as c; a = c.{attr}; "
+            f"os.environ['{var}'] = '{later}'; print(a, c.{attr})")
+    env = dict(os.environ, **{var: value})
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["False", "False"]  # changing the variable later changes nothing
-    env["MAMBA_SSM_COMPILED_STEP"] = "maybe"
-    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
-                         capture_output=True, text=True, cwd=REPO)
+    env[var] = bad
+    failed = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
+                            capture_output=True, text=True, cwd=REPO)
+    return run.stdout.split(), failed
+
+
+def test_setting_is_read_once_at_import_and_a_bad_value_is_named(monkeypatch):
+    seen, run = _read_at_import("MAMBA_SSM_COMPILED_STEP", "ENABLED", "off", "1", "maybe")
+    assert seen == ["False", "False"]  # changing the variable later changes nothing
     assert run.returncode != 0
     assert "MAMBA_SSM_COMPILED_STEP='maybe': expected one of 1, true, yes, on" in run.stderr
     with pytest.raises(ValueError, match="MAMBA_SSM_COMPILED_STEP='2'"):
@@ -316,18 +323,8 @@ def test_weights_setting_values(value, want):
 
 
 def test_weights_setting_is_read_at_import_and_a_bad_value_is_named(monkeypatch):
-    import subprocess
-    import sys
-
-    code = ("import os; from mamba_ssm.utils import compiled_step as c; a = c.WEIGHTS; "
-            "os.environ['MAMBA_SSM_COMPILED_STEP_WEIGHTS'] = 'f16'; print(a, c.WEIGHTS)")
-    env = dict(os.environ, MAMBA_SSM_COMPILED_STEP_WEIGHTS="BF16")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["bf16", "bf16"]
-    env["MAMBA_SSM_COMPILED_STEP_WEIGHTS"] = "fp8"
-    run = subprocess.run([sys.executable, "-c", "import mamba_ssm.utils.compiled_step"], env=env,
-                         capture_output=True, text=True, cwd=REPO)
+    seen, run = _read_at_import("MAMBA_SSM_COMPILED_STEP_WEIGHTS", "WEIGHTS", "BF16", "f16", "fp8")
+    assert seen == ["bf16", "bf16"]
     assert run.returncode != 0
     assert ("MAMBA_SSM_COMPILED_STEP_WEIGHTS='fp8': expected one of model (the model's own weights), f16 or bf16"
             in run.stderr)

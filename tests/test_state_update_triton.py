@@ -30,6 +30,21 @@ def _run(device, b, d, n, groups, dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test covers it")
+def test_triton_state_update_with_b_and_c_in_different_groups(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state, x, dt, z = r(2, 12, 4), r(2, 12), r(2, 12), r(2, 12)
+    A, B, C, D, bias = -torch.rand(12, 4, generator=g), r(2, 2, 4), r(2, 3, 4), r(12), r(12)
+    s_ref, s_tri = state.clone(), state.clone()
+    ref = selective_state_update_ref(s_ref, x, dt, A, B, C, D, z, bias, True)
+    out = selective_state_update_triton(s_tri, x, dt, A, B, C, D, z, bias, True)
+    torch.testing.assert_close(s_tri, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 # (batch, nheads, headdim, dstate, ngroups, dtype, per_head): per_head passes dt, A, D and dt_bias as
 # expanded views of per-head values (stride 0), as upstream's Mamba2.step does
 HEAD_CASES = [(2, 4, 8, 16, 2, torch.float32, True), (1, 6, 5, 7, 3, torch.float32, False),

@@ -79,36 +79,43 @@ GEMV_MAX_BATCH = 1       # above: in_proj by cuBLAS (the Triton product reads th
 
 
 def _plain(mixer) -> bool:
-    """A Mamba mixer whose projections are plain nn.Linear / nn.Conv1d without hooks."""
+    """A mixer (Mamba or Mamba2) whose projections are plain nn.Linear / nn.Conv1d without hooks."""
     check = getattr(mixer, "projections_are_plain", None)
     return callable(check) and check()
 
 
 def _weights(mixer):
-    return (mixer.in_proj.weight, mixer.conv1d.weight, mixer.x_proj.weight, mixer.dt_proj.weight,
-            mixer.out_proj.weight)
+    names = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")  # Mamba2 has no x_proj and dt_proj
+    return tuple(getattr(mixer, n).weight for n in names if hasattr(mixer, n))
+
+
+def _kernels_may_run(mixer, hidden) -> bool:
+    """What every fused step needs: the mode on, CUDA (or the interpreter), one 16/32-bit token
+    (batch, 1, d_model), Triton, no forced PyTorch backend, no autocast, not under torch.compile, plain
+    projections with the activation's dtype and device, and no gradients wanted."""
+    if MODE == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
+        return False
+    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
+        return False
+    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
+        return False
+    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
+        return False  # torch.compile traces the PyTorch step
+    if not _plain(mixer):
+        return False  # wrapped (LoRA) or hooked projections run as modules
+    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in _weights(mixer)):
+        return False
+    # the kernels have no backward
+    return not (torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())))
 
 
 def step_path(mixer, hidden):
     """'partials', 'gemm' or None (the eager step) for Mamba.step of `mixer` on hidden (batch, 1, d_model)."""
     mode = MODE
-    if mode == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
+    if not _kernels_may_run(mixer, hidden):
         return None
-    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
-        return None
-    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
-        return None
-    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)():
-        return None  # torch.compile traces the PyTorch step
-    if not _plain(mixer):
-        return None  # wrapped (LoRA) or hooked projections run as modules
     if getattr(mixer, "b_c_dt_rms_eps", None) is not None:
         return None  # Falcon-Mamba's norms of dt, B and C: the kernels do not have them, the eager step does
-    weights = _weights(mixer)
-    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
-        return None
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())):
-        return None  # the kernels have no backward
     if mixer.dt_rank > _MAX_DT_RANK or mixer.d_state > _MAX_D_STATE:
         return None
     if mode in FORCED_PATHS:
@@ -119,6 +126,8 @@ def step_path(mixer, hidden):
 def block_path(block, hidden, residual) -> bool:
     """Whether Block.forward's step of `block` runs as norm_in_proj_conv_xproj + state_from_partials."""
     if MODE != "1" or block.mlp is not None or hidden.shape[0] > GEMV_MAX_BATCH:
+        return False
+    if not hasattr(block.mixer, "x_proj"):  # not a Mamba-1 mixer (Mamba2.step has its own fused path)
         return False
     norm = block.norm
 
@@ -175,30 +184,11 @@ def block_step(block, hidden, residual, conv_state, ssm_state):
     return _checked(key, run, conv_state, ssm_state)
 
 
-def _mamba2_plain(mixer) -> bool:
-    layers = (mixer.in_proj, mixer.out_proj)
-    return all(type(m) is nn.Linear for m in layers) and type(mixer.conv1d) is nn.Conv1d \
-        and not has_hooks(*layers, mixer.conv1d)
-
-
 def mamba2_step_path(mixer, hidden) -> bool:
-    """Whether Mamba2.step of `mixer` on hidden (batch, 1, d_model) runs as `mamba2_step`: the same
-    conditions as step_path (CUDA, 16/32-bit, no autocast, no gradients, plain projections), and the
-    default dt_limit (the kernel does not clamp dt)."""
-    if MODE == "0" or not (hidden.is_cuda or INTERPRET_ON_CPU) or hidden.dtype not in _FLOATS:
-        return False
-    if not triton_installed() or hidden.dim() != 3 or hidden.shape[1] != 1:
-        return False
-    if requested_backend() == "torch" or autocast_dtype(hidden.device.type) is not None:
-        return False
-    if getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)() or not _mamba2_plain(mixer):
-        return False
-    weights = (mixer.in_proj.weight, mixer.conv1d.weight, mixer.out_proj.weight)
-    if any(w.dtype != hidden.dtype or w.device != hidden.device for w in weights):
-        return False
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in mixer.parameters())):
-        return False
-    return mixer.dt_limit == (0.0, float("inf")) and mixer.activation == "silu" and mixer.d_state <= _MAX_D_STATE
+    """Whether Mamba2.step of `mixer` on hidden (batch, 1, d_model) runs as `mamba2_step`: what every
+    fused step needs (`_kernels_may_run`), and the default dt_limit (the kernel does not clamp dt)."""
+    return _kernels_may_run(mixer, hidden) and mixer.dt_limit == (0.0, float("inf")) \
+        and mixer.activation == "silu" and mixer.d_state <= _MAX_D_STATE
 
 
 def mamba2_step(mixer, hidden, conv_state, ssm_state):

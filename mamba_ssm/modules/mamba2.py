@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamba_ssm.modules import fused_step
+from mamba_ssm.ops.channel_first import has_hooks
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from mamba_ssm.ops.packing import seq_idx_from_cu_seqlens
 from mamba_ssm.ops.ssd_chunked import conv_seq_idx, process_dt
@@ -98,6 +99,13 @@ class Mamba2(nn.Module):
             self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory_kwargs)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=bias, **factory_kwargs)
+
+    # The fused decoding step (modules/fused_step.py) reads the projections' weights directly: only
+    # when they are plain modules without hooks (wrapped ones, LoRA adapters, run as modules).
+    def projections_are_plain(self):
+        layers = (self.in_proj, self.out_proj)
+        return all(type(m) is nn.Linear for m in layers) and type(self.conv1d) is nn.Conv1d \
+            and not has_hooks(*layers, self.conv1d)
 
     @property
     def d_mlp(self):

@@ -399,7 +399,7 @@ class CompiledStep:
         # A = -exp(A_log) is computed here once per generate call rather than in every step.
         dtype = _copy_dtype(model, batch_size)
         mat = _detach if dtype is None else (lambda w: _weight_copy(w, dtype))
-        self.weights = "model" if dtype is None else {v: k for k, v in WEIGHT_DTYPES.items()}[dtype]
+        self.weights = "model" if dtype is None else WEIGHTS
         self.layers = [_layer_args(block, mat) for block in bb.layers]
         mixer = bb.layers[0].mixer
         self.fixed = (mat(bb.embedding.weight), norm_f.weight.detach(), _detach(norm_f.bias),

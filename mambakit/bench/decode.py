@@ -275,7 +275,7 @@ def run(args, log=print) -> dict:
     children = [_v.Child(name, env, str(b), {"batch": b}, f"batch {b}") for b in kinds for name, env in variants]
     _v.run_children(result, children, lambda c: run_child(c.env, int(c.key), args, kinds[int(c.key)]),
                     summary=summary, add_ratios=add_ratios, baseline=baseline, prefix="decode",
-                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    dirs=_v.result_dirs(args), budget_s=args.budget_s,
                     table=table, log=log)
     return result
 

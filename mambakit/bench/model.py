@@ -125,7 +125,7 @@ def run(args, log=print) -> dict:
     kinds = dict(decode.plan(args))
     _v.run_children(result, plan(args, variants), lambda c: measure(c, args, kinds), summary=summary,
                     add_ratios=add_ratios, baseline=baseline, prefix=result_prefix(args.tag),
-                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    dirs=_v.result_dirs(args), budget_s=args.budget_s,
                     table=table, log=log)
     return result
 

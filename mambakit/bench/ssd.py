@@ -345,7 +345,7 @@ def run(args, log=print) -> dict:
         [_v.Child(n, e, k, {"shape": k}) for k in keys for n, e in variants if n not in first]
     _v.run_children(result, children, lambda c: run_child(c.env, c.key, args), summary=summary,
                     add_ratios=add_ratios, baseline=baseline, prefix="ssd",
-                    dirs=[args.results_dir] + ([args.out_dir] if args.out_dir else []), budget_s=args.budget_s,
+                    dirs=_v.result_dirs(args), budget_s=args.budget_s,
                     table=table, log=log)
     return result
 

@@ -199,6 +199,11 @@ def new_result(kind: str, args, variants, shape_dims: dict) -> dict:
     return result
 
 
+def result_dirs(args) -> list:
+    """Where a parent writes its JSON: --results-dir, and --out-dir too when given."""
+    return [args.results_dir] + ([args.out_dir] if args.out_dir else [])
+
+
 def write(result: dict, prefix: str, dirs) -> list:
     """<dir>/<prefix>_<shape>_<card>.json in each of dirs (written whole, then renamed); without an
     inputs["shape"] (a benchmark of several shapes): <dir>/<prefix>_<card>.json."""

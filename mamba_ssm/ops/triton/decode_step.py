@@ -76,10 +76,10 @@ def triton_installed() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(device_index: int) -> bool:
-    from triton.language.extra import cuda as triton_cuda
-
     if torch.version.hip is not None:  # ROCm reports its own architecture numbers; PDL is NVIDIA's
         return False
+    from triton.language.extra import cuda as triton_cuda
+
     return torch.cuda.get_device_capability(device_index)[0] >= 9 and hasattr(triton_cuda, "gdc_wait")
 
 

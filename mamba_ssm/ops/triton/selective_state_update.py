@@ -1,6 +1,6 @@
 """One recurrent step of the selective scan, for decoding (upstream's name): one Triton kernel on CUDA
-(`selective_state_update_triton`, and `selective_state_update_heads_triton` for heads), the PyTorch
-reference elsewhere and for state_batch_indices.
+(`heads_update`: states with heads as they are, (batch, dim, dstate) states as heads of dim / groups
+channels), the PyTorch reference elsewhere and for state_batch_indices.
 
 state: (batch, dim, dstate), updated in place; x, dt, z: (batch, dim); A: (dim, dstate);
 B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype.
@@ -10,6 +10,8 @@ state_batch_indices (batch,): the state slot of each row (state may hold more sl
 a negative index marks a padding row.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -121,34 +123,21 @@ def _update_slots(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """The same step as one Triton kernel: each program owns a block of channels of one sequence
-    and reads its state once, writes it once (a PyTorch body launches ~15 kernels per step)."""
-    import triton
-
+    """The same step as one Triton kernel (a PyTorch body launches ~15 kernels per step): the heads
+    kernel, with the channels seen as `groups` heads of dim / groups channels, each head its own group
+    of B and C. Every tensor is a view, so the state is updated in place."""
     batch, dim, dstate = state.shape
-    groups = B.shape[1] if B.dim() == 3 else 1
     B3 = B if B.dim() == 3 else B.unsqueeze(1)
     C3 = C if C.dim() == 3 else C.unsqueeze(1)
-    out = torch.empty_like(x)
-    block_n = triton.next_power_of_2(dstate)
-    block_d = max(1, min(64, 4096 // block_n))
-    grid = (triton.cdiv(dim, block_d), batch)
-    _state_update_kernel()[grid](
-        state, x, dt, dt_bias if dt_bias is not None else dt, A, B3, C3, D if D is not None else x,
-        z if z is not None else x, out,
-        dim, dstate, dim // groups,
-        state.stride(0), state.stride(1), state.stride(2),
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
-        dt_bias.stride(0) if dt_bias is not None else 0,
-        A.stride(0), A.stride(1),
-        B3.stride(0), B3.stride(1), B3.stride(2), C3.stride(0), C3.stride(1), C3.stride(2),
-        D.stride(0) if D is not None else 0,
-        z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-        out.stride(0), out.stride(1),
-        HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, DT_SOFTPLUS=dt_softplus,
-        BLOCK_D=block_d, BLOCK_N=block_n,
-    )
-    return out
+    g = math.lcm(B3.shape[1], C3.shape[1])  # both divide dim (checked), so their lcm does
+    p = dim // g
+
+    def heads(t):
+        return None if t is None else t.view(*t.shape[:-1], g, p)
+
+    out = heads_update(state.view(batch, g, p, dstate), heads(x), heads(dt), A.view(g, p, dstate), B3, C3,
+                       heads(D), heads(z), heads(dt_bias), dt_softplus, a_is_log=False)
+    return out.view(batch, dim)
 
 
 def _check_heads(state, x, dt, A, B, C, D, z, dt_bias):
@@ -187,7 +176,7 @@ def heads_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, a_is_log):
     batch, nheads, headdim, dstate = state.shape
     out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
     block_n = triton.next_power_of_2(dstate)
-    block_p = max(1, min(triton.next_power_of_2(headdim), 4096 // block_n))
+    block_p = max(1, min(triton.next_power_of_2(headdim), 64, 4096 // block_n))
     grid = (triton.cdiv(headdim, block_p), nheads, batch)
     zero = (0, 0, 0)
     _heads_kernel()[grid](
@@ -203,7 +192,6 @@ def heads_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, a_is_log):
     return out
 
 
-_KERNEL = None
 _HEADS_KERNEL = None
 
 
@@ -260,52 +248,3 @@ def _heads_kernel():
 
     _HEADS_KERNEL = heads_state_update
     return _HEADS_KERNEL
-
-
-def _state_update_kernel():
-    """Compile the kernel on first use, so importing this module never needs Triton."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
-               dim, dstate, dims_per_group,
-               s_sb, s_sd, s_sn, s_xb, s_xd, s_dtb, s_dtd, s_dtbias, s_Ad, s_An,
-               s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_D, s_zb, s_zd, s_ob, s_od,
-               HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_d = tl.program_id(0)
-        b = tl.program_id(1)
-        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_d = offs_d < dim
-        mask_n = offs_n < dstate
-        mask = mask_d[:, None] & mask_n[None, :]
-        # A program's channels may straddle groups: index B and C per channel.
-        g = offs_d // dims_per_group
-        s_ptrs = state_ptr + b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :] * s_sn
-        h = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * s_xb + offs_d * s_xd, mask=mask_d, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + b * s_dtb + offs_d * s_dtd, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += tl.load(dt_bias_ptr + offs_d * s_dtbias, mask=mask_d, other=0.0).to(tl.float32)
-        if DT_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        A = tl.load(A_ptr + offs_d[:, None] * s_Ad + offs_n[None, :] * s_An, mask=mask, other=0.0).to(tl.float32)
-        Bv = tl.load(B_ptr + b * s_Bb + g[:, None] * s_Bg + offs_n[None, :] * s_Bn, mask=mask, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + b * s_Cb + g[:, None] * s_Cg + offs_n[None, :] * s_Cn, mask=mask, other=0.0).to(tl.float32)
-        h = h * tl.exp(A * dt[:, None]) + Bv * (dt * x)[:, None]
-        tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
-        y = tl.sum(h * Cv, axis=1)
-        if HAS_D:
-            y += x * tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z_ptr + b * s_zb + offs_d * s_zd, mask=mask_d, other=0.0).to(tl.float32)
-            y *= zv * tl.sigmoid(zv)
-        tl.store(out_ptr + b * s_ob + offs_d * s_od, y.to(out_ptr.dtype.element_ty), mask=mask_d)
-
-    _KERNEL = kernel
-    return _KERNEL
