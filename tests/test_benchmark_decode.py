@@ -96,3 +96,14 @@ def test_a_spent_budget_skips_the_children(tmp_path, capsys):
     runs = [r for v in result["variants"].values() for r in v["runs"].values()]
     assert len(runs) == 4 and all(r["error"].startswith("skipped") for r in runs)
     assert (tmp_path / "decode_tiny_cpu.json").is_file() and "ERROR skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, name", [
+    ("('block', (1, 2048), torch.bfloat16, 'cuda')", "gemv"),
+    ("('step', 'partials', (4, 2048), torch.bfloat16)", "partials"),
+    ("('step', 'gemm', (16, 2048), torch.bfloat16)", "gemm"),
+    ("('mamba2', (1, 2048), torch.bfloat16, 'cuda')", "mamba2"),
+    ("('other',)", "?"),
+])
+def test_the_table_names_each_fused_path(key, name):
+    assert bd._path_name(key) == name

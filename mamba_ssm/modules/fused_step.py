@@ -27,8 +27,8 @@ and 4.8 the state kernel.
 
 Mamba-2 (`mamba2_step`, from Mamba2.step): in_proj | the conv step (`conv_xproj` without x_proj) | the
 state step with heads (`selective_state_update_heads_triton`) | `gated_rmsnorm` | out_proj. The eager
-step launched about 45 kernels a layer (2,165 a token at 1.3b, 5.33 ms/token on an H100 on
-2026-12-07, against upstream's 2.15); this one is not yet timed on a GPU.
+step launches about 45 kernels a layer (2,165 a token at 1.3b); this one about 7 (341 a token): 2.06 against
+the eager step's 5.41 and upstream's 2.22 ms/token (H100, 2026-12-08, benchmarks/benchmark_decode.py).
 
 MAMBA_SSM_FUSED_STEP (read once at import; utils/switch.py's values): on (default) the rule above; off
 the eager step. Tests and

@@ -242,8 +242,10 @@ def table(result: dict) -> str:
 
 
 def _path_name(key: str) -> str:
-    m = re.match(r"\('(step|block)', '?([a-z]*)", key)
-    return "gemv" if m and m.group(1) == "block" else (m.group(2) if m else "?")
+    m = re.match(r"\('(step|block|mamba2)', '?([a-z]*)", key)
+    if not m:
+        return "?"
+    return {"block": "gemv", "mamba2": "mamba2"}.get(m.group(1), m.group(2))
 
 
 def write(result: dict, dirs) -> list:
