@@ -50,7 +50,9 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
         conv_xproj = _Recorder(K.conv_xproj, launches)
         ssm_update = _Recorder(K.ssm_update, launches)
         norm_in_proj = _Recorder(K.norm_in_proj, launches)
+        norm_in_proj_rows = _Recorder(K.norm_in_proj_rows, launches)
         gemv = _Recorder(K.gemv, launches)
+        gemm_rows = _Recorder(K.gemm_rows, launches)
         gated_rmsnorm = _Recorder(K.gated_rmsnorm, launches)
 
     def t(*s, dt=dtype):
@@ -58,9 +60,10 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
 
     from mamba_ssm.ops.triton import selective_state_update as ssu
 
-    real, real_pdl, real_heads = ds._kernels, ds._pdl, ssu._heads_kernel
+    real, real_pdl, real_heads, real_dot = ds._kernels, ds._pdl, ssu._heads_kernel, ds._dot_f32
     heads = _Recorder(real_heads(), launches)
     ds._kernels = lambda: Kernels
+    ds._dot_f32 = ds._f32_operands  # as on a GPU (CPU tensors here)
     ssu._heads_kernel = lambda: heads
     if pdl:  # as on a Hopper GPU: programmatic dependent launch
         ds._pdl = lambda t: dict(PDL=True, launch_pdl=True)
@@ -78,10 +81,16 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
         x_db = t(batch, e)
         ds.state_update(ss, x_conv, z, t(batch, d_inner), x_db[:, dt_rank:dt_rank + d_state],
                         x_db[:, dt_rank + d_state:], dtb, a_log, D)
-        hid, res, nw, inw = t(batch, d_model), t(batch, d_model, dt=torch.float32), t(d_model), t(2 * d_inner, d_model)
-        ds.norm_in_proj_conv_xproj(hid, res, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)
-        ds.norm_in_proj_conv_xproj(hid, None, nw, None, 1e-5, True, True, inw, None, cs, cw, cb, xw)  # layer 0
-        ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner))  # out_proj
+        nw, inw = t(d_model), t(2 * d_inner, d_model)
+        for rows in sorted({1, batch}):  # batch 1: one row a program; more: tiles of rows (other kernels)
+            hid, res, cs_rows = t(rows, d_model), t(rows, d_model, dt=torch.float32), t(rows, d_inner, d_conv)
+            ds.norm_in_proj_conv_xproj(hid, res, nw, None, 1e-5, True, True, inw, None, cs_rows, cw, cb, xw)
+            ds.norm_in_proj_conv_xproj(hid, None, nw, None, 1e-5, True, True, inw, None, cs_rows, cw, cb, xw)
+            ds.linear_gemv(t(rows, d_inner), t(d_model, d_inner))  # out_proj
+            if variants:  # LayerNorm with biases, no conv bias; out_proj with a bias
+                ds.norm_in_proj_conv_xproj(hid, t(rows, d_model), nw, t(d_model), 1e-5, False, False, inw,
+                                           t(2 * d_inner), cs_rows, cw, None, xw)
+                ds.linear_gemv(t(rows, d_inner), t(d_model, d_inner), t(d_model))
         # Mamba-2's step (headdim 64, ngroups 1): the state with heads, expanded per-head values, and the gated norm
         h, p = d_inner // 64, 64
         ssu.selective_state_update_heads_triton(
@@ -90,14 +99,11 @@ def record_launches(shape="1.4b", dtype_name="bf16", batch=1, variants=False, pd
             t(batch, 1, d_state * 8), t(h, dt=torch.float32)[:, None].expand(h, p), None,
             t(h)[:, None].expand(h, p), True)
         ds.gated_rmsnorm(t(batch, d_inner), t(batch, d_inner), t(d_inner), 1e-5, d_inner, False)
-        if variants:  # the other constexpr branches: LayerNorm with biases, no conv bias, no D or z
-            ds.norm_in_proj_conv_xproj(hid, t(batch, d_model), nw, t(d_model), 1e-5, False, False, inw,
-                                       t(2 * d_inner), cs, cw, None, xw)
+        if variants:  # the other constexpr branches: no conv bias, no D or z
             ds.conv_xproj(x, cs, cw, None, xw)
             ds.state_from_partials(ss, parts, x_conv, None, dtw, dtb, a_log, None)
-            ds.linear_gemv(t(batch, d_inner), t(d_model, d_inner), t(d_model))  # out_proj with a bias
     finally:
-        ds._kernels, ds._pdl, ssu._heads_kernel = real, real_pdl, real_heads
+        ds._kernels, ds._pdl, ssu._heads_kernel, ds._dot_f32 = real, real_pdl, real_heads, real_dot
     return launches
 
 

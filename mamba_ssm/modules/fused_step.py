@@ -75,7 +75,7 @@ MODE = mode_from_environment()  # read once; tests and sweeps set this attribute
 INTERPRET_ON_CPU = False  # tests: also send CPU tensors to the kernels (Triton's interpreter must be on)
 
 PARTIALS_MAX_BATCH = 4   # above: the gemm path (the partials are re-read by every channel block of a row)
-GEMV_MAX_BATCH = 1       # above: in_proj by cuBLAS (the Triton product reads the weight once per row)
+GEMV_MAX_BATCH = 16      # above: the cuBLAS paths
 
 
 def _plain(mixer) -> bool:
@@ -137,7 +137,7 @@ def block_path(block, hidden, residual) -> bool:
         return False
     if residual is not None and (residual.shape != hidden.shape or residual.dtype not in _FLOATS):
         return False
-    return step_path(block.mixer, hidden) == "partials"
+    return step_path(block.mixer, hidden) is not None
 
 
 def mamba_step(mixer, hidden, conv_state, ssm_state, path):

@@ -349,3 +349,165 @@ def gated_rmsnorm(x_ptr, z_ptr, w_ptr, out_ptr, group_size, eps, s_xb, s_zb, s_o
     if NORM_BEFORE_GATE:
         y = y * gate
     tl.store(out_ptr + b * s_ob + col, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- a few rows at a time
+# At batch > 1 each program takes a tile of BLOCK_B rows, so a weight tile is read once for all of
+# them: the products are tl.dot (tensor cores) of a weight tile and the rows' activations.
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b, fp32 sums: 16-bit operands as they are (their products are exact in fp32), else
+    both in fp32 without TF32."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _residual_tile(hid_ptr, res_ptr, ro_ptr, bb, bm, k, km, s_hb, s_rb, HAS_RES: tl.constexpr):
+    """hidden (+ residual) at rows bb, columns k (BLOCK_B, BLOCK_K), as the new residual is stored
+    (rounded to its dtype), in fp32; zero off the masks."""
+    m2 = bm[:, None] & km[None, :]
+    s = tl.load(hid_ptr + bb[:, None] * s_hb + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(res_ptr + bb[:, None] * s_rb + k[None, :], mask=m2, other=0.0).to(tl.float32)
+    return s.to(ro_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _normed_rows(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, bb, bm, k, km, mean, rstd, s_hb, s_rb,
+                 HAS_RES: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """The normalised activation (BLOCK_B, BLOCK_K) at rows bb, columns k, in hidden's dtype as the
+    unfused norm stores it; zero off the masks."""
+    s = _residual_tile(hid_ptr, res_ptr, ro_ptr, bb, bm, k, km, s_hb, s_rb, HAS_RES)
+    h = (s - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
+    if HAS_NORM_BIAS:
+        h += tl.load(nb_ptr + k, mask=km, other=0.0).to(tl.float32)[None, :]
+    return tl.where(bm[:, None] & km[None, :], h, 0.0).to(hid_ptr.dtype.element_ty)
+
+
+@triton.jit
+def norm_in_proj_rows(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, win_ptr, inb_ptr, z_ptr,
+                      cs_ptr, cw_ptr, cb_ptr, xc_ptr, xw_ptr, part_ptr,
+                      batch, d_model, d_inner, E, n_xblk, eps,
+                      s_hb, s_rb, s_rob, s_wn, s_wk, s_zb, s_csb, s_csc, s_csw, s_cwc, s_cww, s_xcb, s_xwe, s_xwc,
+                      s_pb, s_pp,
+                      HAS_RES: tl.constexpr, IS_RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                      HAS_IN_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, W: tl.constexpr, W_P2: tl.constexpr,
+                      EC: tl.constexpr, N_EC: tl.constexpr, DOT_F32: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+    """grid (2 n_xblk, cdiv(batch, BLOCK_B)). norm_in_proj for a tile of BLOCK_B rows: the rows'
+    statistics in a first pass over them (two for LayerNorm), then in_proj's block of BLOCK_N rows
+    times the normalised tile, then the conv step and x_proj's partials (x programs) or z's store.
+    Program (0, t) stores tile t's new residual."""
+    pid = tl.program_id(0)
+    bb = (tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    bm = bb < batch
+    is_x = pid < n_xblk
+    blk = tl.where(is_x, pid, pid - n_xblk)
+    ch = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    chm = ch < d_inner
+    rows = tl.where(is_x, ch, d_inner + ch)
+    w_rows = win_ptr + rows[:, None] * s_wn
+    kb = tl.arange(0, BLOCK_K)
+    w_first = tl.load(w_rows + kb[None, :] * s_wk, mask=chm[:, None] & (kb[None, :] < d_model), other=0.0)
+    _dependency_wait(PDL)
+    tot = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for k0 in range(0, d_model, BLOCK_K):
+        k = k0 + kb
+        km = k < d_model
+        s = _residual_tile(hid_ptr, res_ptr, ro_ptr, bb, bm, k, km, s_hb, s_rb, HAS_RES)
+        if pid == 0:
+            tl.store(ro_ptr + bb[:, None] * s_rob + k[None, :], s, mask=bm[:, None] & km[None, :])
+        if IS_RMS:
+            tot += tl.sum(s * s, axis=1)
+        else:
+            tot += tl.sum(s, axis=1)
+    if IS_RMS:
+        mean = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        rstd = 1.0 / tl.sqrt(tot / d_model + eps)
+    else:
+        mean = tot / d_model
+        var = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for k0 in range(0, d_model, BLOCK_K):
+            k = k0 + kb
+            km = k < d_model
+            s = _residual_tile(hid_ptr, res_ptr, ro_ptr, bb, bm, k, km, s_hb, s_rb, HAS_RES)
+            xc = tl.where(bm[:, None] & km[None, :], s - mean[:, None], 0.0)
+            var += tl.sum(xc * xc, axis=1)
+        rstd = 1.0 / tl.sqrt(var / d_model + eps)
+
+    # one tile ahead, as norm_in_proj (the last loads are masked off entirely)
+    w_next = w_first
+    h_next = _normed_rows(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, bb, bm, kb, kb < d_model, mean, rstd, s_hb,
+                          s_rb, HAS_RES, HAS_NORM_BIAS)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for k0 in range(BLOCK_K, d_model + BLOCK_K, BLOCK_K):
+        w, h = w_next, h_next
+        k = k0 + kb
+        km = k < d_model
+        w_next = tl.load(w_rows + k[None, :] * s_wk, mask=chm[:, None] & km[None, :], other=0.0)
+        h_next = _normed_rows(hid_ptr, res_ptr, ro_ptr, nw_ptr, nb_ptr, bb, bm, k, km, mean, rstd, s_hb, s_rb,
+                              HAS_RES, HAS_NORM_BIAS)
+        acc = _dot(w, tl.trans(h), acc, DOT_F32)
+
+    v = acc
+    if HAS_IN_BIAS:
+        v += tl.load(inb_ptr + rows, mask=chm, other=0.0).to(tl.float32)[:, None]
+    vq = v.to(z_ptr.dtype.element_ty)  # (BLOCK_N, BLOCK_B)
+    out_m = chm[:, None] & bm[None, :]
+    if is_x:
+        kw = tl.arange(0, W_P2)
+        m3 = out_m[:, :, None]
+        cs = cs_ptr + bb[None, :, None] * s_csb + ch[:, None, None] * s_csc + kw[None, None, :] * s_csw
+        old = tl.load(cs + s_csw, mask=m3 & (kw[None, None, :] < W - 1), other=0.0)
+        cw, cbias = _conv_weights(ch, chm, cw_ptr, s_cwc, s_cww, cb_ptr, W, W_P2, HAS_CONV_BIAS)
+        win = tl.where(kw[None, None, :] == W - 1, vq[:, :, None].to(old.dtype), old)
+        tl.debug_barrier()  # every copy of the old window read before it is overwritten
+        tl.store(cs, win, mask=m3 & (kw[None, None, :] < W))
+        pre = tl.sum(win.to(tl.float32) * cw[:, None, :], axis=2) + cbias[:, None]
+        xq = (pre * tl.sigmoid(pre)).to(xc_ptr.dtype.element_ty)
+        tl.store(xc_ptr + bb[None, :] * s_xcb + ch[:, None], xq, mask=out_m)
+        xq = tl.where(out_m, xq, 0.0).to(xc_ptr.dtype.element_ty)
+        # partials[b, blk, e] = x_proj.weight[e, block] @ x_conv[b, block]: (EC, BLOCK_N) @ (BLOCK_N, BLOCK_B)
+        e0 = tl.arange(0, EC)
+        for i in tl.static_range(N_EC):
+            wx = _xproj_load(xw_ptr, ch, chm, s_xwe, s_xwc, E, i, EC)
+            pe = _dot(wx, xq, tl.zeros((EC, BLOCK_B), dtype=tl.float32), DOT_F32)
+            e = i * EC + e0
+            tl.store(part_ptr + bb[None, :] * s_pb + blk * s_pp + e[:, None], pe, mask=(e[:, None] < E) & bm[None, :])
+    else:
+        tl.store(z_ptr + bb[None, :] * s_zb + ch[:, None], vq, mask=out_m)
+
+
+@triton.jit
+def gemm_rows(x_ptr, w_ptr, b_ptr, out_ptr, batch, N, K, s_xb, s_xk, s_wn, s_wk, s_ob,
+              HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_B: tl.constexpr, PDL: tl.constexpr):
+    """grid (cdiv(N, BLOCK_N), cdiv(batch, BLOCK_B)). out[b, n] = w[n, :] . x[b, :] (+ bias[n]) for a
+    tile of BLOCK_B rows: each weight tile read once for the tile, fp32 sums."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = n < N
+    bb = (tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    bm = bb < batch
+    kb = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + n[:, None] * s_wn
+    w_first = tl.load(w_rows + kb[None, :] * s_wk, mask=nm[:, None] & (kb[None, :] < K), other=0.0)
+    _dependency_wait(PDL)
+    w_next = w_first
+    x_next = tl.load(x_ptr + bb[None, :] * s_xb + kb[:, None] * s_xk, mask=(kb < K)[:, None] & bm[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):  # one tile ahead
+        w, xt = w_next, x_next
+        k = k0 + kb
+        km = k < K
+        w_next = tl.load(w_rows + k[None, :] * s_wk, mask=nm[:, None] & km[None, :], other=0.0)
+        x_next = tl.load(x_ptr + bb[None, :] * s_xb + k[:, None] * s_xk, mask=km[:, None] & bm[None, :], other=0.0)
+        acc = _dot(w, xt, acc, DOT_F32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + bb[None, :] * s_ob + n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=nm[:, None] & bm[None, :])

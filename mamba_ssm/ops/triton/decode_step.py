@@ -41,6 +41,16 @@ _GEMV_WARPS = 8
 _OUT_ROWS = 4
 _OUT_BLOCK_K = 1024
 _OUT_WARPS = 4
+# batch > 1 (norm_in_proj_rows, gemm_rows): tiles of ROWS_BLOCK_B rows (at least 16, tl.dot's least
+# extent) share each weight tile
+ROWS_BLOCK_B = 16
+_ROWS_IN_BLOCK_K = 256
+_ROWS_IN_WARPS = 8
+_ROWS_OUT_ROWS = 16
+_ROWS_OUT_BLOCK_K = 512
+_ROWS_OUT_WARPS = 8
+_ROWS_STAGES = 3
+_STATE_CHANNELS_ROWS = 128  # batch > 1: fewer programs re-read a row's partials
 _MAX_DT_RANK = 1024
 _MAX_D_STATE = 256
 
@@ -56,9 +66,31 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _xproj_chunks(e):
-    ec = min(_p2(e), _XPROJ_ROWS)
+def _xproj_chunks(e, least=1, most=_XPROJ_ROWS):
+    ec = max(min(_p2(e), most), least)
     return dict(EC=ec, N_EC=_cdiv(e, ec))
+
+
+def _rows_block(batch: int) -> int:
+    return max(16, min(_p2(batch), ROWS_BLOCK_B))
+
+
+def _rows_block_k(block_k: int, k: int, f32: bool) -> int:
+    """K tile of the tiled kernels: block_k for 16-bit operands, a quarter for fp32 (without tensor
+    cores the product holds its operands in registers: more spills than the loads' bytes)."""
+    return max(16, min(block_k // 4 if f32 else block_k, _p2(k)))
+
+
+def _f32_operands(*tensors) -> bool:
+    """Whether the tiled kernels' products take fp32 operands: unless every operand is one 16-bit dtype."""
+    dtypes = {t.dtype for t in tensors}
+    return len(dtypes) != 1 or dtypes.pop() not in (torch.float16, torch.bfloat16)
+
+
+def _dot_f32(*tensors) -> bool:
+    """_f32_operands, and always on CPU tensors: Triton's interpreter (3.9) multiplies bf16 tiles wrongly,
+    and fp32 operands hold the same products exactly."""
+    return _f32_operands(*tensors) or not tensors[0].is_cuda
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +226,8 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
         s_dt, s_B, s_C = dt.stride(), B.stride(), C.stride()
         warps = 4
     zz = z if z is not None else x_conv
-    grid = (_cdiv(d_inner, _STATE_CHANNELS), batch)
+    block_c = _STATE_CHANNELS if batch == 1 else _STATE_CHANNELS_ROWS
+    grid = (_cdiv(d_inner, block_c), batch)
     _kernels().ssm_update[grid](
         ssm_state, x_conv, zz, A_log, D if D is not None else dt_proj_bias, dt_proj_bias, dtw, part, dt, B, C, y,
         d_inner, dt_rank, d_state, n_parts,
@@ -202,7 +235,7 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
         zz.stride(0), zz.stride(1), A_log.stride(0), A_log.stride(1), s_dtw[0], s_dtw[1], s_part[0], s_part[1],
         s_dt[0], s_dt[1], s_B[0], s_B[1], s_C[0], s_C[1], y.stride(0), y.stride(1),
         FROM_PARTIALS=from_partials, HAS_D=D is not None, HAS_Z=z is not None,
-        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=_STATE_CHANNELS, num_warps=warps,
+        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=block_c, num_warps=warps,
         **_pdl(ssm_state))
     return y
 
@@ -334,6 +367,23 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
     z = _empty(batch, d_inner, device=dev, dtype=hidden.dtype)
     partials = _empty(batch, n_xblk, e, device=dev, dtype=torch.float32)
     res = residual if residual is not None else hidden
+    if batch > 1:
+        bb, f32 = _rows_block(batch), _dot_f32(hidden, in_proj_weight, x_proj_weight)
+        _kernels().norm_in_proj_rows[(2 * n_xblk, _cdiv(batch, bb))](
+            hidden, res, new_res, norm_weight, norm_bias if norm_bias is not None else norm_weight, in_proj_weight,
+            in_proj_bias if in_proj_bias is not None else norm_weight, z,
+            conv_state, w, conv_bias if conv_bias is not None else w, x_conv, x_proj_weight, partials,
+            batch, d_model, d_inner, e, n_xblk, float(eps),
+            hidden.stride(0), res.stride(0), new_res.stride(0), in_proj_weight.stride(0), in_proj_weight.stride(1),
+            z.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), w.stride(0), w.stride(1),
+            x_conv.stride(0), x_proj_weight.stride(0), x_proj_weight.stride(1), partials.stride(0),
+            partials.stride(1),
+            HAS_RES=residual is not None, IS_RMS=bool(is_rms_norm), HAS_NORM_BIAS=norm_bias is not None,
+            HAS_IN_BIAS=in_proj_bias is not None, HAS_CONV_BIAS=conv_bias is not None, W=width, W_P2=_p2(width),
+            **_xproj_chunks(e, least=16, most=32 if f32 else _XPROJ_ROWS), DOT_F32=f32,
+            BLOCK_N=PARTIAL_CHANNELS, BLOCK_K=_rows_block_k(_ROWS_IN_BLOCK_K, d_model, f32), BLOCK_B=bb,
+            num_warps=_ROWS_IN_WARPS, num_stages=_ROWS_STAGES, **_pdl(hidden))
+        return x_conv, z, partials, new_res
     _kernels().norm_in_proj[(batch, 2 * n_xblk)](
         hidden, res, new_res, norm_weight, norm_bias if norm_bias is not None else norm_weight, in_proj_weight,
         in_proj_bias if in_proj_bias is not None else norm_weight, z,
@@ -390,6 +440,15 @@ def linear_gemv(x, weight, bias=None):
     batch, k = x.shape
     n = weight.shape[0]
     out = _empty(batch, n, device=x.device, dtype=x.dtype)
+    if batch > 1:
+        bb, f32 = _rows_block(batch), _dot_f32(x, weight)
+        _kernels().gemm_rows[(_cdiv(n, _ROWS_OUT_ROWS), _cdiv(batch, bb))](
+            x, weight, bias if bias is not None else weight, out, batch, n, k,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+            HAS_BIAS=bias is not None, DOT_F32=f32, BLOCK_N=_ROWS_OUT_ROWS,
+            BLOCK_K=_rows_block_k(_ROWS_OUT_BLOCK_K, k, f32), BLOCK_B=bb, num_warps=_ROWS_OUT_WARPS,
+            num_stages=_ROWS_STAGES, **_pdl(x))
+        return out
     _kernels().gemv[(_cdiv(n, _OUT_ROWS), batch)](
         x, weight, bias if bias is not None else weight, out, n, k,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
