@@ -9,7 +9,8 @@ out_proj); in a CUDA graph each still costs ~2-3 us, while reading a 1.4b layer'
 * ``gemv`` (batch <= GEMV_MAX_BATCH), 3 kernels: `norm_in_proj_conv_xproj` (the add+norm as the
   prologue of a Triton in_proj matrix-vector product, the conv step and x_proj's partial products as
   its epilogue) | `state_from_partials` | `linear_gemv` (out_proj). Entered from Block.forward, since
-  it takes the norm into the layer's step.
+  it takes the norm into the layer's step. Above batch 1 the two products run in tiles of rows that
+  share each weight tile (decode_step.py; untimed, off by default: see GEMV_MAX_BATCH).
 * ``partials`` (batch <= PARTIALS_MAX_BATCH), 5 kernels: add+norm (Triton) | in_proj (cuBLAS) |
   `conv_xproj` | `state_from_partials` | out_proj (cuBLAS). x_proj is split over channel blocks:
   the conv kernel writes one fp32 partial product per block (no atomics), `state_from_partials`
@@ -75,7 +76,10 @@ MODE = mode_from_environment()  # read once; tests and sweeps set this attribute
 INTERPRET_ON_CPU = False  # tests: also send CPU tensors to the kernels (Triton's interpreter must be on)
 
 PARTIALS_MAX_BATCH = 4   # above: the gemm path (the partials are re-read by every channel block of a row)
-GEMV_MAX_BATCH = 16      # above: the cuBLAS paths
+# above: in_proj by cuBLAS. Batches 2..16 can take the gemv path's tiled kernels (each weight tile read
+# once for 16 rows); they are not yet timed on a GPU, so the measured paths stay the default until
+# tools/device/decode_step_sweep.py --batch 4 16 --configs '{}' '{"GEMV_MAX_BATCH": 16}' decides.
+GEMV_MAX_BATCH = 1
 
 
 def _plain(mixer) -> bool:

@@ -10,6 +10,11 @@ mamba_ssm/modules/fused_step.py.
   matrix-vector product, the conv step and the x_proj partials as its epilogue.
 * `linear_gemv`: F.linear at batch 1 as one matrix-vector product (out_proj; cuBLAS splits K over
   two kernels there).
+* Above batch 1, `norm_in_proj_conv_xproj` and `linear_gemv` launch their tiled forms
+  (`norm_in_proj_rows`, `gemm_rows`): a program takes a tile of ROWS_BLOCK_B rows (at least 16,
+  tl.dot's least extent) and reads each weight tile once for all of them; the products are tl.dot
+  with fp32 sums (fp32 operands for fp32 weights, and on CPU tensors, where Triton's interpreter
+  multiplies bf16 tiles wrongly). The same references hold for both forms.
 * `gated_rmsnorm`: Mamba-2's gated RMSNorm (layernorm_gated.rmsnorm_fn without a bias) of a step's rows.
 
 Rounding points as in the eager step: x and z, x_conv, the normalised activation and y in the
@@ -50,7 +55,6 @@ _ROWS_OUT_ROWS = 16
 _ROWS_OUT_BLOCK_K = 512
 _ROWS_OUT_WARPS = 8
 _ROWS_STAGES = 3
-_STATE_CHANNELS_ROWS = 128  # batch > 1: fewer programs re-read a row's partials
 _MAX_DT_RANK = 1024
 _MAX_D_STATE = 256
 
@@ -226,8 +230,7 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
         s_dt, s_B, s_C = dt.stride(), B.stride(), C.stride()
         warps = 4
     zz = z if z is not None else x_conv
-    block_c = _STATE_CHANNELS if batch == 1 else _STATE_CHANNELS_ROWS
-    grid = (_cdiv(d_inner, block_c), batch)
+    grid = (_cdiv(d_inner, _STATE_CHANNELS), batch)
     _kernels().ssm_update[grid](
         ssm_state, x_conv, zz, A_log, D if D is not None else dt_proj_bias, dt_proj_bias, dtw, part, dt, B, C, y,
         d_inner, dt_rank, d_state, n_parts,
@@ -235,7 +238,7 @@ def _launch_state(ssm_state, x_conv, z, dt_proj_bias, A_log, D, dt_proj_weight=N
         zz.stride(0), zz.stride(1), A_log.stride(0), A_log.stride(1), s_dtw[0], s_dtw[1], s_part[0], s_part[1],
         s_dt[0], s_dt[1], s_B[0], s_B[1], s_C[0], s_C[1], y.stride(0), y.stride(1),
         FROM_PARTIALS=from_partials, HAS_D=D is not None, HAS_Z=z is not None,
-        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=block_c, num_warps=warps,
+        R_P2=r_p2, N_P2=_p2(d_state), NPC=npc, N_CHUNKS=n_chunks, BLOCK_C=_STATE_CHANNELS, num_warps=warps,
         **_pdl(ssm_state))
     return y
 
