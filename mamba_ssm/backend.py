@@ -11,8 +11,9 @@ installed, and can be forced:
 A forced ``cuda`` or ``triton`` applies to the ops that have an implementation of that kind; the
 others are chosen as in ``auto`` (the causal conv has no CUDA kernel, so forcing ``cuda`` for the
 scan does not stop a model from running). A forced backend that has an implementation of the op
-but cannot run the call (not built, not installed, inputs not on a GPU) is an error. In ``auto`` mode a CUDA
-tensor that has to fall back to PyTorch triggers one warning per op.
+but cannot run the call (not built, not installed, inputs not on a GPU, a form its kernel lacks) is an
+error. In ``auto`` mode a CUDA tensor that has to fall back to PyTorch triggers one warning per op
+(and per form the kernel lacks, e.g. the scan's complex A).
 """
 from __future__ import annotations
 
@@ -123,12 +124,15 @@ def choose_backend(op: str, on_cuda: bool) -> str:
     for name in available_backends(op):
         if name != "torch":
             return name
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(
-            f"mamba_ssm: no compiled kernel for {op} is available, falling back to the PyTorch "
-            "implementation on CUDA (correct but slower); build the CUDA extension to speed it up",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warn_fallback_once(op, f"mamba_ssm: no compiled kernel for {op} is available, falling back to the PyTorch "
+                           "implementation on CUDA (correct but slower); build the CUDA extension to speed it up",
+                       stacklevel=3)
     return "torch"
+
+
+def warn_fallback_once(key: str, message: str, stacklevel: int = 2) -> None:
+    """One RuntimeWarning per key in a process: a CUDA call that runs on the PyTorch implementation.
+    stacklevel as warnings.warn's, counted from the function that calls this one."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)

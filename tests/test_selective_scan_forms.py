@@ -1,10 +1,14 @@
 """Time-invariant B / C (dim, dstate) and complex (S4D-style) scans: selective_scan_fn (PyTorch path),
 selective_scan_ref and mamba_inner_fn / mamba_inner_ref against a float64 recurrence written here, values,
-last state and every gradient; the CUDA backend refuses them by name."""
+last state and every gradient; a forced CUDA backend refuses them by name, auto runs them on the PyTorch
+path with one warning."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mamba_ssm import backend
 from mamba_ssm.backend import use_backend
 from mamba_ssm.ops import selective_scan_interface as ssi
 from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, mamba_inner_ref, selective_scan_fn, selective_scan_ref
@@ -164,12 +168,28 @@ def test_inner_block_with_complex_or_time_invariant_weights(fn, cplx, given):
 @pytest.mark.parametrize("form,what", [(("invariant", "shared", False), "time-invariant B"),
                                        (("shared", "invariant", False), "time-invariant C"),
                                        (("shared", "shared", True), "complex A")])
-def test_the_cuda_backend_refuses_what_its_kernel_lacks(monkeypatch, form, what):
+def test_a_forced_cuda_backend_refuses_what_its_kernel_lacks(monkeypatch, form, what):
     monkeypatch.setattr(ssi, "choose_backend", lambda op, is_cuda: "cuda")
+    monkeypatch.setattr(ssi, "requested_backend", lambda: "cuda")
     ins = inputs(*form)
     with pytest.raises(NotImplementedError, match=f"{what}.* not supported by this package's CUDA kernel.*"
                                                   r"use_backend\('torch'\)"):
         selective_scan_fn(*[ins[k] for k in NAMES])
+
+
+@pytest.mark.parametrize("form,what", [(("invariant", "shared", False), "time-invariant B"),
+                                       (("shared", "shared", True), "complex A")])
+def test_auto_runs_what_the_kernel_lacks_on_the_pytorch_path_with_one_warning(monkeypatch, form, what):
+    ins = inputs(*form)
+    want = selective_scan_fn(*[ins[k] for k in NAMES], delta_softplus=True)  # CPU tensors: the PyTorch path
+    monkeypatch.setattr(ssi, "choose_backend", lambda op, is_cuda: "cuda")  # as for CUDA tensors
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(RuntimeWarning, match=f"{what}.* runs on the PyTorch path on CUDA"):
+        got = selective_scan_fn(*[ins[k] for k in NAMES], delta_softplus=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per form
+        again = selective_scan_fn(*[ins[k] for k in NAMES], delta_softplus=True)
+    assert torch.equal(got, want) and torch.equal(again, want)
 
 
 BAD = [
@@ -198,3 +218,26 @@ def test_x_proj_rows_with_one_of_B_C_given_are_checked():
     with pytest.raises(ValueError, match=r"x_proj_weight must be \(rows, dim\) with dim = 8 and dt_rank \+ dstate or "
                                          r"dt_rank \+ 2\*dstate = 2 \+ 3 or 2 \+ 2\*3 rows, got \(6, 8\)"):
         mamba_inner_fn(*[p[k] for k in INNER])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("B_form,C_form,cplx", FORMS, ids=[f"B-{b}_C-{c}{'_complex' if x else ''}" for b, c, x in FORMS])
+def test_forms_on_a_gpu_equal_the_float64_recurrence(monkeypatch, B_form, C_form, cplx):
+    # auto mode: the forms the CUDA kernel lacks run on the PyTorch path there, values and gradients
+    monkeypatch.setattr(backend, "_warned", set())
+    ins = inputs(B_form, C_form, cplx, extras=B_form != "invariant" or not cplx)
+    dev = {k: (v.detach().cuda().requires_grad_() if v is not None else None) for k, v in ins.items()}
+    with pytest.warns(RuntimeWarning, match="runs on the PyTorch path on CUDA"):
+        out, last = selective_scan_fn(*[dev[k] for k in NAMES], delta_softplus=True, return_last_state=True)
+    x64 = {k: (v.detach().to(torch.complex128 if v.is_complex() else torch.float64).requires_grad_()
+               if v is not None else None) for k, v in ins.items()}
+    want, want_last = oracle(*[x64[k] for k in NAMES], softplus=True)
+    close(out.cpu(), want, 2e-5, "out")
+    close(last.cpu(), want_last, 2e-5, "last_state")
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    used = [k for k in NAMES if ins[k] is not None]
+    got = torch.autograd.grad((out * w.cuda()).sum(), [dev[k] for k in used])
+    exp = torch.autograd.grad((want * w.double()).sum(), [x64[k] for k in used])
+    for k, a, e in zip(used, got, exp):
+        close(a.cpu(), e, 1e-4, f"grad {k}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from mamba_ssm.backend import choose_backend
+from mamba_ssm.backend import ENV_VAR, choose_backend, requested_backend, warn_fallback_once
 from mamba_ssm.ops import packing, recompute
 from mamba_ssm.ops.causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops.channel_first import channel_first_linear
@@ -30,13 +30,21 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
     backend = choose_backend("selective_scan", u.is_cuda)
+    lacking = None
     if backend == "cuda":
         lacking = "complex A" if A.is_complex() else \
             next((f"time-invariant {n} (dim, dstate)" for n, t in (("B", B), ("C", C)) if t.dim() == 2), None)
-        if lacking is not None:
+    if lacking is not None:
+        if requested_backend() == "cuda":
             raise NotImplementedError(
-                f"selective_scan_fn: {lacking} is not supported by this package's CUDA kernel; run the call on the "
-                "PyTorch path: `with mamba_ssm.backend.use_backend('torch'):` (or MAMBA_SSM_BACKEND=torch)")
+                f"selective_scan_fn: {lacking} is not supported by this package's CUDA kernel, which "
+                f"{ENV_VAR}/set_backend forces; run the call on the PyTorch path: "
+                "`with mamba_ssm.backend.use_backend('torch'):` (or MAMBA_SSM_BACKEND=torch)")
+        warn_fallback_once(f"selective_scan: {lacking}",
+                           f"mamba_ssm: selective_scan_fn with {lacking} runs on the PyTorch path on CUDA (correct, "
+                           "slower): this package's CUDA kernel does not have that form")
+        backend = "torch"
+    if backend == "cuda":
         from mamba_ssm.ops.selective_scan_cuda import _selective_scan_cuda
 
         return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
