@@ -354,7 +354,8 @@ def norm_in_proj_conv_xproj(hidden, residual, norm_weight, norm_bias, eps, is_rm
     conv_* and x_proj_weight as conv_xproj. As layer_norm_fn(hidden, norm_weight, norm_bias,
     residual=residual, prenorm=True, residual_in_fp32=..., eps=..., is_rms_norm=...) -> h, then
     [x, z] = in_proj(h), then conv_xproj(x, ...). Returns (x_conv, z, partials, new_residual).
-    Grid (batch, 2 cdiv(d_inner, PARTIAL_CHANNELS)): x's row blocks, then z's.
+    Grid (batch, 2 cdiv(d_inner, PARTIAL_CHANNELS)): x's row blocks, then z's; above batch 1
+    (norm_in_proj_rows) (2 cdiv(d_inner, PARTIAL_CHANNELS), row tiles).
     """
     batch, d_model, d_inner = _check_norm_in_proj(hidden, residual, norm_weight, norm_bias, in_proj_weight,
                                                   in_proj_bias)
@@ -438,7 +439,8 @@ def _check_gemv(x, weight, bias):
 
 def linear_gemv(x, weight, bias=None):
     """F.linear(x, weight, bias) for a few rows, one kernel: x (batch, K), weight (N, K), bias (N,) or None
-    -> (batch, N) in x's dtype, fp32 sums. Grid (cdiv(N, _OUT_ROWS), batch): each row reads the weight."""
+    -> (batch, N) in x's dtype, fp32 sums. Grid (cdiv(N, _OUT_ROWS), batch) at batch 1; above,
+    gemm_rows: (cdiv(N, _ROWS_OUT_ROWS), row tiles), each weight tile read once per tile of rows."""
     _check_gemv(x, weight, bias)
     batch, k = x.shape
     n = weight.shape[0]
