@@ -30,11 +30,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     seq_idx, cu_seqlens = packing.resolve(seq_idx, cu_seqlens, u.shape[0], u.shape[2], u.device)
     backend = choose_backend("selective_scan", u.is_cuda)
-    lacking = None
-    if backend == "cuda":
-        lacking = "complex A" if A.is_complex() else \
-            next((f"time-invariant {n} (dim, dstate)" for n, t in (("B", B), ("C", C)) if t.dim() == 2), None)
-    if lacking is not None:
+    lacking = backend == "cuda" and ("complex A" if A.is_complex() else next(
+        (f"time-invariant {n} (dim, dstate)" for n, t in (("B", B), ("C", C)) if t.dim() == 2), None))
+    if lacking:  # a form the CUDA kernel does not have: refused when forced, else the PyTorch path
         if requested_backend() == "cuda":
             raise NotImplementedError(
                 f"selective_scan_fn: {lacking} is not supported by this package's CUDA kernel, which "
@@ -43,8 +41,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         warn_fallback_once(f"selective_scan: {lacking}",
                            f"mamba_ssm: selective_scan_fn with {lacking} runs on the PyTorch path on CUDA (correct, "
                            "slower): this package's CUDA kernel does not have that form")
-        backend = "torch"
-    if backend == "cuda":
+    elif backend == "cuda":
         from mamba_ssm.ops.selective_scan_cuda import _selective_scan_cuda
 
         return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
